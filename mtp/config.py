@@ -15,7 +15,11 @@ from typing import Any
 import ml_collections
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Bad input from the user (config, data, checkpoint); `mtp.run` prints it on one line."""
+
+
+class ConfigError(UserError, ValueError):
     """A config value is wrong; the message names the field and what is allowed."""
 
 
@@ -136,3 +140,40 @@ def drafter_config(config) -> DrafterConfig:
         d % dc.n_heads == 0, "drafter.n_heads", f"must divide drafter width {d}, got {dc.n_heads}"
     )
     return dc
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Text corpus and batching. `corpus`: 'stdlib' (the bundled default: this
+    Python's standard-library source), 'files:PATH_OR_GLOB' (local text files) or
+    'tfds:NAME[/CONFIG]:SPLIT[:FEATURE]' (a prepared tfds dataset, see data_dir)."""
+
+    corpus: str = "stdlib"
+    seq_len: int = 256  # tokens per training row
+    batch_size: int = 16  # global batch, split over hosts and devices
+    seed: int = 0
+    eval_fraction: float = 0.05  # share of documents held out for evaluation
+    data_dir: str = ""  # tfds data_dir ('' = tfds default)
+    max_bytes: int = 0  # cap on corpus bytes read (0 = all)
+    pause_rate: float = 0.0  # chance per position of inserting a <pause> (pause training)
+
+    def __post_init__(self):
+        _check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
+        _check(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(
+            0.0 < self.eval_fraction < 1.0,
+            "data.eval_fraction",
+            f"must be in (0, 1), got {self.eval_fraction}",
+        )
+        _check(self.max_bytes >= 0, "data.max_bytes", f"must be >= 0, got {self.max_bytes}")
+        _check(0.0 <= self.pause_rate < 1.0, "data.pause_rate", f"must be in [0, 1), got {self.pause_rate}")
+        kinds = ("stdlib", "files:", "tfds:")
+        _check(
+            self.corpus == "stdlib" or self.corpus.startswith(kinds[1:]),
+            "data.corpus",
+            f"{self.corpus!r} is not one of 'stdlib', 'files:PATH_OR_GLOB', 'tfds:NAME:SPLIT'",
+        )
+
+
+def data_config(config) -> DataConfig:
+    return _from_dict(DataConfig, "data", config.data)
