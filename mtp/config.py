@@ -166,7 +166,11 @@ class DataConfig:
             f"must be in (0, 1), got {self.eval_fraction}",
         )
         _check(self.max_bytes >= 0, "data.max_bytes", f"must be >= 0, got {self.max_bytes}")
-        _check(0.0 <= self.pause_rate < 1.0, "data.pause_rate", f"must be in [0, 1), got {self.pause_rate}")
+        _check(
+            0.0 <= self.pause_rate < 1.0,
+            "data.pause_rate",
+            f"must be in [0, 1), got {self.pause_rate}",
+        )
         kinds = ("stdlib", "files:", "tfds:")
         _check(
             self.corpus == "stdlib" or self.corpus.startswith(kinds[1:]),
@@ -177,3 +181,101 @@ class DataConfig:
 
 def data_config(config) -> DataConfig:
     return _from_dict(DataConfig, "data", config.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule, loss weights and cadence of the supervised loop."""
+
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    grad_clip: float = 1.0
+    draft_weight: float = 1.0  # drafter loss weight against the main loss
+    draft_decay: float = 0.8  # geometric per-offset weights 1, d, d^2, ... (normalised)
+    distill_weight: float = 0.0  # drafter onto the main model's own distribution
+    log_every: int = 20
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    sharding: str = "replicate"  # parameters: 'replicate' or 'fsdp' (sharded over devices)
+
+    def __post_init__(self):
+        for name in ("steps", "log_every", "eval_every", "eval_batches", "checkpoint_every"):
+            _check(
+                getattr(self, name) >= 1,
+                f"train.{name}",
+                f"must be >= 1, got {getattr(self, name)}",
+            )
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(
+            self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}"
+        )
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(
+            0 < self.draft_decay <= 1,
+            "train.draft_decay",
+            f"must be in (0, 1], got {self.draft_decay}",
+        )
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+        _check(
+            self.sharding in ("replicate", "fsdp"),
+            "train.sharding",
+            f"{self.sharding!r} not in ('replicate', 'fsdp')",
+        )
+
+
+def train_config(config) -> TrainConfig:
+    return _from_dict(TrainConfig, "train", config.train)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field with its default; experiments override a few. Locked: typos fail."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = dataclasses.asdict(ModelConfig())
+    c.drafter = dataclasses.asdict(DrafterConfig())
+    c.data = dataclasses.asdict(DataConfig())
+    c.train = dataclasses.asdict(TrainConfig())
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Configs:
+    """All sections of a config, validated together."""
+
+    model: ModelConfig
+    drafter: DrafterConfig
+    data: DataConfig
+    train: TrainConfig
+    seed: int
+
+
+def validate(config, min_vocab: int = 262) -> Configs:
+    """Validates every section and the checks that span sections; raises ConfigError."""
+    known = {"seed", "model", "drafter", "data", "train", "rl", "pause", "decode", "sweep"}
+    for key in config.keys():
+        _check(key in known, key, f"unknown section; allowed: {', '.join(sorted(known))}")
+    cs = Configs(
+        model=model_config(config),
+        drafter=drafter_config(config),
+        data=data_config(config),
+        train=train_config(config),
+        seed=int(config.seed),
+    )
+    _check(
+        cs.data.seq_len <= cs.model.max_len,
+        "data.seq_len",
+        f"{cs.data.seq_len} is above the model's maximum (model.max_len={cs.model.max_len})",
+    )
+    _check(
+        cs.model.vocab_size >= min_vocab,
+        "model.vocab_size",
+        f"must be >= {min_vocab} (the tokenizer's vocabulary), got {cs.model.vocab_size}",
+    )
+    return cs

@@ -1,0 +1,1 @@
+"""Evaluators: tiny classes whose `run(state)` yields `(name, value)` pairs."""

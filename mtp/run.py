@@ -1,0 +1,84 @@
+r"""Thin entry point; all logic is importable (notebooks call the same functions).
+
+    python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny
+    python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny --config.drafter.k=2
+    python -m mtp.run --workdir=runs/tiny --mode=decode --prompt="def main("
+    python -m mtp.run --workdir=runs/tiny --mode=report
+
+Running the same train command again resumes. Bad input (config, data, run
+directory) prints one line naming what is wrong and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mtp.config import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode", "report"], "What to do.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Prompt text for --mode=decode.")
+_DECODE_MODES = flags.DEFINE_list(
+    "decode_modes", "slow,speculative,fast", "Decoding modes for --mode=decode."
+)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate for --mode=decode.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy (--mode=decode).")
+
+
+def _train():
+    from mtp.train.loop import train_and_evaluate
+
+    if _CONFIG.value is None:
+        raise UserError("--config is required for training (e.g. --config=experiments/tiny.py)")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def _decode():
+    from mtp.checkpoint import load_system
+    from mtp.data.tokenizer import ByteTokenizer
+    from mtp.decode.report import decode_report
+
+    system, _ = load_system(_WORKDIR.value)
+    print(
+        decode_report(
+            system,
+            ByteTokenizer(),
+            _PROMPT.value,
+            modes=_DECODE_MODES.value,
+            max_new_tokens=_MAX_NEW.value,
+            temperature=_TEMPERATURE.value,
+        )
+    )
+
+
+def _report():
+    from mtp.train.loop import final_eval_table
+
+    print(final_eval_table(_WORKDIR.value))
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    from mtp.sharding import maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    try:
+        if not _WORKDIR.value:
+            raise UserError("--workdir is required")
+        {"train": _train, "decode": _decode, "report": _report}[_MODE.value]()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
