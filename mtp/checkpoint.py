@@ -65,7 +65,37 @@ def manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=True, create=True
     )
-    return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / "checkpoints",
+        options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "data": ocp.JsonCheckpointHandler(),
+        },
+    )
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{'0/main/embed/embedding': shape} for a state or its checkpoint metadata."""
+
+    def name(path):
+        keys = [str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path]
+        return "/".join(keys[:-1] if keys and keys[-1] == "value" else keys)
+
+    return {name(p): tuple(x.shape) for p, x in jax.tree.leaves_with_path(tree)}
+
+
+def _check_shapes(mngr, step: int, abstract_state) -> None:
+    """UserError naming the first array whose saved shape differs from this config's."""
+    saved = _shapes(mngr.item_metadata(step)["state"])
+    wanted = _shapes(abstract_state)
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if a != b:
+            raise UserError(
+                f"{mngr.directory}/{step}: checkpoint does not fit this config "
+                f"({key}: saved {a}, this config {b})"
+            )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, force=False) -> None:
@@ -80,6 +110,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, force=
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
     """Returns (state, data_state) of `step`; arrays placed as in `abstract_state`."""
+    _check_shapes(mngr, step, abstract_state)
     try:
         out = mngr.restore(
             step,

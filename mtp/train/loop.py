@@ -113,10 +113,14 @@ def train_and_evaluate(config, workdir) -> dict:
     try:
         with sigterm_flag() as preempted, progress(cs.train.steps, initial=step) as bar:
             t0, t0_step = time.perf_counter(), step
+            start = step
             while step < cs.train.steps:
                 state, metrics = train_step(state, global_batch(next(train_it), mesh))
                 step += 1
                 bar.update(1)
+                if step == t0_step + 1 and t0_step == start:  # exclude compile time from tok/s
+                    jax.block_until_ready(metrics)
+                    t0, t0_step = time.perf_counter(), step
                 last = step == cs.train.steps
                 if step % cs.train.log_every == 0 or last:
                     m = jax.device_get(metrics)

@@ -1,0 +1,142 @@
+"""Config validation, losses per drafter kind, checkpoints, and train_and_evaluate end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mtp import checkpoint as ckpt
+from mtp.config import ConfigError, UserError, default_config, validate
+from mtp.train.loop import NonFiniteLoss, train_and_evaluate
+from mtp.train.steps import init_train_state, jit_steps
+
+
+def tiny_config(**overrides):
+    """A model small enough to train a few steps in seconds."""
+    c = default_config()
+    c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_len=64)
+    c.drafter.update(k=2, n_heads=2)
+    c.data.update(seq_len=32, batch_size=4, max_bytes=60_000)
+    c.train.update(steps=12, lr=1e-2, warmup_steps=2, log_every=3, eval_every=6, eval_batches=2,
+                   checkpoint_every=6)  # fmt: skip
+    for key, value in overrides.items():
+        section, field = key.split(".")
+        c[section][field] = value
+    return c
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("drafter.k", 0, "drafter.k: must be >= 1"),
+        ("model.taps", (5,), "model.taps: layer 5 is outside the model; allowed 0..1"),
+        ("data.seq_len", 128, "data.seq_len: 128 is above the model's maximum"),
+        ("drafter.kind", "lstm", "drafter.kind: 'lstm' not in"),
+        ("train.sharding", "tp", "train.sharding: 'tp' not in"),
+        ("data.corpus", "http://x", "data.corpus: 'http://x' is not one of"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        validate(tiny_config(**{field: value}))
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_field_is_named_with_the_allowed_ones():
+    c = tiny_config()
+    c.model.unlock()
+    c.model.d_modle = 3
+    with pytest.raises(ConfigError, match="model.d_modle: unknown field; allowed: .*d_model"):
+        validate(c)
+
+
+def test_every_experiment_config_validates():
+    import importlib.util
+    import pathlib
+
+    files = sorted(pathlib.Path(__file__).parent.parent.glob("experiments/*.py"))
+    assert files
+    for path in files:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        validate(module.get_config())
+
+
+def _fixed_batch(seq_len=32, batch=4):
+    text = np.frombuffer(b"def add(a, b):\n    return a + b\n" * 20, np.uint8).astype(np.int32)
+    rows = np.stack([text[i : i + seq_len] for i in range(batch)])
+    return {"tokens": rows, "loss_mask": np.ones_like(rows, np.float32)}
+
+
+@pytest.mark.parametrize("kind", ["transformer", "medusa", "rnn"])
+def test_each_drafter_kind_learns_a_tiny_batch(kind):
+    cs = validate(tiny_config(**{"drafter.kind": kind, "train.lr": 1e-2}))
+    graphdef, state = init_train_state(cs)
+    train_step, _ = jit_steps(graphdef, cs.train)
+    batch = _fixed_batch()
+    losses = []
+    for _ in range(30):
+        state, m = train_step(state, batch)
+        losses.append((float(m["loss/main"]), float(m["loss/draft"])))
+    assert losses[-1][0] < 0.5 * losses[0][0]
+    assert losses[-1][1] < 0.5 * losses[0][1]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cs = validate(tiny_config())
+    graphdef, state = init_train_state(cs)
+    train_step, _ = jit_steps(graphdef, cs.train)
+    state, _ = train_step(state, _fixed_batch())
+    expected = jax.tree.map(np.asarray, state)
+    mngr = ckpt.manager(tmp_path, keep=2)
+    ckpt.save(mngr, 1, state, {"next_index": 7})
+    mngr.wait_until_finished()
+    _, abstract_state = init_train_state(cs, abstract=True)
+    restored, data_state = ckpt.restore(mngr, 1, abstract_state)
+    mngr.close()
+    assert data_state == {"next_index": 7}
+    jax.tree.map(np.testing.assert_array_equal, expected, jax.tree.map(np.asarray, restored))
+    # a differently shaped model cannot restore it, with a one-line error
+    other = validate(tiny_config(**{"model.d_model": 64}))
+    _, wrong = init_train_state(other, abstract=True)
+    with pytest.raises(UserError, match="does not fit this config") as e:
+        ckpt.restore(ocp.CheckpointManager(tmp_path / "checkpoints"), 1, wrong)
+    assert "\n" not in str(e.value)
+
+
+def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
+    c = tiny_config()
+    results = train_and_evaluate(c, tmp_path)
+    assert results["main_loss"] < 5.0  # from ~ln(264) = 5.6 at init
+    assert ckpt.manager(tmp_path).latest_step() == 12
+    report = json.loads((tmp_path / "eval_report.json").read_text())
+    assert report["step"] == 12 and "acc_draft_1" in report and "accepted_len" in report
+    rows = (tmp_path / "metrics" / "train.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 1 + 4  # logged at 3, 6, 9, 12
+    assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
+    # the same command again resumes the finished run: no step is trained twice
+    again = train_and_evaluate(c, tmp_path)
+    assert again["main_loss"] == pytest.approx(results["main_loss"], rel=1e-6)
+    assert len((tmp_path / "metrics" / "train.csv").read_text().splitlines()) == 5
+    # an incompatible config is refused before anything is written
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(UserError, match="model.d_model=32, this config has 64"):
+        train_and_evaluate(tiny_config(**{"model.d_model": 64}), tmp_path)
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    c = tiny_config(**{"train.lr": 1e30, "train.warmup_steps": 0, "train.log_every": 1,
+                       "train.checkpoint_every": 1, "train.grad_clip": 1e30})  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf) at step \d+") as e:
+        train_and_evaluate(c, tmp_path)
+    bad_step = int(str(e.value).split("at step ")[1].split()[0])
+    mngr = ckpt.manager(tmp_path)
+    assert 0 < max(mngr.all_steps()) < bad_step
+    _, abstract_state = init_train_state(validate(c), abstract=True)
+    good, _ = ckpt.restore(mngr, max(mngr.all_steps()), abstract_state)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(good))
