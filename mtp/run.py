@@ -11,6 +11,7 @@ directory) prints one line naming what is wrong and exits with status 2.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -29,12 +30,29 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate for -
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy (--mode=decode).")
 
 
+def _config():
+    """The loaded --config; a file that cannot be loaded is a one-line UserError."""
+    try:
+        config = _CONFIG.value
+        if config is None:
+            raise UserError("--config is required (e.g. --config=experiments/tiny.py)")
+        config.keys()  # config_flags raises only on first use
+    except OSError as e:
+        reason = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
+        raise UserError(f"--config: cannot load it ({reason})") from None
+    return config
+
+
 def _train():
     from mtp.train.loop import train_and_evaluate
 
-    if _CONFIG.value is None:
-        raise UserError("--config is required for training (e.g. --config=experiments/tiny.py)")
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    config = _config()
+    if "rl" in config:  # supervised warm-up, then RL (mtp.train.rl_loop)
+        from mtp.train.rl_loop import run_pipeline
+
+        run_pipeline(config, _WORKDIR.value)
+        return
+    train_and_evaluate(config, _WORKDIR.value)
 
 
 def _decode():
@@ -72,12 +90,31 @@ def main(argv):
             raise UserError("--workdir is required")
         {"train": _train, "decode": _decode, "report": _report}[_MODE.value]()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
+
+
+def _parse_flags(argv):
+    """absl flag parsing, with a bad `--config.X=V` override as one line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        hint = re.search(r'Did you mean "(\w+)"', str(e))
+        overrides = " ".join(a.split("=")[0] for a in argv if a.startswith("--config."))
+        _fail(
+            f"bad config override {overrides}: no such field"
+            + (f"; did you mean {hint[1]!r}?" if hint else f" ({type(e).__name__}: {e})")
+        )
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def run():
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

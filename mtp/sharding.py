@@ -28,9 +28,12 @@ def maybe_initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D 'data' mesh over all devices (Auto axes: see STACK-NOTES)."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D 'data' mesh over `devices` (default: all of them; Auto axes, see STACK-NOTES)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
 
 
 def _fsdp_spec(shape: tuple[int, ...], n: int) -> P:

@@ -1,0 +1,164 @@
+"""`python -m mtp.run` as users run it: bad input, kill -9 and resume, SIGTERM, 8 devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from mtp import checkpoint as ckpt
+from tests.test_train import tiny_config
+
+BAD_UTF8 = b"abc\xff"
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = [  # experiments/tiny.py shrunk to seconds
+    "--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
+    "--config.model.n_kv_heads=1", "--config.drafter.k=2", "--config.drafter.n_heads=2",
+    "--config.data.seq_len=32", "--config.data.batch_size=4", "--config.data.max_bytes=60000",
+    "--config.train.lr=0.01", "--config.train.warmup_steps=2", "--config.train.log_every=2",
+    "--config.train.eval_batches=2",
+]  # fmt: skip
+
+
+def mtp_run(workdir, *args, wait=True):
+    cmd = [sys.executable, "-m", "mtp.run", "--config=experiments/tiny.py", f"--workdir={workdir}"]
+    kw = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return subprocess.Popen(cmd + list(args), **kw)
+    return subprocess.run(cmd + list(args), timeout=300, **kw)
+
+
+def _files(tmp_path, name, content: bytes):
+    d = tmp_path / name
+    d.mkdir()
+    if content is not None:
+        (d / "a.txt").write_bytes(content)
+    return d
+
+
+@pytest.mark.parametrize(
+    "case, names",
+    [
+        ("unknown_field", "did you mean 'd_model'"),
+        ("k0", "drafter.k: must be >= 1"),
+        ("tap", "model.taps: layer 9 is outside the model"),
+        ("missing_corpus", "no such file or directory"),
+        ("empty_corpus", "holds no files"),
+        ("undecodable", "a.txt: undecodable bytes at offset 3"),
+        ("seq_len", "data.seq_len: 512 is above the model's maximum (model.max_len=256)"),
+        ("incompatible", "checkpoint written with model.d_model=64, this config has 32"),
+    ],
+)
+def test_bad_input_is_one_line_and_damages_nothing(tmp_path, case, names):
+    workdir = tmp_path / "run"
+    args = {
+        "unknown_field": ["--config.model.d_modle=3"],
+        "k0": ["--config.drafter.k=0"],
+        "tap": ["--config.model.taps=(9,)"],
+        "missing_corpus": [f"--config.data.corpus=files:{tmp_path}/nope"],
+        "empty_corpus": [f"--config.data.corpus=files:{_files(tmp_path, 'e', None)}"],
+        "undecodable": [f"--config.data.corpus=files:{_files(tmp_path, 'u', BAD_UTF8)}"],
+        "seq_len": ["--config.data.seq_len=512"],
+        "incompatible": [],
+    }[case]
+    if case == "incompatible":
+        ckpt.write_config(tiny_config(**{"model.d_model": 64}), workdir)
+    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    out = mtp_run(workdir, *SMALL, *args)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and names in lines[-1], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_kill_9_then_the_same_command_resumes_and_matches(tmp_path):
+    args = [*SMALL, "--config.train.steps=30", "--config.train.checkpoint_every=5",
+            "--config.train.eval_every=30"]  # fmt: skip
+    reference = mtp_run(tmp_path / "ref", *args)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    proc = mtp_run(tmp_path / "run", *args, wait=False)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while not (
+        ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 10 for p in ckpts.iterdir())
+    ):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    assert killed_at < 30
+    resumed = mtp_run(tmp_path / "run", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ref = json.loads((tmp_path / "ref" / "eval_report.json").read_text())
+    got = json.loads((tmp_path / "run" / "eval_report.json").read_text())
+    assert got["step"] == ref["step"] == 30
+    assert got["main_loss"] == pytest.approx(ref["main_loss"], rel=1e-4)
+    assert got["acc_draft_1"] == pytest.approx(ref["acc_draft_1"], abs=1e-3)
+    # the resumed process started from the checkpoint, not from step 0
+    assert f"{killed_at}/30" in resumed.stderr.replace(" ", "")
+
+
+def test_sigterm_saves_and_exits_0(tmp_path):
+    args = [*SMALL, "--config.train.steps=100000", "--config.train.checkpoint_every=100000"]
+    proc = mtp_run(tmp_path, *args, wait=False)
+    csv = tmp_path / "metrics" / "train.csv"
+    deadline = time.time() + 240
+    while not (csv.exists() and len(csv.read_text().splitlines()) > 2):
+        assert proc.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: saved step" in out
+    step = int(out.split("SIGTERM: saved step ")[1].split()[0])
+    assert ckpt.manager(tmp_path).latest_step() == step > 0
+
+
+EIGHT_DEVICES = textwrap.dedent(
+    """
+    import json, jax, numpy as np
+    from mtp.config import validate
+    from mtp.sharding import make_mesh, state_shardings, batch_sharding, global_batch
+    from mtp.train.steps import init_train_state, jit_steps
+    from tests.test_train import tiny_config
+    assert jax.device_count() == 8
+    cs = validate(tiny_config(**{"data.batch_size": 8}))
+    rng = np.random.default_rng(0)
+    batches = [{"tokens": rng.integers(0, 256, (8, 32)).astype(np.int32),
+                "loss_mask": np.ones((8, 32), np.float32)} for _ in range(3)]
+    out = {}
+    for name, n, strategy in [("1", 1, "replicate"), ("8", 8, "replicate"), ("8fsdp", 8, "fsdp")]:
+        mesh = make_mesh(jax.devices()[:n])
+        graphdef, state = init_train_state(cs)
+        shardings = state_shardings(state, mesh, strategy)
+        state = jax.device_put(state, shardings)
+        step, _ = jit_steps(graphdef, cs.train, shardings, batch_sharding(mesh))
+        losses = []
+        for b in batches:
+            state, m = step(state, global_batch(b, mesh))
+            losses.append(float(m["loss"]))
+        leaf = jax.tree.leaves(state)[0]
+        out[name] = {"losses": losses, "devices": len(leaf.sharding.device_set)}
+    print("RESULT", json.dumps(out))
+    """
+)
+
+
+def test_eight_devices_match_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, "-c", EIGHT_DEVICES], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.split("RESULT ")[1])
+    assert result["1"]["devices"] == 1 and result["8"]["devices"] == 8
+    for name in ("8", "8fsdp"):
+        assert result[name]["losses"] == pytest.approx(result["1"]["losses"], rel=1e-5)
