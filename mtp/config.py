@@ -145,8 +145,9 @@ def drafter_config(config) -> DrafterConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Text corpus and batching. `corpus`: 'stdlib' (the bundled default: this
-    Python's standard-library source), 'files:PATH_OR_GLOB' (local text files) or
-    'tfds:NAME[/CONFIG]:SPLIT[:FEATURE]' (a prepared tfds dataset, see data_dir)."""
+    Python's standard-library source), 'files:PATH_OR_GLOB' (local text files),
+    'tfds:NAME[/CONFIG]:SPLIT[:FEATURE]' (a prepared tfds dataset, see data_dir) or
+    'task:NAME[:key=value,...]' (worked task examples, one per row: `data.task_data`)."""
 
     corpus: str = "stdlib"
     seq_len: int = 256  # tokens per training row
@@ -171,11 +172,12 @@ class DataConfig:
             "data.pause_rate",
             f"must be in [0, 1), got {self.pause_rate}",
         )
-        kinds = ("stdlib", "files:", "tfds:")
+        kinds = ("stdlib", "files:", "tfds:", "task:")
         _check(
             self.corpus == "stdlib" or self.corpus.startswith(kinds[1:]),
             "data.corpus",
-            f"{self.corpus!r} is not one of 'stdlib', 'files:PATH_OR_GLOB', 'tfds:NAME:SPLIT'",
+            f"{self.corpus!r} is not one of 'stdlib', 'files:PATH_OR_GLOB', 'tfds:NAME:SPLIT', "
+            "'task:NAME[:key=value,...]'",
         )
 
 
@@ -245,6 +247,94 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+RL_TRAINABLE = ("both", "drafter", "main")
+RL_ADVANTAGES = ("grpo", "rloo")
+RL_LOSSES = ("ppo", "reinforce")
+RL_THOUGHT_MODES = ("fast", "slow")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Joint RL after the supervised warm-up (`mtp.train.rl_loop`); the optional section `rl`.
+
+    Each entry of `trainable` is one RL run started from the warm-up checkpoint,
+    in WORKDIR/rl_<entry>: 'both' (main + drafter), 'drafter' (main frozen) or
+    'main' (drafter frozen). A rollout thinks in `thought_mode` for at most
+    `think_budget` main passes (0: until the cache fills), then answers in slow
+    mode; its reward is the verifier's score minus `pass_price` per main pass.
+    """
+
+    task: str = "addition:digits=4"  # 'NAME[:key=value,...]', as data.corpus 'task:...'
+    trainable: tuple[str, ...] = ("both",)
+    steps: int = 200
+    prompts_per_step: int = 16
+    group_size: int = 4  # rollouts per prompt: the group of GRPO / RLOO
+    advantage: str = "grpo"  # 'grpo' (group-normalised) or 'rloo' (leave-one-out)
+    loss: str = "ppo"  # 'ppo' (clipped ratio per pass) or 'reinforce'
+    ppo_epochs: int = 2  # updates per batch of rollouts (the first is on-policy)
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0  # penalty on KL to the frozen warm-up policy (k3 estimator)
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0  # rollout sampling; log-probs are of the same tempered policy
+    thought_mode: str = "fast"
+    think_budget: int = 0  # main passes for the thought; then </think> is forced
+    answer_max_tokens: int = 16
+    pass_price: float = 0.0  # reward -= pass_price * main passes of the rollout
+    on_bad_reward: str = "skip"  # verifier raised / NaN: 'skip' the group (logged) or 'error'
+    max_skipped_steps: int = 10  # consecutive steps with no usable rollout before stopping
+    log_every: int = 5
+    eval_every: int = 50
+    eval_prompts: int = 64  # held-out problems for the greedy evaluation
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "trainable", tuple(str(t) for t in self.trainable))
+        for name in (
+            "steps", "prompts_per_step", "ppo_epochs", "answer_max_tokens", "log_every",
+            "eval_every", "eval_prompts", "checkpoint_every", "keep_checkpoints",
+            "max_skipped_steps",
+        ):  # fmt: skip
+            v = getattr(self, name)
+            _check(v >= 1, f"rl.{name}", f"must be >= 1, got {v}")
+        _check(self.group_size >= 2, "rl.group_size", f"must be >= 2, got {self.group_size}")
+        _check(len(self.trainable) >= 1, "rl.trainable", f"needs one of {RL_TRAINABLE}")
+        for t in self.trainable:
+            _check(t in RL_TRAINABLE, "rl.trainable", f"{t!r} not in {RL_TRAINABLE}")
+        _check(len(set(self.trainable)) == len(self.trainable), "rl.trainable", "has duplicates")
+        for name, allowed in (
+            ("advantage", RL_ADVANTAGES),
+            ("loss", RL_LOSSES),
+            ("thought_mode", RL_THOUGHT_MODES),
+            ("on_bad_reward", ("skip", "error")),
+        ):
+            v = getattr(self, name)
+            _check(v in allowed, f"rl.{name}", f"{v!r} not in {allowed}")
+        _check(self.lr > 0, "rl.lr", f"must be > 0, got {self.lr}")
+        _check(self.temperature > 0, "rl.temperature", f"must be > 0, got {self.temperature}")
+        _check(self.clip_eps > 0, "rl.clip_eps", f"must be > 0, got {self.clip_eps}")
+        for name in ("kl_coef", "pass_price", "weight_decay", "warmup_steps", "think_budget"):
+            v = getattr(self, name)
+            _check(v >= 0, f"rl.{name}", f"must be >= 0, got {v}")
+
+
+def rl_config(config) -> RLConfig | None:
+    """The `rl` section as an RLConfig, None if the config has none; checks the task spec."""
+    if "rl" not in config:
+        return None
+    rc = _from_dict(RLConfig, "rl", config.rl)
+    from mtp.data.task_data import parse_task_spec  # tasks import this module
+
+    try:
+        parse_task_spec(rc.task)
+    except ConfigError as e:
+        raise ConfigError(f"config.rl.task: {e}") from None
+    return rc
+
+
 @dataclasses.dataclass(frozen=True)
 class Configs:
     """All sections of a config, validated together."""
@@ -254,6 +344,7 @@ class Configs:
     data: DataConfig
     train: TrainConfig
     seed: int
+    rl: RLConfig | None = None
 
 
 def validate(config, min_vocab: int = 262) -> Configs:
@@ -267,6 +358,7 @@ def validate(config, min_vocab: int = 262) -> Configs:
         data=data_config(config),
         train=train_config(config),
         seed=int(config.seed),
+        rl=rl_config(config),
     )
     _check(
         cs.data.seq_len <= cs.model.max_len,

@@ -45,7 +45,14 @@ def loss_mask(tokens: np.ndarray) -> np.ndarray:
 
 
 def packed_rows(cfg: DataConfig, tok: ByteTokenizer, split: str) -> np.ndarray:
-    """(N, seq_len) int32 rows of the split's stream; the eval tail is padded, not dropped."""
+    """(N, seq_len) int32 rows of the split's stream; the eval tail is padded, not dropped.
+
+    Task corpora ('task:NAME...') are not packed: one example per row (`task_data`).
+    """
+    if cfg.corpus.startswith("task:"):
+        from mtp.data.task_data import task_rows
+
+        return task_rows(cfg, tok, split)
     stream = token_stream(load_documents(cfg, split), tok)
     stream = insert_pauses(stream, cfg.pause_rate, cfg.seed + (split == "eval"))
     t = cfg.seq_len

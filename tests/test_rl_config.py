@@ -1,0 +1,70 @@
+"""The `rl` config section and the 'task:' corpus used for the warm-up."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from mtp.config import ConfigError, DataConfig, RLConfig, default_config, validate
+from mtp.data.corpora import DataError
+from mtp.data.pipeline import eval_batches, packed_rows
+from mtp.data.task_data import parse_task_spec
+from mtp.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, THINK_CLOSE_ID, THINK_OPEN_ID, ByteTokenizer
+
+
+def test_task_corpus_is_one_example_per_row_padded():
+    cfg = DataConfig(corpus="task:addition:digits=3,n=50", seq_len=64, batch_size=4)
+    rows = packed_rows(cfg, ByteTokenizer(), "train")
+    assert rows.shape == (50, 64)
+    for row in rows[:5]:
+        n = int(np.argmax(row == EOS_ID)) + 1
+        assert row[0] == BOS_ID and (row[n:] == PAD_ID).all()
+        assert (row == THINK_OPEN_ID).sum() == 1 and (row == THINK_CLOSE_ID).sum() == 1
+    batch = eval_batches(cfg, ByteTokenizer(), 2)[0]
+    assert (batch["loss_mask"] == (batch["tokens"] != PAD_ID)).all()  # pads are never targets
+
+
+@pytest.mark.parametrize(
+    "corpus, message",
+    [
+        ("task:addition:digits=9,n=5", "more than data.seq_len=64"),
+        ("task:sorting", "unknown task 'sorting'"),
+        ("task:addition:width=3", "unknown parameter 'width'"),
+        ("task:addition:digits=x", "expected key=integer"),
+    ],
+)
+def test_bad_task_corpus_names_the_problem(corpus, message):
+    cfg = DataConfig(corpus=corpus, seq_len=64)
+    with pytest.raises((DataError, ConfigError), match=message):
+        packed_rows(cfg, ByteTokenizer(), "train")
+
+
+def _config(**rl):
+    c = default_config()
+    c.rl = dataclasses.asdict(RLConfig())
+    c.rl.update(rl)
+    return c
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("trainable", ("both", "all"), "config.rl.trainable: 'all' not in"),
+        ("group_size", 1, "config.rl.group_size: must be >= 2"),
+        ("advantage", "ppo", "config.rl.advantage: 'ppo' not in"),
+        ("temperature", 0.0, "config.rl.temperature: must be > 0"),
+        ("on_bad_reward", "ignore", "config.rl.on_bad_reward: 'ignore' not in"),
+        ("task", "addition:digits=99", "config.rl.task: task 'addition': digits must be in"),
+    ],
+)
+def test_rl_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(_config(**{field: value}))
+
+
+def test_rl_section_is_optional_and_round_trips():
+    assert validate(default_config()).rl is None
+    rc = validate(_config(trainable=["drafter", "both"])).rl  # lists (from JSON) become tuples
+    assert rc.trainable == ("drafter", "both")
+    task, n = parse_task_spec("multiplication:digits=3,n=7")
+    assert task.name == "multiplication" and n == 7
