@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from mtp.config import UserError
+
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
@@ -62,12 +64,30 @@ class MetricWriter:
 
 
 def read_csv(workdir, kind: str) -> list[dict]:
-    """Rows of WORKDIR/metrics/KIND.csv as dicts of floats (for reports and notebooks)."""
+    """Rows of WORKDIR/metrics/KIND.csv as dicts of floats, one per step in step order.
+
+    A run killed between checkpoints re-logs the steps it trains again after
+    resuming; the last row written for a step wins.
+    """
     path = Path(workdir) / "metrics" / f"{kind}.csv"
     if not path.exists():
         return []
     with path.open() as f:
-        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
+
+
+def compare_runs(workdirs: list[str]) -> str:
+    """Final evaluations of run directories side by side: a metric per row, a run per column."""
+    reports = []
+    for w in workdirs:
+        path = Path(w) / "eval_report.json"
+        if not path.exists():
+            raise UserError(f"{w}: no eval_report.json yet; the run has not finished")
+        reports.append(json.loads(path.read_text()))
+    names = list(dict.fromkeys(k for r in reports for k in r))
+    rows = [[n] + [r.get(n, "") for r in reports] for n in names]
+    return format_table(rows, ["metric", *workdirs])
 
 
 def progress(total: int, initial: int = 0, desc: str = "train"):

@@ -3,7 +3,7 @@ r"""Thin entry point; all logic is importable (notebooks call the same functions
     python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny
     python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny --config.drafter.k=2
     python -m mtp.run --workdir=runs/tiny --mode=decode --prompt="def main("
-    python -m mtp.run --workdir=runs/tiny --mode=report
+    python -m mtp.run --workdir=runs/tiny[,runs/other,...] --mode=report
 
 Running the same train command again resumes. Bad input (config, data, run
 directory) prints one line naming what is wrong and exits with status 2.
@@ -74,9 +74,9 @@ def _decode():
 
 
 def _report():
-    from mtp.train.loop import final_eval_table
+    from mtp.metrics import compare_runs
 
-    print(final_eval_table(_WORKDIR.value))
+    print(compare_runs(_WORKDIR.value.split(",")))
 
 
 def main(argv):

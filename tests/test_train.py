@@ -10,6 +10,7 @@ import pytest
 
 from mtp import checkpoint as ckpt
 from mtp.config import ConfigError, UserError, default_config, validate
+from mtp.metrics import compare_runs, read_csv
 from mtp.train.loop import NonFiniteLoss, train_and_evaluate
 from mtp.train.steps import init_train_state, jit_steps
 
@@ -108,6 +109,13 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
     again = train_and_evaluate(c, tmp_path)
     assert again["main_loss"] == pytest.approx(results["main_loss"], rel=1e-6)
     assert len((tmp_path / "metrics" / "train.csv").read_text().splitlines()) == 5
+    # runs compare side by side; a re-logged step (after kill -9) reads once, the last row winning
+    table = compare_runs([str(tmp_path), str(tmp_path)])
+    assert table.splitlines()[2].startswith("| step | 12 | 12 |") and "| main_loss |" in table
+    with (tmp_path / "metrics" / "train.csv").open("a") as f:
+        f.write("3" + ",0" * (len(rows[0].split(",")) - 1) + "\n")
+    steps = [(r["step"], r["loss"]) for r in read_csv(tmp_path, "train")]
+    assert [s for s, _ in steps] == [3, 6, 9, 12] and steps[0][1] == 0
     # an incompatible config is refused before anything is written
     before = (tmp_path / "config.json").read_text()
     with pytest.raises(UserError, match="model.d_model=32, this config has 64"):

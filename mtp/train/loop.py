@@ -153,11 +153,3 @@ def train_and_evaluate(config, workdir) -> dict:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
-
-
-def final_eval_table(workdir) -> str:
-    """The saved final evaluation of a run directory (for inspection and comparison)."""
-    path = Path(workdir, "eval_report.md")
-    if not path.exists():
-        raise UserError(f"{workdir}: no eval_report.md yet; the run has not finished")
-    return path.read_text()
