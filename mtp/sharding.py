@@ -20,11 +20,18 @@ from jax.sharding import PartitionSpec as P
 def maybe_initialize_distributed() -> None:
     """Starts `jax.distributed` when launched as one process of a cluster.
 
-    Detected from the coordinator variables JAX reads (or SLURM / TPU pod
-    metadata, which `jax.distributed.initialize()` auto-detects when
-    `MTP_DISTRIBUTED=1`). A single process does nothing.
+    Explicitly with `JAX_COORDINATOR_ADDRESS` (host:port of process 0),
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`; or `MTP_DISTRIBUTED=1`, where JAX
+    detects the cluster itself (TPU pods, SLURM, Kubernetes). A single process
+    does nothing.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("MTP_DISTRIBUTED") == "1":
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("MTP_DISTRIBUTED") == "1":
         jax.distributed.initialize()
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -121,44 +122,78 @@ def test_sigterm_saves_and_exits_0(tmp_path):
     assert ckpt.manager(tmp_path).latest_step() == step > 0
 
 
-EIGHT_DEVICES = textwrap.dedent(
+def train_losses(strategy="replicate", devices=None, steps=3) -> list[float]:
+    """Loss of `steps` train steps on fixed batches under a mesh over `devices` (all by default).
+
+    Each process feeds its own slice of every global batch, as hosts do.
     """
-    import json, jax, numpy as np
+    import jax
+    import numpy as np
+
     from mtp.config import validate
-    from mtp.sharding import make_mesh, state_shardings, batch_sharding, global_batch
+    from mtp.sharding import batch_sharding, global_batch, host_slice, make_mesh, state_shardings
     from mtp.train.steps import init_train_state, jit_steps
-    from tests.test_train import tiny_config
-    assert jax.device_count() == 8
+
     cs = validate(tiny_config(**{"data.batch_size": 8}))
     rng = np.random.default_rng(0)
-    batches = [{"tokens": rng.integers(0, 256, (8, 32)).astype(np.int32),
-                "loss_mask": np.ones((8, 32), np.float32)} for _ in range(3)]
-    out = {}
-    for name, n, strategy in [("1", 1, "replicate"), ("8", 8, "replicate"), ("8fsdp", 8, "fsdp")]:
-        mesh = make_mesh(jax.devices()[:n])
-        graphdef, state = init_train_state(cs)
-        shardings = state_shardings(state, mesh, strategy)
-        state = jax.device_put(state, shardings)
-        step, _ = jit_steps(graphdef, cs.train, shardings, batch_sharding(mesh))
-        losses = []
-        for b in batches:
-            state, m = step(state, global_batch(b, mesh))
-            losses.append(float(m["loss"]))
-        leaf = jax.tree.leaves(state)[0]
-        out[name] = {"losses": losses, "devices": len(leaf.sharding.device_set)}
-    print("RESULT", json.dumps(out))
-    """
-)
+    shape = (8, 32)
+    batches = [
+        {"tokens": rng.integers(0, 256, shape).astype(np.int32),
+         "loss_mask": np.ones(shape, np.float32)} for _ in range(steps)
+    ]  # fmt: skip
+    mesh = make_mesh(devices)
+    graphdef, abstract_state = init_train_state(cs, abstract=True)
+    shardings = state_shardings(abstract_state, mesh, strategy)
+    state = jax.jit(lambda: init_train_state(cs)[1], out_shardings=shardings)()
+    assert len(jax.tree.leaves(state)[0].sharding.device_set) == mesh.size
+    step, _ = jit_steps(graphdef, cs.train, shardings, batch_sharding(mesh))
+    losses = []
+    for b in batches:
+        state, m = step(state, global_batch(host_slice(b), mesh))
+        losses.append(float(m["loss"]))
+    return losses
+
+
+def _python(code: str, env: dict, wait=True):
+    kw = dict(cwd=ROOT, env=dict(os.environ, **env), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], **kw)
+    return proc.communicate(timeout=300)[0] if wait else proc
 
 
 def test_eight_devices_match_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    out = subprocess.run(
-        [sys.executable, "-c", EIGHT_DEVICES], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.split("RESULT ")[1])
-    assert result["1"]["devices"] == 1 and result["8"]["devices"] == 8
-    for name in ("8", "8fsdp"):
-        assert result[name]["losses"] == pytest.approx(result["1"]["losses"], rel=1e-5)
+    code = """
+        import json, jax
+        from tests.test_cli import train_losses
+        assert jax.device_count() == 8
+        one = train_losses("replicate", jax.devices()[:1])
+        print("RESULT", json.dumps([one, train_losses("replicate"), train_losses("fsdp")]))
+    """
+    out = _python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    one, replicated, fsdp = json.loads(out.split("RESULT ")[1])
+    assert replicated == pytest.approx(one, rel=1e-5)
+    assert fsdp == pytest.approx(one, rel=1e-5)
+
+
+def test_two_hosts_with_jax_distributed_match_one_device():
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    code = """
+        import json, jax
+        from mtp.sharding import maybe_initialize_distributed
+        maybe_initialize_distributed()
+        from tests.test_cli import train_losses
+        assert (jax.process_count(), jax.device_count()) == (2, 4)
+        print("RESULT", json.dumps(train_losses("fsdp")))
+    """
+    procs = [
+        _python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                       "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                       "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}, wait=False)
+        for i in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    one = train_losses()  # this process: one CPU device
+    for out in outs:
+        assert json.loads(out.split("RESULT ")[1]) == pytest.approx(one, rel=1e-5)
