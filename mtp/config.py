@@ -336,6 +336,63 @@ def rl_config(config) -> RLConfig | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A sweep over drafter k and kind (`mtp.sweeps`); the optional section `sweep`.
+
+    One run per (kind, k), named 'k{k}_{kind}', in WORKDIR/<name>, each the
+    rest of the config with drafter.k and drafter.kind set. `only` runs one
+    member (its name, or its index in kinds x ks order) instead of all in
+    sequence, so members can run on separate hosts. After training, each run
+    decodes `speedup_prompts` held-out prompts (their first `prompt_len` tokens)
+    greedily for `new_tokens` tokens at batch 1 in slow and speculative mode;
+    each timing is the best of `repeats`. 0 prompts skips the measurement.
+    """
+
+    ks: tuple[int, ...] = (1, 2, 4, 8)
+    kinds: tuple[str, ...] = ("transformer",)
+    only: str = ""
+    speedup_prompts: int = 4
+    prompt_len: int = 64
+    new_tokens: int = 64
+    repeats: int = 2
+
+    def __post_init__(self):
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        object.__setattr__(self, "kinds", tuple(str(k) for k in self.kinds))
+        _check(len(self.ks) >= 1, "sweep.ks", "needs at least one k")
+        for k in self.ks:
+            _check(k >= 1, "sweep.ks", f"every k must be >= 1, got {k}")
+        _check(len(self.kinds) >= 1, "sweep.kinds", f"needs one of {DRAFTER_KINDS}")
+        for kind in self.kinds:
+            _check(kind in DRAFTER_KINDS, "sweep.kinds", f"{kind!r} not in {DRAFTER_KINDS}")
+        _check(len(set(self.ks)) == len(self.ks), "sweep.ks", "has duplicates")
+        _check(len(set(self.kinds)) == len(self.kinds), "sweep.kinds", "has duplicates")
+        names = self.member_names
+        _check(
+            self.only in ("", *names) or (self.only.isdigit() and int(self.only) < len(names)),
+            "sweep.only",
+            f"{self.only!r} is not a member; allowed: '' (all), {', '.join(names)} "
+            f"or an index 0..{len(names) - 1}",
+        )
+        for name in ("speedup_prompts", "prompt_len", "new_tokens", "repeats"):
+            v = getattr(self, name)
+            low = 0 if name == "speedup_prompts" else 1
+            _check(v >= low, f"sweep.{name}", f"must be >= {low}, got {v}")
+
+    @property
+    def member_names(self) -> list[str]:
+        """Run names in sweep order: every k of the first kind, then of the next."""
+        return [f"k{k}_{kind}" for kind in self.kinds for k in self.ks]
+
+
+def sweep_config(config) -> SweepConfig | None:
+    """The `sweep` section as a SweepConfig, None if the config has none."""
+    if "sweep" not in config:
+        return None
+    return _from_dict(SweepConfig, "sweep", config.sweep)
+
+
+@dataclasses.dataclass(frozen=True)
 class Configs:
     """All sections of a config, validated together."""
 
@@ -345,6 +402,7 @@ class Configs:
     train: TrainConfig
     seed: int
     rl: RLConfig | None = None
+    sweep: SweepConfig | None = None
 
 
 def validate(config, min_vocab: int = 262) -> Configs:
@@ -359,6 +417,7 @@ def validate(config, min_vocab: int = 262) -> Configs:
         train=train_config(config),
         seed=int(config.seed),
         rl=rl_config(config),
+        sweep=sweep_config(config),
     )
     _check(
         cs.data.seq_len <= cs.model.max_len,
@@ -370,4 +429,18 @@ def validate(config, min_vocab: int = 262) -> Configs:
         "model.vocab_size",
         f"must be >= {min_vocab} (the tokenizer's vocabulary), got {cs.model.vocab_size}",
     )
+    if cs.sweep is not None:
+        _check(cs.rl is None, "sweep", "a sweep of RL runs is not supported; drop the rl section")
+        sp = cs.sweep
+        _check(
+            sp.prompt_len <= cs.data.seq_len,
+            "sweep.prompt_len",
+            f"{sp.prompt_len} is above data.seq_len={cs.data.seq_len} (prompts are held-out rows)",
+        )
+        _check(
+            sp.prompt_len + sp.new_tokens <= cs.model.max_len,
+            "sweep.new_tokens",
+            f"prompt_len + new_tokens = {sp.prompt_len + sp.new_tokens} is above the model's "
+            f"cache (model.max_len={cs.model.max_len})",
+        )
     return cs

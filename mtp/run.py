@@ -4,6 +4,8 @@ r"""Thin entry point; all logic is importable (notebooks call the same functions
     python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny --config.drafter.k=2
     python -m mtp.run --workdir=runs/tiny --mode=decode --prompt="def main("
     python -m mtp.run --workdir=runs/tiny[,runs/other,...] --mode=report
+    python -m mtp.run --config=experiments/sweep_k.py --workdir=runs/sweep_k   # a sweep over k
+    python -m mtp.run --workdir=runs/sweep_k --mode=report   # its table and plots
 
 Running the same train command again resumes. Bad input (config, data, run
 directory) prints one line naming what is wrong and exits with status 2.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -47,6 +50,11 @@ def _train():
     from mtp.train.loop import train_and_evaluate
 
     config = _config()
+    if "sweep" in config:  # one run per (drafter kind, k), then a summary (mtp.sweeps)
+        from mtp.sweeps import run_sweep
+
+        print(run_sweep(config, _WORKDIR.value))
+        return
     if "rl" in config:  # supervised warm-up, then RL (mtp.train.rl_loop)
         from mtp.train.rl_loop import run_pipeline
 
@@ -75,8 +83,13 @@ def _decode():
 
 def _report():
     from mtp.metrics import compare_runs
+    from mtp.sweeps import collect, runner
 
-    print(compare_runs(_WORKDIR.value.split(",")))
+    workdirs = _WORKDIR.value.split(",")
+    if len(workdirs) == 1 and Path(workdirs[0], runner.MANIFEST).exists():
+        print(collect(workdirs[0]))  # a sweep: its table, and the plots written beside it
+        return
+    print(compare_runs(workdirs))
 
 
 def main(argv):
