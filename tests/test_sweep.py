@@ -30,7 +30,7 @@ def sweep_k(arg=None):
 def tiny_sweep(**sweep):
     """experiments/sweep_k.py:tiny with transformer drafters at k = 1, 2 (two runs)."""
     c = sweep_k("tiny")
-    c.sweep.update(ks=(1, 2), kinds=("transformer",), **sweep)
+    c.sweep.update(dict(ks=(1, 2), kinds=("transformer",)) | sweep)
     return c
 
 
@@ -87,6 +87,10 @@ def test_sweep_runs_each_member_then_skips_finished_ones(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0 and "| k2_transformer | 2 |" in out.stdout
+
+    # a launch with other members adds them to the sweep; the finished ones stay in its table
+    text = run_sweep(tiny_sweep(kinds=("medusa",), ks=(1,), speedup_prompts=0), tmp_path)
+    assert "3/3 runs finished" in text and "| k2_transformer | 2 |" in text
 
 
 def test_unfinished_members_appear_as_empty_rows(tmp_path):

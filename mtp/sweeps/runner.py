@@ -1,6 +1,6 @@
 """`run_sweep(config, workdir)`: one supervised run per (drafter kind, k), resumable.
 
-    WORKDIR/sweep.json         the members and the shared config (written by every launch)
+    WORKDIR/sweep.json         the members (of every launch so far) and the latest config
     WORKDIR/k{K}_{KIND}/       one run directory per member (`train_and_evaluate`)
       eval_report.json         written when the member's training has finished
       speedup.json             slow vs speculative decoding of held-out prompts
@@ -70,8 +70,13 @@ def is_finished(run_dir: Path, steps: int) -> bool:
 
 
 def write_manifest(config, workdir: Path, sc: SweepConfig) -> None:
+    """WORKDIR/sweep.json: the members of every launch so far (a sweep can grow) and the config."""
+    path = workdir / MANIFEST
+    old = json.loads(path.read_text())["members"] if path.exists() else []
+    new = [dataclasses.asdict(m) | {"name": m.name} for m in members(sc)]
+    names = {m["name"] for m in old}
     manifest = {
-        "members": [dataclasses.asdict(m) | {"name": m.name} for m in members(sc)],
+        "members": old + [m for m in new if m["name"] not in names],
         "config": json.loads(config.to_json_best_effort()),
     }
     workdir.mkdir(parents=True, exist_ok=True)
