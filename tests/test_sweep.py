@@ -143,3 +143,15 @@ def test_every_sweep_k_size_and_member_validates(arg):
     c = sweep_k(arg)
     for m in members(validate(c).sweep):
         validate(member_config(c, m))
+
+
+def test_a_preempted_member_stops_the_sweep(tmp_path, monkeypatch):
+    import mtp.train.loop
+
+    calls = []
+    monkeypatch.setattr(  # as after SIGTERM: returns before the last step, no eval_report
+        mtp.train.loop, "train_and_evaluate", lambda config, workdir: calls.append(workdir)
+    )
+    text = run_sweep(tiny_sweep(), tmp_path, log=lambda line: None)
+    assert calls == [tmp_path / "k1_transformer"]  # k2 not started, nothing measured
+    assert "0/2 runs finished" in text and not (tmp_path / "k1_transformer").exists()

@@ -111,20 +111,21 @@ def measure(member_cfg, run_dir: Path, sc: SweepConfig, log=print) -> dict | Non
 def run_member(config, workdir: Path, m: Member, sc: SweepConfig, log=print) -> bool:
     """Trains (or resumes, or skips) one member, then measures its speedup once.
 
-    Returns True if it trained.
+    Returns False if training stopped before its last step (SIGTERM): resume later.
     """
     from mtp.train.loop import train_and_evaluate
 
     mc = member_config(config, m)
-    run_dir = workdir / m.name
-    trained = not is_finished(run_dir, validate(mc).train.steps)
-    if trained:
-        train_and_evaluate(mc, run_dir)
-    else:
+    run_dir, steps = workdir / m.name, validate(mc).train.steps
+    if is_finished(run_dir, steps):
         log(f"sweep: {m.name}: finished, skipped")
+    else:
+        train_and_evaluate(mc, run_dir)
+        if not is_finished(run_dir, steps):
+            return False
     if sc.speedup_prompts and not (run_dir / "speedup.json").exists():
         measure(mc, run_dir, sc, log)
-    return trained
+    return True
 
 
 def run_sweep(config, workdir, log=print) -> str:
@@ -140,5 +141,7 @@ def run_sweep(config, workdir, log=print) -> str:
     todo = selected(sc)
     for i, m in enumerate(todo):
         log(f"sweep: {m.name} ({i + 1}/{len(todo)}) in {workdir / m.name}")
-        run_member(config, workdir, m, sc, log)
+        if not run_member(config, workdir, m, sc, log):
+            log(f"sweep: stopped during {m.name}; run the same command to resume")
+            break
     return collect(workdir)
