@@ -1,0 +1,84 @@
+"""Text and statistics of one prompt decoded in several modes (`mtp.run --mode=decode`).
+
+    python -m mtp.run --workdir=runs/tiny --mode=decode --prompt="def main(" \
+        --decode_modes=slow,speculative,fast --max_new_tokens=128
+
+Each mode runs twice: the first call compiles, the second is timed, so the
+table's wall time and tokens/s are those of a warm decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mtp.decode.engine import MODES, DecodeError, Decoder, DecodeResult
+from mtp.decode.sampling import Sampling
+
+
+def _check_modes(modes: Sequence[str]) -> list[str]:
+    modes = [m.strip() for m in modes if m.strip()]
+    if not modes:
+        raise DecodeError(f"no decode mode given; allowed: {', '.join(MODES)}")
+    for m in modes:
+        if m not in MODES:
+            raise DecodeError(f"decode mode {m!r} is unknown; allowed: {', '.join(MODES)}")
+    return modes
+
+
+def _row(res: DecodeResult, compile_s: float) -> str:
+    st = res.stats
+    spec = res.mode == "speculative"
+    acc = " ".join(f"{a:.2f}" for a in st["accept_rate"]) if spec else "-"
+    mean_acc = f"{st['mean_accepted']:.2f}" if spec else "-"
+    return (
+        f"| {res.mode} | {st['tokens']} | {st['main_passes']} | {st['tokens_per_pass']:.2f} "
+        f"| {mean_acc} | {acc} | {1e3 * st['wall_s']:.1f} | {st['tokens_per_s']:.0f} "
+        f"| {compile_s:.2f} |"
+    )
+
+
+def decode_report(
+    system,
+    tokenizer,
+    prompt: str,
+    modes: Sequence[str] = ("slow", "speculative", "fast"),
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    *,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """Decodes `<bos> prompt` in each mode; returns the texts and a markdown table.
+
+    Special strings in the prompt ("<think>") become their tokens, so a prompt
+    can open a thinking span. Raises DecodeError (a UserError) on an empty
+    prompt, an unknown mode or a prompt that does not fit the cache.
+    """
+    if not prompt:
+        raise DecodeError("--prompt is empty; give the text to continue, e.g. --prompt='def main('")
+    modes = _check_modes(modes)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode_with_specials(prompt)])
+    dec = Decoder(system, eos_id=tokenizer.eos_id)
+    lines = [f"prompt: {prompt!r}  (k={dec.k}, {sampling})", ""]
+    rows, results = [], {}
+    for mode in modes:
+        kw = dict(mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        first = dec.generate([ids], **kw)
+        res = dec.generate([ids], **kw) if first.compiled else first  # timed warm
+        results[mode] = res
+        lines += [f"### {mode}", prompt + res.texts(tokenizer)[0], ""]
+        rows.append(_row(res, max(first.wall_s - res.wall_s, 0.0)))
+    lines += [
+        "| mode | tokens | main passes | tokens/pass | mean accepted | acceptance by offset "
+        "| wall ms | tokens/s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+    if sampling.greedy and {"slow", "speculative"} <= results.keys():
+        same = np.array_equal(results["slow"].row(0), results["speculative"].row(0))
+        lines += ["", f"speculative greedy identical to slow: {'yes' if same else 'NO'}"]
+    return "\n".join(lines)
