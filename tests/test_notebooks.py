@@ -29,7 +29,7 @@ PARAMETERS = {
     "quickstart": {"STEPS": 6, "OVERRIDES": SMALL_MODEL, "MAX_NEW_TOKENS": 16},
     "sweep_k": {"SWEEP_DIR": "sweep", "CONFIG_ARG": "tiny",
                 "SWEEP": {"ks": (1, 2), "kinds": ("transformer",)}},
-    "rl_fast_thinking": {"CONFIG_ARG": "smoke", "EVAL_PROBLEMS": 8},
+    "rl_fast_thinking": {"CONFIG_ARG": "smoke", "EVAL_PROBLEMS": 8, "BUDGETS": (4, 0)},
 }  # fmt: skip
 
 
@@ -71,7 +71,7 @@ def test_notebook_runs_end_to_end(path, tmp_path, kernel_of_this_python):
 
 
 def test_notebooks_are_stored_without_outputs_and_match_their_scripts():
-    assert {p.stem for p in NOTEBOOKS} >= {"sweep_k"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "sweep_k"}
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:

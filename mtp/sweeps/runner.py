@@ -88,11 +88,8 @@ def write_manifest(config, workdir: Path, sc: SweepConfig) -> None:
 def measure(member_cfg, run_dir: Path, sc: SweepConfig, log=print) -> dict | None:
     """Decodes held-out prompts slow vs speculative; writes RUN_DIR/speedup.json."""
     from mtp.checkpoint import load_system
-    from mtp.sweeps.speedup import engine_available, held_out_prompts, measure_speedup
+    from mtp.sweeps.speedup import held_out_prompts, measure_speedup
 
-    if not engine_available():
-        log(f"sweep: {run_dir.name}: no decoding engine in this checkout; speedup not measured")
-        return None
     prompts = held_out_prompts(member_cfg, sc.speedup_prompts, sc.prompt_len)
     if not prompts:
         log(f"sweep: {run_dir.name}: no held-out row has {sc.prompt_len} tokens; no speedup")

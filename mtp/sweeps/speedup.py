@@ -10,18 +10,11 @@ equal slow output token for token: `identical` records whether it did.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 
 from mtp.config import SweepConfig, validate
 from mtp.data.pipeline import packed_rows
 from mtp.data.tokenizer import PAD_ID, ByteTokenizer
-
-
-def engine_available() -> bool:
-    """Whether this checkout has the decoding engine (`mtp.decode.engine`)."""
-    return importlib.util.find_spec("mtp.decode.engine") is not None
 
 
 def held_out_prompts(config, n: int, prompt_len: int) -> list[np.ndarray]:
