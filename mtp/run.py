@@ -5,6 +5,7 @@ r"""Thin entry point; all logic is importable (notebooks call the same functions
     python -m mtp.run --workdir=runs/tiny --mode=decode --prompt="def main("
     python -m mtp.run --workdir=runs/tiny[,runs/other,...] --mode=report
     python -m mtp.run --config=experiments/sweep_k.py --workdir=runs/sweep_k   # a sweep over k
+    python -m mtp.run --config=experiments/pause.py --workdir=runs/pause   # pause tokens
     python -m mtp.run --workdir=runs/sweep_k --mode=report   # its table and plots
 
 Running the same train command again resumes. Bad input (config, data, run
@@ -54,6 +55,11 @@ def _train():
         from mtp.sweeps import run_sweep
 
         print(run_sweep(config, _WORKDIR.value))
+        return
+    if "pause" in config:  # plain, pause-trained and learned-pause models (mtp.train.pause)
+        from mtp.train.pause import run_pipeline as run_pause
+
+        run_pause(config, _WORKDIR.value)
         return
     if "rl" in config:  # supervised warm-up, then RL (mtp.train.rl_loop)
         from mtp.train.rl_loop import run_pipeline

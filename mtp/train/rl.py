@@ -82,13 +82,14 @@ def rloo_advantages(rewards_gn: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- log-probs
 
 
-def token_dists(system, tokens_bl, offset_bl, temperature: float = 1.0):
+def token_dists(system, tokens_bl, offset_bl, temperature: float = 1.0, urgency_b=None):
     """Log-distribution (B, L, V) that emitted each token, and the main one at l - 1.
 
     Offset 0: the main model's at l - 1; offset j >= 1: the drafter's at
     (t = l - 1 - j, step j - 1). Rows at position 0 are garbage; mask them.
+    `urgency_b` (B,): the urgency input of a model with `use_urgency` (pause RL).
     """
-    logits_blv, draft_blkv = system(tokens_bl)
+    logits_blv, draft_blkv = system(tokens_bl, urgency_b)
     b, l, k, _ = draft_blkv.shape
     main_lp_blv = jax.nn.log_softmax(logits_blv / temperature)
     draft_lp_blkv = jax.nn.log_softmax(draft_blkv / temperature)
@@ -101,14 +102,14 @@ def token_dists(system, tokens_bl, offset_bl, temperature: float = 1.0):
     return dist_blv, main_prev_blv
 
 
-def token_stats(system, tokens_bl, offset_bl, temperature: float = 1.0):
+def token_stats(system, tokens_bl, offset_bl, temperature: float = 1.0, urgency_b=None):
     """Per-token log-prob (B, L) of each token under the distribution that emitted it.
 
     Also returns the entropy (B, L) of that distribution and whether the token
     equals the main model's own greedy choice at its position (B, L) — for a
     draft, the agreement with the main model that speculative decoding checks.
     """
-    dist_blv, main_prev_blv = token_dists(system, tokens_bl, offset_bl, temperature)
+    dist_blv, main_prev_blv = token_dists(system, tokens_bl, offset_bl, temperature, urgency_b)
     lp_bl = jnp.take_along_axis(dist_blv, tokens_bl[..., None], -1)[..., 0]
     ent_bl = -(jnp.exp(dist_blv) * dist_blv).sum(-1)
     agree_bl = tokens_bl == jnp.argmax(main_prev_blv, -1)
@@ -162,7 +163,9 @@ def rl_loss(system, batch, rc: RLConfig, first_epoch):
     old ones (on-policy: ratio exactly 1); else `batch['old_lp']`.
     """
     tokens_bl, offset_bl, mask_bl = batch["tokens"], batch["offset"], batch["mask"]
-    lp_bl, ent_bl, agree_bl = token_stats(system, tokens_bl, offset_bl, rc.temperature)
+    lp_bl, ent_bl, agree_bl = token_stats(
+        system, tokens_bl, offset_bl, rc.temperature, batch.get("urgency")
+    )
     old_bl = jnp.where(first_epoch, jax.lax.stop_gradient(lp_bl), batch["old_lp"])
     lp_bp, pmask_bp = pass_sums(lp_bl, batch["pass_"], mask_bl)
     old_bp, _ = pass_sums(old_bl, batch["pass_"], mask_bl)

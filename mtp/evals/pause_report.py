@@ -1,0 +1,168 @@
+r"""The pause-token report: accuracy against pauses, adaptive vs fixed, urgency, tokens/pass.
+
+    python -m mtp.evals.pause_report --workdir=runs/pause     # again, from a finished run
+
+Decodes `pause.eval_prompts` held-out problems greedily with each model of a
+pause run (`mtp.train.pause`) and writes WORKDIR/pause_report.{md,json}:
+
+1. accuracy against M fixed pauses for the plain and the pause-trained model;
+2. the confidence (or entropy) rule at each threshold, and the learned model
+   at urgency 0 and 1, each beside the best fixed M of the pause-trained model
+   that spends no more passes on average;
+3. tokens per main pass: `fast` (1 + k) and `slow` (1) from the decoding
+   engine on one prompt, paused (answer tokens / (answer tokens + pauses)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mtp import checkpoint as ckpt
+from mtp.config import validate
+from mtp.data.task_data import parse_task_spec
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.decode.pause import PauseDecoder, PausePolicy
+from mtp.metrics import format_table
+from mtp.train.pause_data import prompt_head
+from mtp.train.pause_rl import answer_text
+
+
+class PauseAccuracy:
+    """Evaluator: greedy decodes of held-out problems under one pause policy.
+
+    `run(decoder, policy, urgency)` yields accuracy, mean pauses, mean main
+    passes per answer and answer tokens per pass.
+    """
+
+    def __init__(self, task, n: int, batch_size: int = 128):
+        self.task, self.tok = task, ByteTokenizer()
+        self.examples = task.examples("eval", n)
+        self.heads = [prompt_head(self.tok, ex.prompt, ex.thought) for ex in self.examples]
+        self.batch_size = batch_size
+
+    def run(self, dec: PauseDecoder, policy: PausePolicy, urgency: float = 0.0):
+        scores, pauses, passes, answer = [], [], [], []
+        bs = self.batch_size
+        for i in range(0, len(self.heads), bs):
+            chunk = self.heads[i : i + bs]
+            padded = chunk + [chunk[-1]] * (bs - len(chunk))  # one shape: one compile
+            res = dec.generate(padded, policy, max_new_tokens=4, urgency_b=urgency)
+            for j in range(len(chunk)):
+                ex = self.examples[i + j]
+                scores.append(self.task.score(ex.prompt, answer_text(self.tok, res.row(j))))
+            pauses.append(res.pauses[: len(chunk)])
+            passes.append(res.passes[: len(chunk)])
+            answer.append(res.lengths[: len(chunk)])
+        pauses, passes, answer = (np.concatenate(x) for x in (pauses, passes, answer))
+        yield "accuracy", float(np.mean(scores))
+        yield "pauses", float(pauses.mean())
+        yield "passes", float(passes.mean())
+        yield "tokens_per_pass", float(answer.sum() / max(passes.sum(), 1))
+
+
+def _best_fixed(fixed: dict, budget: float):
+    """(M, accuracy) of the most accurate fixed M spending <= `budget` pauses, or None."""
+    ok = [(acc, -m) for m, acc in fixed.items() if m <= budget + 1e-9]
+    return None if not ok else (-max(ok)[1], max(ok)[0])
+
+
+def _engine_tokens_per_pass(system, head) -> dict:
+    """fast and slow tokens per pass from the decoding engine on one prompt (if present)."""
+    try:
+        from mtp.decode.engine import Decoder
+    except ImportError:  # the engine is not in this checkout
+        return {}
+    dec = Decoder(system)
+    out = {}
+    for mode in ("slow", "fast"):
+        res = dec.generate([head], mode=mode, max_new_tokens=32)
+        out[mode] = res.stats["tokens_per_pass"]
+    return out
+
+
+def write_report(config, workdir) -> dict:
+    """Decodes with every model of the run and writes pause_report.{md,json}; returns the rows."""
+    cs = validate(config)
+    pc, workdir = cs.pause, Path(workdir)
+    task, _ = parse_task_spec(pc.task)
+    ev = PauseAccuracy(task, pc.eval_prompts)
+    decs = {name: PauseDecoder(ckpt.load_system(workdir / name)[0])
+            for name in ("plain", "paused", "learned")}  # fmt: skip
+    out = {"task": pc.task, "eval_prompts": pc.eval_prompts, "fixed": {}, "adaptive": []}
+    fixed_rows, fixed = [], {"plain": {}, "paused": {}}
+    for m in pc.eval_ms:
+        row = [m]
+        for name in ("plain", "paused"):
+            r = dict(ev.run(decs[name], PausePolicy("fixed", m=m)))
+            fixed[name][m] = r["accuracy"]
+            out["fixed"].setdefault(name, {})[m] = r
+            row.append(r["accuracy"])
+        fixed_rows.append(row + [1 / (1 + m)])
+
+    adaptive_rows = []
+
+    def add(label, model, policy, urgency=0.0):
+        r = dict(ev.run(decs[model], policy, urgency))
+        best = _best_fixed(fixed["paused"], r["pauses"])
+        out["adaptive"].append({"policy": label, "model": model, "urgency": urgency} | r
+                               | {"best_fixed_at_or_below": best})  # fmt: skip
+        adaptive_rows.append([label, model, r["accuracy"], r["pauses"], r["passes"],
+                              "-" if best is None else f"M={best[0]}: {best[1]:.3f}"])  # fmt: skip
+
+    for thr in pc.thresholds:
+        add(f"{pc.rule} < {thr}" if pc.rule == "confidence" else f"entropy > {thr}", "paused",
+            PausePolicy(pc.rule, threshold=thr, cap=pc.cap))  # fmt: skip
+    for u in (0.0, 1.0):
+        add(f"learned, urgency {u:g}", "learned", PausePolicy("learned", cap=pc.cap), u)
+
+    system = ckpt.load_system(workdir / "paused")[0]
+    tpp = _engine_tokens_per_pass(system, ev.heads[0])
+    tpp_rows = []
+    if "fast" in tpp:
+        tpp_rows.append([f"fast (1 + k, k={cs.drafter.k})", tpp["fast"]])
+    if "slow" in tpp:
+        tpp_rows.append(["slow (1)", tpp["slow"]])
+    for m in pc.eval_ms:
+        tpp_rows.append([f"paused, M={m} (1 / (1 + M) per answer token)",
+                         out["fixed"]["paused"][m]["tokens_per_pass"]])  # fmt: skip
+    out["tokens_per_pass"] = {r[0]: r[1] for r in tpp_rows}
+
+    text = (
+        f"# Pause tokens on `{pc.task}` ({pc.eval_prompts} held-out problems, greedy)\n\n"
+        "## Accuracy against M fixed pauses before the answer\n\n"
+        + format_table(fixed_rows, ["M", "plain model", "pause-trained", "tokens / pass"])
+        + "\n\n## Adaptive pausing against fixed M (pause-trained model)\n\n"
+        + format_table(
+            adaptive_rows,
+            [
+                "policy",
+                "model",
+                "accuracy",
+                "mean pauses",
+                "mean passes",
+                "best fixed M with <= pauses",
+            ],
+        )  # fmt: skip
+        + "\n\n## Tokens per main pass\n\n"
+        + format_table(tpp_rows, ["mode", "tokens / main pass (measured)"])
+        + "\n"
+    )
+    (workdir / "pause_report.md").write_text(text)
+    (workdir / "pause_report.json").write_text(json.dumps(out, indent=2, default=str))
+    print(text)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="The report of a finished pause run.")
+    parser.add_argument("--workdir", required=True)
+    workdir = parser.parse_args(argv).workdir
+    write_report(ckpt.read_config(workdir), workdir)
+
+
+if __name__ == "__main__":
+    main()
