@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from mtp.model.drafter import DrafterBase, MedusaDrafter, RNNDrafter, TransformerDrafter
 
 Choose = Callable[[jax.Array, int], jax.Array]
+UNROLL = False
 
 
 def _run(k: int, state, y0_b, step, choose: Choose, v: int):
@@ -44,7 +45,7 @@ def _run(k: int, state, y0_b, step, choose: Choose, v: int):
         return state, y_b, tokens_bk.at[:, j].set(y_b), logits_bkv.at[:, j].set(logits_bv)
 
     init = (state, y0_b, jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k, v), jnp.float32))
-    _, _, tokens_bk, logits_bkv = jax.lax.fori_loop(0, k, body, init)
+    _, _, tokens_bk, logits_bkv = jax.lax.fori_loop(0, k, body, init, unroll=UNROLL)
     return tokens_bk, logits_bkv
 
 

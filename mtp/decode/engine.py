@@ -95,9 +95,8 @@ class Carry(NamedTuple):
     pos_b: jax.Array  # logical position of feed_bw[:, 0]
     logq_bkv: jax.Array  # processed drafter log-probs of the pending drafts (sampled spec.)
     thinking_b: jax.Array  # think mode: is a thinking span open
-    out_bn: jax.Array  # emitted tokens
-    pass_bn: jax.Array  # main pass each token belongs to (0 = the prefill pass)
-    off_bn: jax.Array  # 0: the pass's main token; j: its draft at offset j
+    out_bn3: jax.Array  # per emitted token: (token, main pass it belongs to (0 = prefill),
+    #                    offset: 0 for the pass's main token, j for its draft j)
     nout_b: jax.Array  # tokens emitted so far
     done_b: jax.Array
     passes_b: jax.Array  # main passes while the row was running
@@ -118,13 +117,24 @@ def _forward(system, feed_bw, pos_b, cache, urgency_b):
     return logits_bwv, system.taps_for_drafter(taps_bwld), cache
 
 
+def _split(c: Carry, plan: Plan, n: int):
+    """The carry with a fresh key and n subkeys; greedy decoding draws nothing, so keeps its key
+    (the unused key work would otherwise run on every pass)."""
+    if plan.sampling.greedy:
+        return c, [c.key] * n
+    key, *subkeys = jax.random.split(c.key, n + 1)
+    return c._replace(key=key), subkeys
+
+
 def _draft(system, plan, taps_bld, y0_b, key):
     """Drafts (B, k) after y0 and their processed log-probs (B, k, V) when sampling."""
     s = plan.sampling
-    keys = jax.random.split(key, plan.k)
-    drafts_bk, logits_bkv = drafting.draft(
-        system.drafter, taps_bld, y0_b, lambda logits_bv, j: choose(logits_bv, s, keys[j])
-    )
+    if s.greedy:
+        pick = lambda logits_bv, j: choose(logits_bv, s, key)
+    else:
+        keys = jax.random.split(key, plan.k)
+        pick = lambda logits_bv, j: choose(logits_bv, s, keys[j])
+    drafts_bk, logits_bkv = drafting.draft(system.drafter, taps_bld, y0_b, pick)
     return drafts_bk, (None if s.greedy else log_probs(logits_bkv, s))
 
 
@@ -150,7 +160,7 @@ def _think_keep(tok_bw, thinking_b, plan):
 def _emit(c: Carry, tok_bw, cnt_b, pass_bw, off_bw, max_new_b, plan) -> Carry:
     """Appends the first cnt_b of tok_bw to each running row; stops rows at EOS or the limit."""
     b, w = tok_bw.shape
-    n = c.out_bn.shape[1]
+    n = c.out_bn3.shape[1]
     j_w = jnp.arange(w)
     cnt_b = jnp.where(c.done_b, 0, cnt_b)
     eos_bw = (tok_bw == plan.eos_id) & (j_w < cnt_b[:, None])
@@ -161,11 +171,9 @@ def _emit(c: Carry, tok_bw, cnt_b, pass_bw, off_bw, max_new_b, plan) -> Carry:
     cnt_b = jnp.minimum(cnt_b, room_b)
     idx_bw = jnp.where(j_w < cnt_b[:, None], c.nout_b[:, None] + j_w, n)  # n: dropped
     rows_b1 = jnp.arange(b)[:, None]
-    put = lambda buf, x: buf.at[rows_b1, idx_bw].set(x.astype(buf.dtype), mode="drop")
+    new_bw3 = jnp.stack([tok_bw, pass_bw, off_bw], axis=-1).astype(jnp.int32)
     return c._replace(
-        out_bn=put(c.out_bn, tok_bw),
-        pass_bn=put(c.pass_bn, pass_bw),
-        off_bn=put(c.off_bn, off_bw),
+        out_bn3=c.out_bn3.at[rows_b1, idx_bw].set(new_bw3, mode="drop"),
         nout_b=c.nout_b + cnt_b,
         done_b=c.done_b | ((has_eos_b | full_b) & ~c.done_b),
     )
@@ -175,9 +183,9 @@ def _advance_plain(system, plan, c: Carry, max_new_b) -> Carry:
     """slow / fast / think: pick y0 from the last pass, draft, emit, set the next feed."""
     s, k = plan.sampling, plan.k
     b = c.logits_bwv.shape[0]
-    key, ky, kd = jax.random.split(c.key, 3)
+    c, (ky, kd) = _split(c, plan, 2)
     running_b = ~c.done_b
-    c = c._replace(key=key, pos_b=c.pos_b + jnp.where(running_b, c.nfeed_b, 0))
+    c = c._replace(pos_b=c.pos_b + jnp.where(running_b, c.nfeed_b, 0))
     y0_b = choose(c.logits_bwv[:, 0], s, ky)
     if plan.mode == "slow":
         pass_b1 = jnp.broadcast_to(c.step, (b, 1))
@@ -211,19 +219,18 @@ def _advance_speculative(system, plan, c: Carry, max_new_b) -> Carry:
     main token after them (correction or bonus), then drafts k more after that token."""
     s, k = plan.sampling, plan.k
     b = c.logits_bwv.shape[0]
-    key, kv, ky, kd = jax.random.split(c.key, 4)
+    c, (kv, ky, kd) = _split(c, plan, 3)
     drafts_bk = c.feed_bw[:, 1:]
-    if s.greedy:
+    if s.greedy:  # after the prefill the pending "drafts" are -1: none accepted, y0 = argmax
         n_b, y0_b = verify_greedy(c.logits_bwv, drafts_bk)
     else:
         n_b, y0_b = verify_sampled(log_probs(c.logits_bwv, s), c.logq_bkv, drafts_bk, kv)
-    # after the prefill nothing is pending: y0 is the prompt's next token
-    n_b = jnp.where(c.fresh_b, 0, n_b)
-    y0_b = jnp.where(c.fresh_b, choose(c.logits_bwv[:, 0], s, ky), y0_b)
+        # after the prefill nothing is pending: y0 is drawn from the prompt's next-token law
+        n_b = jnp.where(c.fresh_b, 0, n_b)
+        y0_b = jnp.where(c.fresh_b, choose(c.logits_bwv[:, 0], s, ky), y0_b)
     running_b = ~c.done_b
     verified_b = running_b & ~c.fresh_b
     c = c._replace(
-        key=key,
         pos_b=c.pos_b + jnp.where(running_b, n_b + 1, 0),
         hist_bk=c.hist_bk + jax.nn.one_hot(n_b, k + 1, dtype=jnp.int32) * verified_b[:, None],
     )
@@ -300,14 +307,12 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_n
         logits_bwv=pad(logits_bv),
         taps_bwld=pad(taps_bld),
         fresh_b=jnp.ones((b,), bool),
-        feed_bw=jnp.zeros((b, w), jnp.int32),
+        feed_bw=jnp.full((b, w), -1 if spec else 0, jnp.int32),  # -1: never accepted
         nfeed_b=jnp.ones((b,), jnp.int32),
         pos_b=plen_b - 1,  # as if the last prompt token had been fed alone
         logq_bkv=jnp.zeros((b, k, logits_bv.shape[-1]) if spec and not s.greedy else (b, 1, 1)),
         thinking_b=thinking_b,
-        out_bn=jnp.full((b, n), PAD_ID, jnp.int32),
-        pass_bn=jnp.zeros((b, n), jnp.int32),
-        off_bn=jnp.zeros((b, n), jnp.int32),
+        out_bn3=jnp.zeros((b, n, 3), jnp.int32).at[:, :, 0].set(PAD_ID),
         nout_b=zeros_b,
         done_b=jnp.zeros((b,), bool),
         passes_b=jnp.ones((b,), jnp.int32),
@@ -323,9 +328,9 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_n
 
     c = jax.lax.while_loop(lambda c: jnp.any(~c.done_b) & (c.step <= n), body, c)
     return dict(
-        tokens=c.out_bn,
-        pass_id=c.pass_bn,
-        offset=c.off_bn,
+        tokens=c.out_bn3[..., 0],
+        pass_id=c.out_bn3[..., 1],
+        offset=c.out_bn3[..., 2],
         lengths=c.nout_b,
         passes=c.passes_b,
         hist=c.hist_bk,
