@@ -1,0 +1,62 @@
+r"""Joint RL on 4-digit addition with the carry chain as thought: warm-up, then RL.
+
+    python -m mtp.run --config=experiments/rl_arith.py --workdir=runs/rl_arith
+    python -m mtp.evals.rl_report --workdir=runs/rl_arith      # table + PNG
+
+Phases, each resumable (re-running the command skips finished ones):
+1. supervised warm-up on worked examples (thought + answer; main + drafter,
+   joint: the drafter's loss reaches the main model through its taps);
+2. RL with the drafter only trainable (main frozen), from the warm-up;
+3. RL with both trainable (joint), from the warm-up.
+Rollouts think in fast mode (1 + k = 5 tokens per main pass) within a budget
+of main passes, then answer in slow mode; reward = exact answer.
+
+2 CPU cores: ~30 min at this size (`:smoke` runs a minute-long pipeline).
+Measured: see docs/benchmarks.md and the report of the run.
+"""
+
+import dataclasses
+
+from mtp.config import RLConfig, default_config
+
+
+def get_config(arg=None):
+    smoke = arg == "smoke"
+    c = default_config()
+    c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_len=128)
+    c.drafter.update(kind="transformer", k=4, n_layers=1, n_heads=4)
+    c.data.update(corpus="task:addition:digits=4,n=100000", seq_len=64, batch_size=32)
+    c.train.update(
+        steps=1500, lr=3e-3, warmup_steps=100, eval_every=500, checkpoint_every=250,
+        eval_batches=4, log_every=50, draft_weight=1.0, draft_decay=1.0,
+    )  # fmt: skip
+    c.rl = dataclasses.asdict(RLConfig())
+    c.rl.update(
+        task="addition:digits=4",
+        trainable=("drafter", "both"),
+        steps=60,
+        prompts_per_step=8,
+        group_size=8,
+        advantage="grpo",
+        loss="ppo",
+        ppo_epochs=2,
+        lr=3e-4,
+        warmup_steps=5,
+        temperature=1.0,
+        thought_mode="fast",
+        think_budget=10,
+        answer_max_tokens=8,
+        log_every=5,
+        eval_every=30,
+        eval_prompts=128,
+        checkpoint_every=10,
+    )
+    if smoke:
+        c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
+        c.drafter.update(k=2, n_heads=2)
+        c.data.update(corpus="task:addition:digits=2,n=2000", seq_len=48, batch_size=8)
+        c.train.update(steps=20, warmup_steps=2, eval_every=20, checkpoint_every=10, log_every=5)
+        c.rl.update(task="addition:digits=2", steps=4, prompts_per_step=2, group_size=4,
+                    eval_every=4, eval_prompts=8, checkpoint_every=2, log_every=2,
+                    think_budget=8)  # fmt: skip
+    return c

@@ -1,0 +1,134 @@
+"""Rollouts through the engine, bad rewards, and the warm-up -> RL pipeline end to end."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtp.config import DrafterConfig, ModelConfig, RLConfig, default_config
+from mtp.data.tasks import make_task
+from mtp.data.tokenizer import PAD_ID, THINK_CLOSE_ID
+from mtp.decode.sampling import Sampling
+from mtp.evals import rl_report
+from mtp.metrics import read_csv
+from mtp.model.system import MTPSystem
+from mtp.train import rl, rl_loop
+from mtp.train.rl_rollout import ThinkRollout, score_rollouts
+
+K = 2
+# The same model and shapes as the pipeline test's, so the compiled decoders are shared.
+MAIN = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_len=64)
+PROMPTS = ["12+34=", "12+34=", "56+78=", "56+78="]
+
+
+@pytest.fixture(scope="module")
+def roll():
+    system = MTPSystem(MAIN, DrafterConfig(k=K, n_heads=2), pad_id=PAD_ID, rngs=nnx.Rngs(0))
+    return system, ThinkRollout(system)
+
+
+def test_rollout_tokens_are_what_their_pass_would_emit(roll):
+    """Greedy fast thought: each token is the argmax of the distribution the RL loss scores."""
+    system, r = roll
+    ro = r(PROMPTS, thought_mode="fast", think_budget=3, answer_max_tokens=4)
+    assert (ro.thought_passes <= 3).all()
+    after_close = np.arange(ro.tokens.shape[1]) > np.argmax(ro.tokens == THINK_CLOSE_ID, 1)[:, None]
+    answer_tokens = (ro.mask * after_close).sum(1)  # one slow pass each
+    np.testing.assert_array_equal(ro.passes, ro.thought_passes + answer_tokens)
+    dist, _ = rl.token_dists(system, ro.tokens, ro.offset)
+    m = ro.mask > 0
+    np.testing.assert_array_equal(np.asarray(dist.argmax(-1))[m], ro.tokens[m])
+    # fast passes emit 1 + k tokens (the last may stop at </think>); offsets 0..k
+    thought = m & (
+        np.arange(ro.tokens.shape[1]) < np.argmax(ro.tokens == THINK_CLOSE_ID, 1)[:, None]
+    )
+    assert set(np.unique(ro.offset[thought])) <= set(range(K + 1))
+    assert ro.offset.max() == K
+
+
+def test_rollout_budget_forces_think_close_and_masks_it(roll):
+    _, r = roll
+    ro = r(PROMPTS, thought_mode="slow", think_budget=3, answer_max_tokens=4)
+    assert (ro.thought_passes <= 3).all() and ro.forced_close.any()  # random weights never close
+    for i in np.flatnonzero(ro.forced_close):
+        close = np.flatnonzero(ro.tokens[i] == THINK_CLOSE_ID)
+        assert ro.mask[i, close[-1]] == 0  # the policy did not sample it
+
+
+def _scored(roll, score):
+    _, r = roll
+    ro = r(PROMPTS, think_budget=3, answer_max_tokens=4, sampling=Sampling(temperature=1.0), seed=1)
+    return score_rollouts(ro, score)
+
+
+@pytest.mark.parametrize("failure", ["raise", "nan"])
+def test_bad_reward_drops_its_group_with_a_log_line(roll, failure):
+    def score(prompt, answer):
+        if prompt == "56+78=":
+            if failure == "raise":
+                raise RuntimeError("verifier broke")
+            return float("nan")
+        return 1.0
+
+    ro = _scored(roll, score)
+    assert ro.bad.tolist() == [False, False, True, True]
+    lines = []
+    adv, keep = rl_loop.group_advantages(ro, 2, RLConfig(), log=lines.append)
+    assert keep.tolist() == [True, True, False, False]
+    assert np.isfinite(adv).all() and (adv[2:] == 0).all()
+    assert lines and "skipped a group" in lines[0]
+    assert ("verifier broke" if failure == "raise" else "nan") in lines[0]
+    batch = ro.batch(adv, keep)
+    assert batch["mask"][2:].sum() == 0 and batch["mask"][:2].sum() > 0
+
+    with pytest.raises(rl_loop.RewardError, match="on_bad_reward"):
+        rl_loop.group_advantages(ro, 2, RLConfig(on_bad_reward="error"))
+
+
+def _tiny_config(tmp_path):
+    c = default_config()
+    c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_len=64)
+    c.drafter.update(k=K, n_heads=2)
+    c.data.update(corpus="task:addition:digits=2,n=200", seq_len=32, batch_size=4)
+    c.train.update(steps=4, warmup_steps=1, log_every=2, eval_every=4, eval_batches=1,
+                   checkpoint_every=4)  # fmt: skip
+    c.rl = dataclasses.asdict(RLConfig())
+    c.rl.update(task="addition:digits=2", trainable=("both",), steps=2, prompts_per_step=2,
+                group_size=2, think_budget=3, answer_max_tokens=4, log_every=1,
+                eval_every=2, eval_prompts=4, checkpoint_every=1, max_skipped_steps=2)  # fmt: skip
+    return c
+
+
+def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch):
+    c = _tiny_config(tmp_path)
+    out = rl_loop.run_pipeline(c, tmp_path)
+    assert set(out) == {"warmup_slow", "warmup_fast", "rl_both"}
+    assert 0.0 <= out["rl_both"]["accuracy"] <= 1.0
+    rows = read_csv(tmp_path / "rl_both", "rl_both")
+    assert [r["step"] for r in rows] == [1, 2]
+    for name in ("reward", "accuracy", "passes", "tokens_per_pass", "kl_ref", "entropy", "agree"):
+        assert np.isfinite(rows[-1][name]), name
+    assert (tmp_path / "rl_summary.md").exists()
+    text = rl_report.report(tmp_path, n=4, budgets=(2, 0), batch_size=4)
+    assert "| slow | 2 |" in text and "| fast/rl_both | none |" in text and "check" in text
+    assert (tmp_path / "rl_report.png").stat().st_size > 0
+    capsys.readouterr()
+    rl_loop.run_pipeline(c, tmp_path)  # finished phases are skipped, not redone
+    assert len(read_csv(tmp_path / "rl_both", "rl_both")) == 2
+    assert "rl_both:" not in capsys.readouterr().err
+
+    # a verifier that always fails: logged skips, then a clear stop
+    broken = make_task("addition", digits=2)
+
+    class Broken(type(broken)):
+        def score(self, prompt, answer):
+            raise ValueError("no verifier today")
+
+    c.rl.steps = 4
+    monkeypatch.setattr(rl_loop, "parse_task_spec", lambda spec: (Broken(digits=2), 1))
+    with pytest.raises(rl_loop.UserError, match="2 steps in a row had no usable rollout"):
+        rl_loop.train_rl(c, tmp_path / "rl_both", tmp_path / "warmup", "both")
+    c.rl.on_bad_reward = "error"
+    with pytest.raises(rl_loop.RewardError, match="no verifier today"):
+        rl_loop.train_rl(c, tmp_path / "rl_both", tmp_path / "warmup", "both")
