@@ -71,7 +71,7 @@ def test_notebook_runs_end_to_end(path, tmp_path, kernel_of_this_python):
 
 
 def test_notebooks_are_stored_without_outputs_and_match_their_scripts():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "sweep_k"}
+    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "sweep_k", "rl_fast_thinking"}
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
