@@ -3,12 +3,21 @@ r"""Decoding speed on one checkpoint: slow vs speculative vs fast, in one run.
     python benchmarks/decode.py --workdir=runs/tiny
     python benchmarks/decode.py --random            # random tiny system, no checkpoint
 
-For each batch size (1 and 8 by default) every mode is compiled first, then
-timed `--repeats` times, the modes interleaved so that they share the
-machine's noise; the table gives medians. Rows do not stop at EOS (every row
+Eight code prompts (the tiny model is trained on Python source). For each
+batch size (1 and 8 by default) every mode decodes all of them, in calls of
+`batch` rows: compiled first, then timed `--repeats` times, the modes
+interleaved so that they share the machine's noise; the table gives the
+median total wall time. Rows do not stop at EOS (every row
 emits --max_new_tokens), so all modes produce the same number of tokens;
 greedy speculative output is checked to equal slow output. Prints a markdown
 table and the command that reproduces it, and writes the figures as JSON.
+
+XLA flags: by default this sets `--xla_cpu_experimental_ynn_fusion_type=`
+(before JAX starts), which keeps XLA:CPU from handing small matrix products
+to YNNPACK. With jax 0.10 on a 2-core CPU, YNNPACK makes a pass over k + 1 = 5
+tokens 2-3x slower than XLA's own kernels (a 1-token pass is unaffected), so
+it decides whether a multi-token pass pays at all. `--xla_flags=` measures
+JAX's defaults instead.
 """
 
 from __future__ import annotations
@@ -35,6 +44,9 @@ PROMPTS = [
 ]
 
 
+XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+
+
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -46,7 +58,9 @@ def _args(argv):
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--json", default="benchmarks/decode.json", help="where to write figures")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of PROMPTS")
+    p.add_argument("--json", default=None, help="figures; default WORKDIR/decode_benchmark.json")
+    p.add_argument("--xla_flags", default=XLA_FLAGS, help="added to $XLA_FLAGS before JAX starts")
     return p.parse_args(argv)
 
 
@@ -68,6 +82,10 @@ def _system(args):
 
 def main(argv=None):
     args = _args(sys.argv[1:] if argv is None else argv)
+    if "jax" in sys.modules and args.xla_flags:
+        print("warning: JAX already imported; --xla_flags may not apply", file=sys.stderr)
+    xla_flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), args.xla_flags) if f)
+    os.environ["XLA_FLAGS"] = xla_flags
     import jax
 
     from mtp.data.tokenizer import ByteTokenizer
@@ -80,39 +98,54 @@ def main(argv=None):
     tok = ByteTokenizer()
     sampling = Sampling(temperature=args.temperature)
     dec = Decoder(system, eos_id=-1)  # no row stops early: equal output in every mode
+    prompts = [np.concatenate([[tok.bos_id], tok.encode(p)]) for p in PROMPTS[: args.prompts]]
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling)
     figures = []
     for batch in [int(b) for b in args.batches.split(",")]:
-        prompts = [
-            np.concatenate([[tok.bos_id], tok.encode(PROMPTS[i % len(PROMPTS)])])
-            for i in range(batch)
+        # every prompt once per repeat: in groups of `batch` rows (cycling to fill the last)
+        groups = [
+            [prompts[(g + i) % len(prompts)] for i in range(batch)]
+            for g in range(0, len(prompts), batch)
         ]
-        kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling)
-        runs = {m: [dec.generate(prompts, mode=m, **kw)] for m in modes}  # compile
-        walls = {m: [] for m in modes}
+        for m in modes:  # compile (the prefill once per prompt width bucket)
+            for g in groups:
+                dec.generate(g, mode=m, **kw)
+        walls, last = {m: [] for m in modes}, {}
         for _ in range(args.repeats):
             for m in modes:
-                res = dec.generate(prompts, mode=m, **kw)
-                assert not res.compiled
-                walls[m].append(res.wall_s)
-                runs[m] = res
+                runs = [dec.generate(g, mode=m, **kw) for g in groups]
+                assert not any(r.compiled for r in runs)
+                walls[m].append(sum(r.wall_s for r in runs))
+                last[m] = runs
         base = float(np.median(walls["slow"])) if "slow" in walls else None
         for m in modes:
-            st, wall = runs[m].stats, float(np.median(walls[m]))
+            runs, wall = last[m], float(np.median(walls[m]))
+            tokens = sum(int(r.lengths.sum()) for r in runs)
+            hist = sum(r.accept_hist for r in runs)
+            verified = max(int(hist.sum()), 1)
             row = dict(
                 batch=batch,
                 mode=m,
-                tokens=st["tokens"],
-                main_passes=st["main_passes"],
-                tokens_per_pass=st["tokens_per_pass"],
-                mean_accepted=st.get("mean_accepted"),
-                accept_rate=st.get("accept_rate"),
+                calls=len(runs),
+                tokens=tokens,
+                main_passes=sum(r.batch_passes for r in runs),
+                tokens_per_pass=tokens / sum(int(r.passes.sum()) for r in runs),
+                mean_accepted=float((np.arange(len(hist)) * hist).sum() / verified)
+                if m == "speculative"
+                else None,
+                accept_rate=[float(hist[j:].sum() / verified) for j in range(1, len(hist))]
+                if m == "speculative"
+                else None,
                 wall_s_median=wall,
                 wall_s_min=float(np.min(walls[m])),
-                tokens_per_s=st["tokens"] / wall,
+                tokens_per_s=tokens / wall,
                 speedup_vs_slow=(base / wall) if base else None,
             )
-            if m == "speculative" and "slow" in runs and sampling.greedy:
-                row["identical_to_slow"] = bool(np.array_equal(runs[m].tokens, runs["slow"].tokens))
+            if m == "speculative" and "slow" in last and sampling.greedy:
+                row["identical_to_slow"] = all(
+                    np.array_equal(a.tokens, b.tokens)
+                    for a, b in zip(runs, last["slow"], strict=True)
+                )
             figures.append(row)
 
     cmd = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -122,7 +155,10 @@ def main(argv=None):
         f"# decode benchmark: {source} (d_model {cfg.d_model}, {cfg.n_layers} layers, k={k}), "
         f"{args.max_new_tokens} new tokens per row, {sampling}, median of {args.repeats}"
     )
-    print(f"# {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}\n")
+    print(
+        f"# {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+        f"XLA_FLAGS={xla_flags!r}\n"
+    )
     print(
         "| batch | mode | tokens/s | speedup vs slow | tokens/pass | mean accepted "
         "| acceptance by offset | wall ms |"
@@ -146,6 +182,7 @@ def main(argv=None):
             platform=platform.platform(),
             cpus=os.cpu_count(),
             jax=jax.__version__,
+            xla_flags=xla_flags,
         ),
         source=source,
         model=dict(d_model=cfg.d_model, n_layers=cfg.n_layers, max_len=cfg.max_len, k=k),
@@ -154,11 +191,11 @@ def main(argv=None):
         repeats=args.repeats,
         results=figures,
     )
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        print(f"wrote {args.json}")
+    path = args.json or os.path.join(args.workdir or ".", "decode_benchmark.json")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {path}")
     return out
 
 

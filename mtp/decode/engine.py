@@ -1,13 +1,15 @@
 """Decoding engine: slow, fast, speculative and think modes in one jitted loop.
 
-One call decodes a batch of prompts to the end inside a single `jax.jit`:
-a prefill pass over the (right-padded) prompts, then a `lax.while_loop` of
+One call decodes a batch of prompts to the end in two compiled calls: a
+prefill pass over the (right-padded) prompts, then a `lax.while_loop` of
 main passes over a fixed-size KV cache until every row has stopped (EOS or
-its token limit). No Python runs per token and nothing recompiles as the
-output grows: the output buffers are `max_len` long and the token limit is a
-traced argument. A compile is keyed by (graphdef, mode, k, sampling, batch,
-prompt width bucket); the weights are a traced argument, so new weights of
-the same architecture (an RL update, another checkpoint) reuse it.
+its token limit). No Python runs per token, nothing goes to the host until
+the end, and nothing recompiles as the output grows: the output buffers are
+`max_len` long and the token limit is a traced argument. The loop compiles
+once per (architecture, mode, k, sampling settings, batch), the prefill once
+per (architecture, batch, prompt width rounded up to a power of two); the
+weights are a traced argument, so new weights of the same architecture (an
+RL update, another checkpoint) reuse both.
 
 A pass at position t emits the main token y_0 = x_{t+1} and lets the drafter
 draft y_1..y_k after it. The modes differ in what they keep:
