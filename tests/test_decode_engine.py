@@ -275,3 +275,24 @@ def test_urgency_reaches_every_main_pass():
     assert not np.array_equal(urgent.row(0), calm.row(0))
     slow = dec.generate(prompts, mode="slow", max_new_tokens=12, urgency_b=[1.0, 0.0])
     np.testing.assert_array_equal(slow.row(0), urgent.row(0))
+
+
+def test_think_budget_forces_the_close_then_answers_slow():
+    """After `think_budget` thinking passes the next main token is a forced, flagged </think>."""
+    dec = Decoder(_trained("transformer"))
+    prompt = _ids(["<bos>q"])
+    free = dec.generate(prompt, mode="think", max_new_tokens=60)
+    res = dec.generate(prompt, mode="think", max_new_tokens=60, think_budget=2)
+    assert not free.forced.any() and free.stats["forced_closes"] == 0
+    toks, n = res.row(0), res.lengths[0]
+    close = int(np.flatnonzero(toks == TOK.think_close_id)[0])
+    assert res.forced[0, :n].tolist() == [i == close for i in range(n)]
+    assert res.stats["forced_closes"] == 1
+    assert len(set(res.pass_id[0, :close].tolist())) == 2  # two thinking passes
+    assert close < int(np.flatnonzero(free.row(0) == TOK.think_close_id)[0])  # cut short
+    np.testing.assert_array_equal(toks[:close], free.row(0)[:close])
+    prefix = np.concatenate([prompt[0], toks[: close + 1]])
+    slow = dec.generate([prefix], mode="slow", max_new_tokens=60 - close - 1)
+    np.testing.assert_array_equal(slow.row(0), toks[close + 1 :])
+    with pytest.raises(engine.DecodeError, match="think_budget applies to mode='think'"):
+        dec.generate(prompt, mode="fast", think_budget=2)

@@ -97,8 +97,10 @@ class Carry(NamedTuple):
     pos_b: jax.Array  # logical position of feed_bw[:, 0]
     logq_bkv: jax.Array  # processed drafter log-probs of the pending drafts (sampled spec.)
     thinking_b: jax.Array  # think mode: is a thinking span open
-    out_bn3: jax.Array  # per emitted token: (token, main pass it belongs to (0 = prefill),
-    #                    offset: 0 for the pass's main token, j for its draft j)
+    think_passes_b: jax.Array  # think mode: passes that emitted thinking tokens (the budget)
+    out_bn4: jax.Array  # per emitted token: (token, main pass it belongs to (0 = prefill),
+    #                    offset: 0 for the pass's main token, j for its draft j,
+    #                    1 if the engine forced it (a </think> at the budget), else 0)
     nout_b: jax.Array  # tokens emitted so far
     done_b: jax.Array
     passes_b: jax.Array  # main passes while the row was running
@@ -159,10 +161,10 @@ def _think_keep(tok_bw, thinking_b, plan):
     return cnt_b, state_b
 
 
-def _emit(c: Carry, tok_bw, cnt_b, pass_bw, off_bw, max_new_b, plan) -> Carry:
+def _emit(c: Carry, tok_bw, cnt_b, pass_bw, off_bw, max_new_b, plan, forced_bw=None) -> Carry:
     """Appends the first cnt_b of tok_bw to each running row; stops rows at EOS or the limit."""
     b, w = tok_bw.shape
-    n = c.out_bn3.shape[1]
+    n = c.out_bn4.shape[1]
     j_w = jnp.arange(w)
     cnt_b = jnp.where(c.done_b, 0, cnt_b)
     eos_bw = (tok_bw == plan.eos_id) & (j_w < cnt_b[:, None])
@@ -173,16 +175,21 @@ def _emit(c: Carry, tok_bw, cnt_b, pass_bw, off_bw, max_new_b, plan) -> Carry:
     cnt_b = jnp.minimum(cnt_b, room_b)
     idx_bw = jnp.where(j_w < cnt_b[:, None], c.nout_b[:, None] + j_w, n)  # n: dropped
     rows_b1 = jnp.arange(b)[:, None]
-    new_bw3 = jnp.stack([tok_bw, pass_bw, off_bw], axis=-1).astype(jnp.int32)
+    forced_bw = jnp.zeros_like(tok_bw) if forced_bw is None else forced_bw
+    new_bw4 = jnp.stack([tok_bw, pass_bw, off_bw, forced_bw], axis=-1).astype(jnp.int32)
     return c._replace(
-        out_bn3=c.out_bn3.at[rows_b1, idx_bw].set(new_bw3, mode="drop"),
+        out_bn4=c.out_bn4.at[rows_b1, idx_bw].set(new_bw4, mode="drop"),
         nout_b=c.nout_b + cnt_b,
         done_b=c.done_b | ((has_eos_b | full_b) & ~c.done_b),
     )
 
 
-def _advance_plain(system, plan, c: Carry, max_new_b) -> Carry:
-    """slow / fast / think: pick y0 from the last pass, draft, emit, set the next feed."""
+def _advance_plain(system, plan, c: Carry, max_new_b, budget_b) -> Carry:
+    """slow / fast / think: pick y0 from the last pass, draft, emit, set the next feed.
+
+    think: a row that has spent `budget_b` passes thinking gets a forced `</think>`
+    as its next main token (flagged in the output), then answers in slow mode.
+    """
     s, k = plan.sampling, plan.k
     b = c.logits_bwv.shape[0]
     c, (ky, kd) = _split(c, plan, 2)
@@ -194,6 +201,10 @@ def _advance_plain(system, plan, c: Carry, max_new_b) -> Carry:
         c = _emit(c, y0_b[:, None], jnp.ones_like(y0_b), pass_b1, 0 * pass_b1, max_new_b, plan)
         return c._replace(feed_bw=y0_b[:, None], nfeed_b=jnp.ones_like(y0_b))
     taps_bld = c.taps_bwld[:, 0]
+    forced_b = jnp.zeros_like(running_b)
+    if plan.mode == "think":
+        forced_b = c.thinking_b & (c.think_passes_b >= budget_b)
+        y0_b = jnp.where(forced_b, THINK_CLOSE_ID, y0_b)
     if plan.mode == "fast":
         drafts_bk, _ = _draft(system, plan, taps_bld, y0_b, kd)
     else:  # think: run the drafter only when some row will keep its drafts
@@ -203,6 +214,7 @@ def _advance_plain(system, plan, c: Carry, max_new_b) -> Carry:
             lambda: _draft(system, plan, taps_bld, y0_b, kd)[0],
             lambda: jnp.zeros((b, k), jnp.int32),
         )
+        c = c._replace(think_passes_b=c.think_passes_b + (opens_b & running_b))
     tok_bw = jnp.concatenate([y0_b[:, None], drafts_bk], axis=1)  # (B, k + 1)
     if plan.mode == "fast":
         cnt_b, thinking_b = jnp.full((b,), k + 1, jnp.int32), c.thinking_b
@@ -211,12 +223,13 @@ def _advance_plain(system, plan, c: Carry, max_new_b) -> Carry:
     off_bw = jnp.broadcast_to(jnp.arange(k + 1), (b, k + 1))
     pass_bw = jnp.broadcast_to(c.step, (b, k + 1))
     nout_b = c.nout_b
-    c = _emit(c, tok_bw, cnt_b, pass_bw, off_bw, max_new_b, plan)
+    forced_bw = jnp.concatenate([forced_b[:, None], jnp.zeros((b, k), bool)], axis=1)
+    c = _emit(c, tok_bw, cnt_b, pass_bw, off_bw, max_new_b, plan, forced_bw)
     nfeed_b = jnp.maximum(c.nout_b - nout_b, 1)  # a stopped row's feed is never used
     return c._replace(feed_bw=tok_bw, nfeed_b=nfeed_b, thinking_b=thinking_b)
 
 
-def _advance_speculative(system, plan, c: Carry, max_new_b) -> Carry:
+def _advance_speculative(system, plan, c: Carry, max_new_b, budget_b) -> Carry:
     """Verifies the pending drafts against the last pass, emits the n accepted ones and the
     main token after them (correction or bonus), then drafts k more after that token."""
     s, k = plan.sampling, plan.k
@@ -293,7 +306,7 @@ def _prefill(graphdef, state, prompt_bp, plen_b, urgency_b):
 
 
 def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_new_b,
-          urgency_b, key, plan: Plan):  # fmt: skip
+          budget_b, urgency_b, key, plan: Plan):  # fmt: skip
     """Main passes after the prefill until every row has stopped; returns outputs and stats."""
     b = logits_bv.shape[0]
     TRACES[(plan.mode, plan.k, b)] += 1
@@ -314,7 +327,8 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_n
         pos_b=plen_b - 1,  # as if the last prompt token had been fed alone
         logq_bkv=jnp.zeros((b, k, logits_bv.shape[-1]) if spec and not s.greedy else (b, 1, 1)),
         thinking_b=thinking_b,
-        out_bn3=jnp.zeros((b, n, 3), jnp.int32).at[:, :, 0].set(PAD_ID),
+        think_passes_b=zeros_b,
+        out_bn4=jnp.zeros((b, n, 4), jnp.int32).at[:, :, 0].set(PAD_ID),
         nout_b=zeros_b,
         done_b=jnp.zeros((b,), bool),
         passes_b=jnp.ones((b,), jnp.int32),
@@ -325,14 +339,15 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_n
     advance = _advance_speculative if spec else _advance_plain
 
     def body(c: Carry) -> Carry:
-        c = advance(system, plan, c, max_new_b)
+        c = advance(system, plan, c, max_new_b, budget_b)
         return _next_pass(system, plan, c, urgency_b)  # after the last advance: not counted
 
     c = jax.lax.while_loop(lambda c: jnp.any(~c.done_b) & (c.step <= n), body, c)
     return dict(
-        tokens=c.out_bn3[..., 0],
-        pass_id=c.out_bn3[..., 1],
-        offset=c.out_bn3[..., 2],
+        tokens=c.out_bn4[..., 0],
+        pass_id=c.out_bn4[..., 1],
+        offset=c.out_bn4[..., 2],
+        forced=c.out_bn4[..., 3].astype(bool),
         lengths=c.nout_b,
         passes=c.passes_b,
         hist=c.hist_bk,
@@ -356,9 +371,11 @@ class DecodeResult:
     tokens (B, N): emitted tokens, PAD past `lengths`; pass_id (B, N): the main
     pass that produced each token (0 = prefill pass; an accepted draft belongs
     to the pass that drafted it); offset (B, N): 0 for a main token, j for a
-    draft at offset j; valid (B, N): j < lengths[b]. passes (B,): main passes
-    each row ran; accept_hist (k + 1,): speculative verify passes that accepted
-    n = 0..k drafts (zeros in other modes).
+    draft at offset j; forced (B, N): the engine, not the policy, chose the
+    token (think mode's `</think>` at the pass budget; leave it out of
+    log-probs); valid (B, N): j < lengths[b]. passes (B,): main passes each row
+    ran; accept_hist (k + 1,): speculative verify passes that accepted n = 0..k
+    drafts (zeros in other modes).
     """
 
     mode: str
@@ -372,6 +389,7 @@ class DecodeResult:
     batch_passes: int  # loop iterations, prefill included (rows share them)
     wall_s: float
     compiled: bool  # this call traced and compiled a new decoder (wall_s includes it)
+    forced: np.ndarray | None = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -399,6 +417,8 @@ class DecodeResult:
             tokens_per_s=tokens / self.wall_s if self.wall_s > 0 else float("nan"),
             compiled=self.compiled,
         )
+        if self.mode == "think" and self.forced is not None:
+            out["forced_closes"] = int((self.forced & self.valid).sum())
         if self.mode == "speculative":
             n_k = np.arange(self.k + 1)
             out["accept_hist"] = self.accept_hist.tolist()
@@ -488,15 +508,27 @@ class Decoder:
         k: int | None = None,
         seed: int | jax.Array = 0,
         urgency_b: jax.Array | None = None,
+        think_budget: int | Sequence[int] | None = None,
     ) -> DecodeResult:
         """Decodes every prompt (a list of token-id sequences, ragged allowed).
 
         sampling: greedy by default; seed: an int or a jax PRNG key. k must be
         None or the system's k. urgency_b (B,) float: passed to every main
         pass (the pause-token hook; the model must have `use_urgency`).
+        think_budget (think mode; an int or one per row): after that many
+        passes that emitted thinking tokens, the row's next main token is a
+        forced `</think>` (`DecodeResult.forced`) and it answers in slow mode.
         """
         rows = self._check(prompts, mode, max_new_tokens, k)
         b = len(rows)
+        if think_budget is None:
+            budget_b = np.full((b,), self.max_len + 1, np.int32)
+        else:
+            if mode != "think":
+                raise DecodeError(f"think_budget applies to mode='think' only, not {mode!r}")
+            budget_b = np.broadcast_to(np.asarray(think_budget), (b,)).astype(np.int32)
+            if (budget_b < 0).any():
+                raise DecodeError(f"think_budget must be >= 0 passes, got {think_budget!r}")
         plen = np.array([r.size for r in rows], np.int32)
         width = _prompt_width(int(plen.max()), self.max_len)
         # padding: any in-vocabulary id (its cache slots are overwritten before being read)
@@ -521,6 +553,7 @@ class Decoder:
             jnp.asarray(plen),
             jnp.asarray(thinking_b),
             jnp.full((b,), max_new_tokens, jnp.int32),
+            jnp.asarray(budget_b),
             urgency_b,
             key,
             plan=plan,
@@ -533,6 +566,7 @@ class Decoder:
             tokens=out["tokens"],
             pass_id=out["pass_id"],
             offset=out["offset"],
+            forced=out["forced"],
             lengths=out["lengths"],
             passes=out["passes"],
             accept_hist=out["hist"].sum(0),
