@@ -217,18 +217,21 @@ def run_pipeline(config, workdir) -> dict:
     if is_main_process():
         ckpt.write_config(config, workdir)
     warm = workdir / "warmup"
+    ran = False  # did this call train anything (then the summary is stale)
     if not _phase_done(warm, cs.train.steps):
+        ran = True
         train_and_evaluate(config, warm)
         if not _phase_done(warm, cs.train.steps):  # stopped by SIGTERM: resume later
             return {}
     for trainable in cs.rl.trainable:
         arm = workdir / f"rl_{trainable}"
         if not _phase_done(arm, cs.rl.steps):
+            ran = True
             train_rl(config, arm, warm, trainable)
             if not _phase_done(arm, cs.rl.steps):
                 return {}
     saved = workdir / "rl_summary.json"
-    if saved.exists():  # everything finished before: show the saved summary
+    if saved.exists() and not ran:  # everything finished before: show the saved summary
         print((workdir / "rl_summary.md").read_text())
         return json.loads(saved.read_text())
     return summarize(config, workdir)
