@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 import mtp.decode.engine as engine
+import mtp.decode.passes as passes
 from mtp.config import DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.engine import TRACES, Decoder
-from mtp.decode.sampling import Sampling
+from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.speculative import verify_sampled
 from mtp.model.system import MTPSystem, shifted
 
@@ -191,7 +192,7 @@ def _exact_slow_distribution(system, prompt, n, sampling):
     seqs = np.array(np.meshgrid(*[np.arange(v)] * n, indexing="ij")).reshape(n, -1).T
     full = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], 1)
     logits, _, _ = system.main(jnp.asarray(full))
-    logp = engine.log_probs(logits, sampling)  # (V^n, T, V)
+    logp = log_probs(logits, sampling)  # (V^n, T, V)
     t0 = len(prompt) - 1
     steps = [np.asarray(logp[np.arange(len(seqs)), t0 + i, seqs[:, i]]) for i in range(n)]
     return np.exp(np.sum(steps, 0, dtype=np.float64))  # (V^n,), index = x_1 * V^(n-1) + ...
@@ -237,7 +238,7 @@ def test_speculative_sampling_is_distributed_as_slow_sampling(monkeypatch):
     assert _chi2_pvalue(slow, exact, v) > 1e-3
     assert _chi2_pvalue(spec, exact, v) > 1e-3
     # the same check catches a wrong acceptance rule
-    monkeypatch.setattr(engine, "verify_sampled", _wrong_verify)
+    monkeypatch.setattr(passes, "verify_sampled", _wrong_verify)
     dec._loop.clear_cache()
     wrong, _ = sample("speculative")
     dec._loop.clear_cache()

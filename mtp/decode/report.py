@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtp.decode.engine import MODES, DecodeError, Decoder, DecodeResult
+from mtp.decode.engine import MODES, DecodeError, Decoder
+from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
 
 

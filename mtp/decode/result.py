@@ -1,0 +1,73 @@
+"""What one batched decoding call returns: tokens, per-token provenance, statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    """Output of one batched call. Arrays are numpy; N = the model's max_len.
+
+    tokens (B, N): emitted tokens, PAD past `lengths`; pass_id (B, N): the main
+    pass that produced each token (0 = prefill pass; an accepted draft belongs
+    to the pass that drafted it); offset (B, N): 0 for a main token, j for a
+    draft at offset j; forced (B, N): the engine, not the policy, chose the
+    token (think mode's `</think>` at the pass budget; leave it out of
+    log-probs); valid (B, N): j < lengths[b]. passes (B,): main passes each row
+    ran; accept_hist (k + 1,): speculative verify passes that accepted n = 0..k
+    drafts (zeros in other modes).
+    """
+
+    mode: str
+    k: int
+    tokens: np.ndarray
+    pass_id: np.ndarray
+    offset: np.ndarray
+    lengths: np.ndarray
+    passes: np.ndarray
+    accept_hist: np.ndarray
+    batch_passes: int  # loop iterations, prefill included (rows share them)
+    wall_s: float
+    compiled: bool  # this call traced and compiled a new decoder (wall_s includes it)
+    forced: np.ndarray | None = None
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.arange(self.tokens.shape[1]) < self.lengths[:, None]
+
+    def row(self, b: int) -> np.ndarray:
+        return self.tokens[b, : self.lengths[b]]
+
+    def texts(self, tokenizer, skip_special: bool = False) -> list[str]:
+        return [tokenizer.decode(self.row(b), skip_special) for b in range(len(self.lengths))]
+
+    @property
+    def stats(self) -> dict:
+        tokens, passes = int(self.lengths.sum()), int(self.passes.sum())
+        verified = int(self.accept_hist.sum())
+        out = dict(
+            mode=self.mode,
+            k=self.k,
+            batch=len(self.lengths),
+            tokens=tokens,
+            main_passes=self.batch_passes,
+            row_passes=passes,
+            tokens_per_pass=tokens / max(passes, 1),
+            wall_s=self.wall_s,
+            tokens_per_s=tokens / self.wall_s if self.wall_s > 0 else float("nan"),
+            compiled=self.compiled,
+        )
+        if self.mode == "think" and self.forced is not None:
+            out["forced_closes"] = int((self.forced & self.valid).sum())
+        if self.mode == "speculative":
+            n_k = np.arange(self.k + 1)
+            out["accept_hist"] = self.accept_hist.tolist()
+            out["mean_accepted"] = float((n_k * self.accept_hist).sum() / max(verified, 1))
+            # offset j accepted in a verify pass iff n >= j
+            out["accept_rate"] = [
+                float(self.accept_hist[j:].sum() / max(verified, 1)) for j in range(1, self.k + 1)
+            ]
+        return out
