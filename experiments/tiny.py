@@ -1,9 +1,10 @@
 r"""Tiny main model + transformer drafter on the bundled stdlib code corpus.
 
-The README's main job and the CPU smoke test. 2 CPU cores: ~4 min.
+The README's main job and the CPU smoke test. 2 idle CPU cores: 7.5 min.
     python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny
-Expect: eval main loss falling from ~5.6 to ~1.7 nats/byte; drafter top-1
-accuracy at offset 1 ~0.4-0.5 (a unigram guess scores ~0.1 on code bytes).
+Measured (docs/benchmarks.md): eval main loss 1.99 -> 1.73 -> 1.64 nats/byte
+at steps 200 / 400 / 600; drafter top-1 accuracy at offsets 1..4 0.52 / 0.51 /
+0.49 / 0.47 against a unigram baseline of 0.25; 3.1 tokens per pass implied.
 """
 
 from mtp.config import default_config

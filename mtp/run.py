@@ -32,6 +32,9 @@ _DECODE_MODES = flags.DEFINE_list(
 )
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate for --mode=decode.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy (--mode=decode).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest tokens; 0 = all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = all.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=decode.")
 
 
 def _config():
@@ -83,6 +86,9 @@ def _decode():
             modes=_DECODE_MODES.value,
             max_new_tokens=_MAX_NEW.value,
             temperature=_TEMPERATURE.value,
+            top_k=_TOP_K.value,
+            top_p=_TOP_P.value,
+            seed=_SEED.value,
         )
     )
 
