@@ -10,12 +10,13 @@ accuracy against M = 0, 1, 2, 4, 8, 16, the confidence rule and the learned
 model against fixed M, urgency 0 against 1, tokens per main pass by mode.
 `:smoke` is a ~3-minute pipeline.
 
-Measured (2 shared CPU cores at load 6-12, 2026-11-23): ~16 min per supervised
-phase (1200 steps), so ~35 min before RL, RL ~20 s/step; over the 30-minute
-aim on a busy machine. Both supervised models stayed at chance on held-out
-problems (plain M=0: 0.098, pause-trained M=0..16: 0.10-0.13; chance ~1/7):
-this size does not learn 2-hop lookup in 1200 steps, so the pause comparison
-is not yet informative. Next: hops=1 or more steps/width before reading it.
+Measured on 2 idle CPU cores, 2026-11-23 (docs/benchmarks.md): 15.6 min for
+the pipeline and report. Both supervised models stay at chance on held-out
+problems: here (1 hop over 12 letters; chance 1/11) plain M=0 0.105, pause-
+trained M=0..16 0.06-0.11; earlier, 2 hops over 8 letters, 0.10-0.13. One
+supervised target per row (the answer letter) is too sparse a signal for this
+model to learn the lookup in 1200 steps, so the pause comparison is not yet
+informative; the next step is a task this size learns (or many more steps).
 """
 
 import dataclasses
@@ -29,10 +30,10 @@ def get_config(arg=None):
     c.model.update(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_len=128,
                    use_urgency=True)  # fmt: skip
     c.drafter.update(kind="transformer", k=2, n_layers=1, n_heads=4)
-    c.data.update(seq_len=80, batch_size=32)
+    c.data.update(seq_len=96, batch_size=32)
     c.train.update(steps=1200, lr=3e-3, warmup_steps=100, log_every=50, draft_weight=0.5)
     c.pause = dataclasses.asdict(PauseConfig())
-    c.pause.update(task="lookup:symbols=8,hops=2,n=20000", max_pauses=16, eval_prompts=256,
+    c.pause.update(task="lookup:symbols=12,hops=1,n=20000", max_pauses=16, eval_prompts=256,
                    emit_steps=200, rl_steps=60, prompts_per_step=16, group_size=8,
                    pause_price=0.05, rl_lr=1e-3)  # fmt: skip
     if smoke:

@@ -172,3 +172,30 @@ def test_think_mode_answers_after_the_thought_with_pauses():
     slow = dec.generate([np.concatenate([prompts[0], thoughts[0]])], PausePolicy("fixed", m=4),
                         max_new_tokens=3)  # fmt: skip
     assert np.array_equal(slow.row(0), res.row(0))
+
+
+def test_pause_pipeline_writes_the_report_and_skips_finished_phases(tmp_path):
+    """experiments/pause.py:smoke end to end: three models, the report, then a re-run that
+    trains nothing (every phase has its checkpoint)."""
+    import importlib.util
+    import pathlib
+
+    from mtp.train import pause as pause_pipeline
+
+    path = pathlib.Path(__file__).parent.parent / "experiments" / "pause.py"
+    spec = importlib.util.spec_from_file_location("pause_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    out = pause_pipeline.run_pipeline(config, tmp_path)
+    assert (tmp_path / "pause_report.md").exists()
+    for model in ("plain", "paused"):
+        assert set(out["fixed"][model]) == {"0", "2"}
+        for m, row in out["fixed"][model].items():
+            assert 0.0 <= row["accuracy"] <= 1.0 and row["pauses"] == int(m)
+    assert {a["urgency"] for a in out["adaptive"] if a["model"] == "learned"} == {0.0, 1.0}
+    tpp = out["tokens_per_pass"]
+    assert tpp["fast (1 + k, k=2)"] == 3.0 and tpp["slow (1)"] == 1.0
+    mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("*/checkpoints/*")}
+    pause_pipeline.run_pipeline(config, tmp_path)
+    assert {p: p.stat().st_mtime for p in tmp_path.glob("*/checkpoints/*")} == mtimes
