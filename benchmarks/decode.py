@@ -14,10 +14,10 @@ table and the command that reproduces it, and writes the figures as JSON.
 
 XLA flags: by default this sets `--xla_cpu_experimental_ynn_fusion_type=`
 (before JAX starts), which keeps XLA:CPU from handing small matrix products
-to YNNPACK. With jax 0.10 on a 2-core CPU, YNNPACK makes a pass over k + 1 = 5
-tokens 2-3x slower than XLA's own kernels (a 1-token pass is unaffected), so
-it decides whether a multi-token pass pays at all. `--xla_flags=` measures
-JAX's defaults instead.
+to YNNPACK; `--xla_flags=` measures JAX's defaults instead. On 2 idle cores
+(jax 0.10.2, 2026-11-23) the speculative/slow ratio at batch 1 was 1.07-1.25x
+with the flag and 0.99-1.10x without it (docs/benchmarks.md); under heavy
+load the gap was larger.
 """
 
 from __future__ import annotations
