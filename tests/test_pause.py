@@ -190,7 +190,7 @@ def test_pause_pipeline_writes_the_report_and_skips_finished_phases(tmp_path):
     out = pause_pipeline.run_pipeline(config, tmp_path)
     assert (tmp_path / "pause_report.md").exists()
     for model in ("plain", "paused"):
-        assert set(out["fixed"][model]) == {"0", "2"}
+        assert set(out["fixed"][model]) == {0, 2}
         for m, row in out["fixed"][model].items():
             assert 0.0 <= row["accuracy"] <= 1.0 and row["pauses"] == int(m)
     assert {a["urgency"] for a in out["adaptive"] if a["model"] == "learned"} == {0.0, 1.0}
