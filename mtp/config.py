@@ -321,18 +321,23 @@ class RLConfig:
             _check(v >= 0, f"rl.{name}", f"must be >= 0, got {v}")
 
 
-def rl_config(config) -> RLConfig | None:
-    """The `rl` section as an RLConfig, None if the config has none; checks the task spec."""
-    if "rl" not in config:
+def _task_section(cls, section: str, config):
+    """Section `section` as a `cls`, None if the config has none; its `task` spec must parse."""
+    if section not in config:
         return None
-    rc = _from_dict(RLConfig, "rl", config.rl)
+    sc = _from_dict(cls, section, config[section])
     from mtp.data.task_data import parse_task_spec  # tasks import this module
 
     try:
-        parse_task_spec(rc.task)
+        parse_task_spec(sc.task)
     except ConfigError as e:
-        raise ConfigError(f"config.rl.task: {e}") from None
-    return rc
+        raise ConfigError(f"config.{section}.task: {e}") from None
+    return sc
+
+
+def rl_config(config) -> RLConfig | None:
+    """The `rl` section as an RLConfig, None if the config has none; checks the task spec."""
+    return _task_section(RLConfig, "rl", config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,16 +452,7 @@ class PauseConfig:
 
 def pause_config(config) -> PauseConfig | None:
     """The `pause` section as a PauseConfig, None if the config has none; checks the task."""
-    if "pause" not in config:
-        return None
-    pc = _from_dict(PauseConfig, "pause", config.pause)
-    from mtp.data.task_data import parse_task_spec  # tasks import this module
-
-    try:
-        parse_task_spec(pc.task)
-    except ConfigError as e:
-        raise ConfigError(f"config.pause.task: {e}") from None
-    return pc
+    return _task_section(PauseConfig, "pause", config)
 
 
 @dataclasses.dataclass(frozen=True)
