@@ -27,13 +27,14 @@ from mtp.config import PauseConfig, default_config
 def get_config(arg=None):
     smoke = arg == "smoke"
     c = default_config()
-    c.model.update(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_len=128,
+    c.model.update(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_len=64,
                    use_urgency=True)  # fmt: skip
     c.drafter.update(kind="transformer", k=2, n_layers=1, n_heads=4)
-    c.data.update(seq_len=96, batch_size=32)
-    c.train.update(steps=1200, lr=3e-3, warmup_steps=100, log_every=50, draft_weight=0.5)
+    c.data.update(seq_len=32, batch_size=32)
+    c.train.update(steps=3000, lr=3e-3, warmup_steps=100, log_every=50, draft_weight=0.5)
     c.pause = dataclasses.asdict(PauseConfig())
-    c.pause.update(task="lookup:symbols=12,hops=1,n=20000", max_pauses=16, eval_prompts=256,
+    c.pause.update(task="multiplication:digits=3,multiplier_digits=2,thought=0,n=50000", max_pauses=16,
+                   eval_prompts=256, cap=8,
                    emit_steps=200, rl_steps=60, prompts_per_step=16, group_size=8,
                    pause_price=0.05, rl_lr=1e-3)  # fmt: skip
     if smoke:
@@ -41,7 +42,8 @@ def get_config(arg=None):
         c.drafter.update(k=2, n_heads=2)
         c.data.update(batch_size=8)
         c.train.update(steps=10, warmup_steps=2, log_every=5)
-        c.pause.update(task="lookup:symbols=4,hops=2,n=200", eval_ms=(0, 2), eval_prompts=16,
+        c.pause.update(task="multiplication:digits=2,multiplier_digits=1,thought=0,n=200",
+                       eval_ms=(0, 2), eval_prompts=16,
                        thresholds=(0.5,), cap=4, emit_steps=4, rl_steps=2, prompts_per_step=2,
                        group_size=2)  # fmt: skip
     return c

@@ -269,6 +269,13 @@ class RLConfig:
     steps: int = 200
     prompts_per_step: int = 16
     group_size: int = 4  # rollouts per prompt: the group of GRPO / RLOO
+    # decode oversample x prompts_per_step groups and train on (up to prompts_per_step of) those
+    # whose rewards differ: equal-reward groups carry no GRPO/RLOO gradient (DAPO's dynamic sampling)
+    oversample: int = 1
+    # share of each step's problems re-drawn from train problems some rollout of theirs got wrong,
+    # until every rollout solves them (prioritised replay of hard problems; at most replay_size)
+    replay: float = 0.0
+    replay_size: int = 256
     advantage: str = "grpo"  # 'grpo' (group-normalised) or 'rloo' (leave-one-out)
     loss: str = "ppo"  # 'ppo' (clipped ratio per pass) or 'reinforce'
     ppo_epochs: int = 2  # updates per batch of rollouts (the first is on-policy)
@@ -294,7 +301,7 @@ class RLConfig:
     def __post_init__(self):
         object.__setattr__(self, "trainable", tuple(str(t) for t in self.trainable))
         for name in (
-            "steps", "prompts_per_step", "ppo_epochs", "answer_max_tokens", "log_every",
+            "steps", "prompts_per_step", "oversample", "replay_size", "ppo_epochs", "answer_max_tokens", "log_every",
             "eval_every", "eval_prompts", "checkpoint_every", "keep_checkpoints",
             "max_skipped_steps",
         ):  # fmt: skip
@@ -314,6 +321,7 @@ class RLConfig:
             v = getattr(self, name)
             _check(v in allowed, f"rl.{name}", f"{v!r} not in {allowed}")
         _check(self.lr > 0, "rl.lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.replay <= 1, "rl.replay", f"must be in [0, 1], got {self.replay}")
         _check(self.temperature > 0, "rl.temperature", f"must be > 0, got {self.temperature}")
         _check(self.clip_eps > 0, "rl.clip_eps", f"must be > 0, got {self.clip_eps}")
         for name in ("kl_coef", "pass_price", "weight_decay", "warmup_steps", "think_budget"):
@@ -497,6 +505,17 @@ def validate(config, min_vocab: int = 262) -> Configs:
     if cs.pause is not None:
         _check(cs.rl is None and cs.sweep is None, "pause", "cannot be combined with rl or sweep")
         _check(cs.model.use_urgency, "model.use_urgency", "must be True with a pause section")
+        from mtp.data.task_data import parse_task_spec  # tasks import this module
+        from mtp.data.tasks.base import MARKS_LEN
+
+        task, _ = parse_task_spec(cs.pause.task)
+        answer = task.max_answer_len + 1  # + <eos>
+        # <bos> prompt <think> thought </think>: the marks are one token each
+        head = 1 + task.max_len - MARKS_LEN - task.max_answer_len + 2
+        need = head + max(max(cs.pause.eval_ms, default=0) + answer, answer * (1 + cs.pause.cap))
+        _check(cs.model.max_len >= need, "model.max_len",
+               f"must be >= {need} for pause.task's prompts with max(pause.eval_ms) pauses and "
+               f"up to pause.cap={cs.pause.cap} pauses per answer token, got {cs.model.max_len}")  # fmt: skip
     if cs.sweep is not None:
         _check(cs.rl is None, "sweep", "a sweep of RL runs is not supported; drop the rl section")
         sp = cs.sweep

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mtp.config import ConfigError, DataConfig, RLConfig, default_config, validate
+from mtp.config import ConfigError, DataConfig, PauseConfig, RLConfig, default_config, validate
 from mtp.data.corpora import DataError
 from mtp.data.pipeline import eval_batches, packed_rows
 from mtp.data.task_data import parse_task_spec
@@ -55,6 +55,8 @@ def _config(**rl):
         ("temperature", 0.0, "config.rl.temperature: must be > 0"),
         ("on_bad_reward", "ignore", "config.rl.on_bad_reward: 'ignore' not in"),
         ("task", "addition:digits=99", "config.rl.task: task 'addition': digits must be in"),
+        ("replay", 1.5, "config.rl.replay: must be in"),
+        ("oversample", 0, "config.rl.oversample: must be >= 1"),
     ],
 )
 def test_rl_config_errors_name_the_field(field, value, message):
@@ -68,3 +70,14 @@ def test_rl_section_is_optional_and_round_trips():
     assert rc.trainable == ("drafter", "both")
     task, n = parse_task_spec("multiplication:digits=3,n=7")
     assert task.name == "multiplication" and n == 7
+
+
+def test_pause_cap_that_overflows_the_cache_names_model_max_len():
+    c = default_config()
+    c.model.update(use_urgency=True, max_len=64)
+    c.data.update(seq_len=32)
+    c.pause = dataclasses.asdict(PauseConfig(task="multiplication:digits=3,thought=0", cap=8))
+    validate(c)  # 10 prompt tokens + 6 answer tokens, each after up to 8 pauses: 64
+    c.pause["cap"] = 9
+    with pytest.raises(ConfigError, match=r"config.model.max_len: must be >= 70 .*pause.cap=9"):
+        validate(c)

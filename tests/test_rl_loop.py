@@ -103,7 +103,7 @@ def _tiny_config(tmp_path):
 
 def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch):
     c = _tiny_config(tmp_path)
-    c.rl.steps = 1
+    c.rl.update(steps=1, oversample=2, replay=0.5)  # dynamic sampling and replay, end to end
     rl_loop.run_pipeline(c, tmp_path)
     c.rl.steps = 2  # the RL phase resumes from its step-1 checkpoint
     out = rl_loop.run_pipeline(c, tmp_path)
@@ -111,7 +111,8 @@ def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch)
     assert 0.0 <= out["rl_both"]["accuracy"] <= 1.0
     rows = read_csv(tmp_path / "rl_both", "rl_both")
     assert [r["step"] for r in rows] == [1, 2]
-    for name in ("reward", "accuracy", "passes", "tokens_per_pass", "kl_ref", "entropy", "agree"):
+    for name in ("reward", "accuracy", "passes", "tokens_per_pass", "kl_ref", "entropy", "agree",
+                 "trained_groups_with_signal", "hard_problems"):  # fmt: skip
         assert np.isfinite(rows[-1][name]), name
     assert (tmp_path / "rl_summary.md").exists()
     text = rl_report.report(tmp_path, n=4, budgets=(2, 0), batch_size=4)
@@ -169,3 +170,32 @@ def test_rl_steps_raise_the_reward_of_a_toy_objective(roll):
             state, _, lp = step(state, batch, epoch == 0)
             batch["old_lp"] = lp
     assert np.mean(means[-3:]) > np.mean(means[:2]) + 0.2, means
+
+
+def test_informative_groups_are_trained_first(roll):
+    """With oversampling, groups whose rewards differ fill the batch before equal-reward ones."""
+    ro = _scored(roll, lambda prompt, answer: 1.0)
+    ro.rewards = np.array([1.0, 1.0, 0.0, 1.0])  # group 0 equal, group 1 informative
+    kept = rl_loop.informative_first(ro, 2, 1)
+    assert kept.prompts == ["56+78=", "56+78="]
+    np.testing.assert_array_equal(kept.rewards, [0.0, 1.0])
+    np.testing.assert_array_equal(kept.tokens, ro.tokens[2:])
+    # fewer informative groups than the batch holds: topped up, same shape
+    both = rl_loop.informative_first(ro, 2, 2)
+    assert both.prompts == ["56+78=", "56+78=", "12+34=", "12+34="]
+
+
+def test_hard_problems_are_replayed_until_every_rollout_solves_them():
+    task = make_task("addition", digits=2)
+    fresh = [ex.prompt for ex in task.examples("train", 4, start=8)]
+    assert rl_loop.step_prompts(task, 2, 4, [], 2) == fresh  # nothing hard yet
+    hard = rl_loop.update_hard([], fresh, np.array([[1, 1], [1, 0], [0, 0], [1, np.nan]]), cap=8)
+    assert hard == fresh[1:]  # solved by both rollouts: not kept
+    step3 = rl_loop.step_prompts(task, 3, 4, hard, 2)
+    assert step3[:2] == fresh[1:3] and step3[2:] == [
+        ex.prompt for ex in task.examples("train", 2, start=12)
+    ]
+    # replayed and solved: leaves; replayed and failed: to the back; the cap keeps the newest
+    hard = rl_loop.update_hard(hard, step3[:2], np.array([[1, 1], [0, 1]]), cap=8)
+    assert hard == [fresh[3], fresh[2]]
+    assert rl_loop.update_hard(hard, ["x", "y"], np.zeros((2, 2)), cap=3) == [fresh[2], "x", "y"]

@@ -86,6 +86,14 @@ def test_addition_thought_is_the_carry_chain():
         assert ex.answer == (carry + digits).lstrip("0")
 
 
+def test_addition_without_thought_answers_directly():
+    written, direct = make_task("addition", digits=3), make_task("addition", digits=3, thought=0)
+    for a, b in zip(written.examples("eval", N), direct.examples("eval", N), strict=True):
+        assert (b.prompt, b.thought, b.answer) == (a.prompt, "", a.answer)
+        assert direct.score(b.prompt, b.answer) == 1.0
+    assert direct.max_len == len("999+999=<think></think>1998")
+
+
 def test_multiplication_thought_is_partial_products_and_running_sums():
     task = make_task("multiplication", digits=5, multiplier_digits=3)
     for ex in task.examples("train", N):

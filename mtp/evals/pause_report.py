@@ -50,7 +50,9 @@ class PauseAccuracy:
         for i in range(0, len(self.heads), bs):
             chunk = self.heads[i : i + bs]
             padded = chunk + [chunk[-1]] * (bs - len(chunk))  # one shape: one compile
-            res = dec.generate(padded, policy, max_new_tokens=4, urgency_b=urgency)
+            res = dec.generate(
+                padded, policy, max_new_tokens=self.task.max_answer_len + 1, urgency_b=urgency
+            )
             for j in range(len(chunk)):
                 ex = self.examples[i + j]
                 scores.append(self.task.score(ex.prompt, answer_text(self.tok, res.row(j))))

@@ -89,7 +89,7 @@ def train_pause_rl(config, cs: Configs, workdir, *, init_dir) -> None:
             urg_p = (np.arange(p) % 2).astype(np.float32)  # half urgency 0, half urgency 1
             heads = [prompt_head(tok, ex.prompt, ex.thought) for ex in exs for _ in range(g)]
             urg_b = np.repeat(urg_p, g)
-            res = dec.generate(heads, policy, max_new_tokens=4, temperature=1.0,
+            res = dec.generate(heads, policy, max_new_tokens=task.max_answer_len + 1, temperature=1.0,
                                urgency_b=urg_b, seed=int(rng.integers(2**31)))  # fmt: skip
             scores = np.array([task.score(exs[i // g].prompt, answer_text(tok, res.row(i)))
                                for i in range(p * g)])  # fmt: skip

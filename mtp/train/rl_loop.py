@@ -10,7 +10,10 @@ Running the same command again skips finished phases and resumes the others
 from their last checkpoint. An RL step: draw `prompts_per_step` train problems
 (fixed by the step number, so a resumed run sees the same ones), decode
 `group_size` rollouts of each in think mode (`rl_rollout`), score them, turn
-rewards into advantages per group, then `ppo_epochs` updates on the batch
+rewards into advantages per group (with `rl.oversample` > 1: draw that many
+times the problems and train on the groups whose rewards differ; with
+`rl.replay` > 0, that share of the problems are earlier ones not yet solved by
+every rollout), then `ppo_epochs` updates on the batch
 (`rl.rl_step`). Bad rewards (a verifier that raises, a NaN) drop their group
 with a logged line, or stop the run (`rl.on_bad_reward='error'`); a step left
 with no usable group is skipped and logged, and `max_skipped_steps` of those
@@ -61,6 +64,41 @@ def group_advantages(ro: Rollouts, group_size: int, rc: RLConfig, log=print):
     adv = ADVANTAGES[rc.advantage](rewards_gn)
     keep = np.repeat(~bad_g, group_size)
     return np.where(keep, adv.reshape(-1), 0.0).astype(np.float32), keep
+
+
+def step_prompts(task, step: int, n: int, hard: list[str], n_replay: int) -> list[str]:
+    """The `n` problems of an RL step: the first `n_replay` hard ones, then fresh train ones.
+
+    Fresh problems are fixed by the step number (a resumed run sees the same)."""
+    replay = hard[:n_replay]
+    fresh = task.examples("train", n - len(replay), start=step * n)
+    return replay + [ex.prompt for ex in fresh]
+
+
+def update_hard(hard: list[str], prompts: list[str], scores_gn: np.ndarray, cap: int) -> list[str]:
+    """The hard-problem queue after a step: solved problems leave, unsolved go to the back.
+
+    `prompts` (G,) and `scores_gn` (G, N): a problem is solved when every one
+    of its N rollouts scored 1 (NaN: a bad rollout, counts as unsolved).
+    """
+    unsolved = [p for p, s in zip(prompts, scores_gn, strict=True) if not (s >= 1).all()]
+    seen = set(prompts)
+    return ([p for p in hard if p not in seen] + unsolved)[-cap:]
+
+
+def informative_first(ro: Rollouts, group_size: int, n_groups: int) -> Rollouts:
+    """`n_groups` groups of `ro`: those whose rewards differ (and have no bad rollout) first.
+
+    Equal rewards give a group zero advantage, hence no policy gradient; with
+    rl.oversample > 1 the loop decodes more groups than it trains on and keeps
+    the informative ones (DAPO's dynamic sampling, Yu et al. 2025). The batch
+    keeps its shape (fewer informative groups are topped up with the others).
+    """
+    rewards_gn = np.nan_to_num(ro.rewards).reshape(-1, group_size)
+    useful_g = (rewards_gn.std(1) > 0) & ~ro.bad.reshape(-1, group_size).any(1)
+    order = np.argsort(~useful_g, kind="stable")[:n_groups]
+    rows = (order[:, None] * group_size + np.arange(group_size)).reshape(-1)
+    return ro.select(rows)
 
 
 def _phase_done(workdir: Path, steps: int) -> bool:
@@ -127,20 +165,33 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
     n_prompts, g = rc.prompts_per_step, rc.group_size
     acc_m: dict[str, float] = {}
     acc_n, skipped_in_row, results = 0, 0, {}
+    hard = list(info.get("hard", []))  # train problems not yet solved by every rollout
     try:
         with sigterm_flag() as preempted, progress(rc.steps, step, f"rl_{trainable}") as bar:
             t0 = time.perf_counter()
             while step < rc.steps:
                 system = nnx.merge(graphdef, state)[0]
                 roll.set_weights(system)
-                problems = task.examples("train", n_prompts, start=step * n_prompts)
-                prompts = [ex.prompt for ex in problems for _ in range(g)]
+                n_draw = n_prompts * rc.oversample
+                problems = step_prompts(task, step, n_draw, hard, round(rc.replay * n_draw))
+                prompts = [p for p in problems for _ in range(g)]
                 ro = roll(
                     prompts, thought_mode=rc.thought_mode, think_budget=rc.think_budget,
                     answer_max_tokens=rc.answer_max_tokens, sampling=sampling,
                     seed=jax.random.fold_in(key, step),
                 )  # fmt: skip
                 ro = score_rollouts(ro, task.score, rc.pass_price)
+                spread = np.nan_to_num(ro.rewards).reshape(-1, g).std(1) > 0
+                stats = ro.stats() | {"groups_with_signal": float(spread.mean())}
+                if rc.replay:
+                    hard = update_hard(hard, problems, ro.scores.reshape(-1, g), rc.replay_size)
+                    info["hard"] = hard
+                    stats["hard_problems"] = len(hard)
+                if rc.oversample > 1:
+                    ro = informative_first(ro, g, n_prompts)
+                    stats["trained_groups_with_signal"] = (
+                        min(int(spread.sum()), n_prompts) / n_prompts
+                    )
                 adv, keep = group_advantages(ro, g, rc, log)
                 info["bad_rollouts"] += int(ro.bad.sum())
                 step += 1
@@ -171,8 +222,7 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
                         f"rl loss is {m['loss']} at step {step} (grad_norm={m['grad_norm']:.4g}); "
                         "stopped, last good checkpoint kept. Lower rl.lr"
                     )
-                spread = ro.rewards.reshape(-1, g).std(1) > 0
-                m |= ro.stats() | {"groups_with_signal": float(spread.mean())}
+                m |= stats
                 for name, v in m.items():
                     acc_m[name] = acc_m.get(name, 0.0) + float(v)
                 acc_n += 1

@@ -64,6 +64,14 @@ class Rollouts:
     bad: np.ndarray = None  # (B,) bool
     errors: list[str] = dataclasses.field(default_factory=list)
 
+    def select(self, rows: np.ndarray) -> Rollouts:
+        """The rollouts at `rows` (int indices), in that order."""
+        pick = lambda x: x[rows] if isinstance(x, np.ndarray) else x
+        out = {f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["prompts"] = [self.prompts[i] for i in rows]
+        out["answers"] = [self.answers[i] for i in rows]
+        return Rollouts(**out)
+
     def batch(self, adv_b: np.ndarray, keep_b: np.ndarray) -> dict:
         """The RL batch; rows not in `keep_b` are masked out entirely."""
         b, l = self.tokens.shape

@@ -9,6 +9,10 @@ One step per column, units first: `a+b+c=cs` with `a`, `b` the operands' digits
 previous step, 0 at first) and `cs` their sum as two digits: carry out, then
 the sum's digit. Every step has the same width, so a byte-level model finds
 each column by position. The answer is the sum in decimal.
+
+With `thought=0` the thought is empty: the model must answer "14196" straight
+after "4821+9375=", every carry computed inside the forward pass (the
+pause-token task: extra passes without extra written thought).
 """
 
 from __future__ import annotations
@@ -39,24 +43,27 @@ def draw(rng: random.Random, digits: int) -> int:
     return rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)
 
 
-def _worked(a: int, b: int) -> Example:
-    thought = " ".join(f"{x}+{y}+{c}={s:02d}" for x, y, c, s in carry_steps(a, b))
+def _worked(a: int, b: int, written: bool = True) -> Example:
+    steps = carry_steps(a, b) if written else []
+    thought = " ".join(f"{x}+{y}+{c}={s:02d}" for x, y, c, s in steps)
     return Example(f"{a}+{b}=", thought, str(a + b))
 
 
 @dataclasses.dataclass(frozen=True)
 class Addition(Task):
-    """Sum of two random `digits`-digit numbers."""
+    """Sum of two random `digits`-digit numbers; `thought` 1 writes the carry chain, 0 not."""
 
     name = "addition"
     digits: int = 6
+    thought: int = 1
 
     def __post_init__(self):
         check_range(self.name, "digits", self.digits, 1, 32)
+        check_range(self.name, "thought", self.thought, 0, 1)
 
     def example(self, seed: int) -> Example:
         rng = random.Random(seed)
-        return _worked(draw(rng, self.digits), draw(rng, self.digits))
+        return _worked(draw(rng, self.digits), draw(rng, self.digits), bool(self.thought))
 
     def solve(self, prompt: str) -> str:
         m = _PROMPT.fullmatch(prompt)
@@ -67,4 +74,8 @@ class Addition(Task):
     @property
     def max_len(self) -> int:
         nines = 10**self.digits - 1  # the longest sum; every step has the same width
-        return len(render(_worked(nines, nines)))
+        return len(render(_worked(nines, nines, bool(self.thought))))
+
+    @property
+    def max_answer_len(self) -> int:
+        return self.digits + 1

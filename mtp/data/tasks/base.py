@@ -88,6 +88,11 @@ class Task(abc.ABC):
         """Upper bound on `len(render(example))` at this difficulty."""
 
     @property
+    def max_answer_len(self) -> int:
+        """Upper bound on `len(example.answer)`: what a decode must allow after the thought."""
+        return self.max_len
+
+    @property
     def difficulty(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 

@@ -68,3 +68,7 @@ class Lookup(Task):
     @property
     def max_len(self) -> int:
         return len(render(self.example(0)))  # every text is this long
+
+    @property
+    def max_answer_len(self) -> int:
+        return 1

@@ -7,7 +7,8 @@
 One partial product per digit of the multiplier, units first, each with its
 place's zeros (`4821*30`), so the running sum is plain addition; after every
 partial product but the first comes `total+partial=new total`. The answer is
-the product in decimal (the last running total).
+the product in decimal (the last running total). With `thought=0` the
+thought is empty: the product is answered straight away (a pause-token task).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from mtp.data.tasks.base import Example, Task, check_range, render
 _PROMPT = re.compile(r"([0-9]+)\*([0-9]+)=")
 
 
-def _worked(a: int, b: int) -> Example:
+def _worked(a: int, b: int, written: bool = True) -> Example:
+    if not written:
+        return Example(f"{a}*{b}=", "", str(a * b))
     steps, total = [], 0
     for place, digit in enumerate(reversed(str(b))):
         factor = int(digit) * 10**place
@@ -35,19 +38,23 @@ def _worked(a: int, b: int) -> Example:
 
 @dataclasses.dataclass(frozen=True)
 class Multiplication(Task):
-    """Product of a random `digits`-digit and a `multiplier_digits`-digit number."""
+    """Product of a random `digits`-digit and a `multiplier_digits`-digit number;
+    `thought` 1 writes the partial products, 0 not."""
 
     name = "multiplication"
     digits: int = 4
     multiplier_digits: int = 2
+    thought: int = 1
 
     def __post_init__(self):
         check_range(self.name, "digits", self.digits, 1, 16)
         check_range(self.name, "multiplier_digits", self.multiplier_digits, 1, 5)
+        check_range(self.name, "thought", self.thought, 0, 1)
 
     def example(self, seed: int) -> Example:
         rng = random.Random(seed)
-        return _worked(draw(rng, self.digits), draw(rng, self.multiplier_digits))
+        a, b = draw(rng, self.digits), draw(rng, self.multiplier_digits)
+        return _worked(a, b, bool(self.thought))
 
     def solve(self, prompt: str) -> str:
         m = _PROMPT.fullmatch(prompt)
@@ -58,4 +65,9 @@ class Multiplication(Task):
     @property
     def max_len(self) -> int:
         # All nines make every number in the text as long as it can be.
-        return len(render(_worked(10**self.digits - 1, 10**self.multiplier_digits - 1)))
+        nines = (10**self.digits - 1, 10**self.multiplier_digits - 1)
+        return len(render(_worked(*nines, bool(self.thought))))
+
+    @property
+    def max_answer_len(self) -> int:
+        return self.digits + self.multiplier_digits
