@@ -269,8 +269,8 @@ class RLConfig:
     steps: int = 200
     prompts_per_step: int = 16
     group_size: int = 4  # rollouts per prompt: the group of GRPO / RLOO
-    # decode oversample x prompts_per_step groups and train on (up to prompts_per_step of) those
-    # whose rewards differ: equal-reward groups carry no GRPO/RLOO gradient (DAPO's dynamic sampling)
+    # decode oversample x prompts_per_step groups, train on (up to prompts_per_step of) those whose
+    # rewards differ: equal-reward groups carry no GRPO/RLOO gradient (DAPO's dynamic sampling)
     oversample: int = 1
     # share of each step's problems re-drawn from train problems some rollout of theirs got wrong,
     # until every rollout solves them (prioritised replay of hard problems; at most replay_size)
@@ -301,9 +301,9 @@ class RLConfig:
     def __post_init__(self):
         object.__setattr__(self, "trainable", tuple(str(t) for t in self.trainable))
         for name in (
-            "steps", "prompts_per_step", "oversample", "replay_size", "ppo_epochs", "answer_max_tokens", "log_every",
-            "eval_every", "eval_prompts", "checkpoint_every", "keep_checkpoints",
-            "max_skipped_steps",
+            "steps", "prompts_per_step", "oversample", "replay_size", "ppo_epochs",
+            "answer_max_tokens", "log_every", "eval_every", "eval_prompts", "checkpoint_every",
+            "keep_checkpoints", "max_skipped_steps",
         ):  # fmt: skip
             v = getattr(self, name)
             _check(v >= 1, f"rl.{name}", f"must be >= 1, got {v}")
@@ -513,9 +513,12 @@ def validate(config, min_vocab: int = 262) -> Configs:
         # <bos> prompt <think> thought </think>: the marks are one token each
         head = 1 + task.max_len - MARKS_LEN - task.max_answer_len + 2
         need = head + max(max(cs.pause.eval_ms, default=0) + answer, answer * (1 + cs.pause.cap))
-        _check(cs.model.max_len >= need, "model.max_len",
-               f"must be >= {need} for pause.task's prompts with max(pause.eval_ms) pauses and "
-               f"up to pause.cap={cs.pause.cap} pauses per answer token, got {cs.model.max_len}")  # fmt: skip
+        _check(
+            cs.model.max_len >= need,
+            "model.max_len",
+            f"must be >= {need} for pause.task's prompts with max(pause.eval_ms) pauses and up "
+            f"to pause.cap={cs.pause.cap} pauses per answer token, got {cs.model.max_len}",
+        )
     if cs.sweep is not None:
         _check(cs.rl is None, "sweep", "a sweep of RL runs is not supported; drop the rl section")
         sp = cs.sweep

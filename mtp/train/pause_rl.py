@@ -82,6 +82,7 @@ def train_pause_rl(config, cs: Configs, workdir, *, init_dir) -> None:
     rng = np.random.default_rng(cs.seed + 2)
     pool = task.examples("train", 4096)
     p, g = pc.prompts_per_step, pc.group_size
+    answer_tokens = task.max_answer_len + 1  # + <eos>
     writer = MetricWriter(workdir, tensorboard=False)
     with progress(pc.rl_steps, desc="learned (rl)") as bar:
         for step in range(1, pc.rl_steps + 1):
@@ -89,7 +90,7 @@ def train_pause_rl(config, cs: Configs, workdir, *, init_dir) -> None:
             urg_p = (np.arange(p) % 2).astype(np.float32)  # half urgency 0, half urgency 1
             heads = [prompt_head(tok, ex.prompt, ex.thought) for ex in exs for _ in range(g)]
             urg_b = np.repeat(urg_p, g)
-            res = dec.generate(heads, policy, max_new_tokens=task.max_answer_len + 1, temperature=1.0,
+            res = dec.generate(heads, policy, max_new_tokens=answer_tokens, temperature=1.0,
                                urgency_b=urg_b, seed=int(rng.integers(2**31)))  # fmt: skip
             scores = np.array([task.score(exs[i // g].prompt, answer_text(tok, res.row(i)))
                                for i in range(p * g)])  # fmt: skip
