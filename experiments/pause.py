@@ -33,10 +33,9 @@ def get_config(arg=None):
     c.data.update(seq_len=32, batch_size=32)
     c.train.update(steps=3000, lr=3e-3, warmup_steps=100, log_every=50, draft_weight=0.5)
     c.pause = dataclasses.asdict(PauseConfig())
-    c.pause.update(task="multiplication:digits=3,multiplier_digits=2,thought=0,n=50000",
-                   max_pauses=16, eval_prompts=256, cap=8, emit_steps=200, rl_steps=60,
-                   prompts_per_step=16, group_size=8,
-                   pause_price=0.05, rl_lr=1e-3)  # fmt: skip
+    c.pause.update(task="multiplication:digits=2,multiplier_digits=2,thought=0,n=50000",
+                   max_pauses=16, eval_prompts=800, cap=16, emit_steps=200, rl_steps=60,
+                   prompts_per_step=16, group_size=8, pause_price=0.05, rl_lr=3e-4)  # fmt: skip
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)

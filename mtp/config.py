@@ -512,12 +512,12 @@ def validate(config, min_vocab: int = 262) -> Configs:
         answer = task.max_answer_len + 1  # + <eos>
         # <bos> prompt <think> thought </think>: the marks are one token each
         head = 1 + task.max_len - MARKS_LEN - task.max_answer_len + 2
-        need = head + max(max(cs.pause.eval_ms, default=0) + answer, answer * (1 + cs.pause.cap))
+        need = head + max(max(cs.pause.eval_ms, default=0), cs.pause.cap) + answer
         _check(
             cs.model.max_len >= need,
             "model.max_len",
-            f"must be >= {need} for pause.task's prompts with max(pause.eval_ms) pauses and up "
-            f"to pause.cap={cs.pause.cap} pauses per answer token, got {cs.model.max_len}",
+            f"must be >= {need} for pause.task's prompts with max(pause.eval_ms) pauses or "
+            f"pause.cap={cs.pause.cap} pauses before the answer, got {cs.model.max_len}",
         )
     if cs.sweep is not None:
         _check(cs.rl is None, "sweep", "a sweep of RL runs is not supported; drop the rl section")

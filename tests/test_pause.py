@@ -35,6 +35,14 @@ class PauseLover(Transformer):
         return super().logits(x_btd).at[..., PAUSE_ID].add(100.0)
 
 
+class CoinFlipPauser(Transformer):
+    """A main model for which <pause> is exactly as likely as all other tokens together."""
+
+    def logits(self, x_btd):
+        lg = super().logits(x_btd)
+        return lg.at[..., PAUSE_ID].set(jax.nn.logsumexp(lg.at[..., PAUSE_ID].set(-jnp.inf), -1))
+
+
 def _system(seed=0, pause_lover=False):
     s = MTPSystem(MAIN, DrafterConfig(k=2, n_heads=2), pad_id=PAD_ID, rngs=nnx.Rngs(seed))
     if pause_lover:
@@ -83,7 +91,9 @@ def test_fine_tuning_rows_append_m_masked_pauses_before_the_answer():
 @pytest.mark.parametrize(
     "policy",
     [PausePolicy("fixed", m=3), PausePolicy("confidence", threshold=1.1, cap=3),
-     PausePolicy("entropy", threshold=-1.0, cap=2), PausePolicy("learned", cap=2)],
+     PausePolicy("confidence", threshold=1.1, cap=3, per_token=True),
+     PausePolicy("entropy", threshold=-1.0, cap=2, per_token=True),
+     PausePolicy("learned", cap=2), PausePolicy("learned", cap=2, per_token=True)],
 )  # fmt: skip
 def test_pauses_never_appear_in_returned_text_and_the_cap_holds(policy):
     dec = PauseDecoder(_system(pause_lover=policy.kind == "learned"))
@@ -101,7 +111,10 @@ def test_pauses_never_appear_in_returned_text_and_the_cap_holds(policy):
             assert res.pauses[b] == 3 and PAUSE_ID not in seq
         else:  # these thresholds (and the pause lover) always want a pause
             assert longest == policy.cap
-            assert res.pauses[b] == policy.cap * res.lengths[b]
+            per_answer = res.lengths[b] if policy.per_token else 1
+            assert res.pauses[b] == policy.cap * per_answer
+            if not policy.per_token:  # all before the first answer token
+                assert (seq[: policy.cap] == PAUSE_ID).all()
         assert res.passes[b] == res.pauses[b] + res.lengths[b]
     if policy.kind == "learned":  # the cap, not the policy, chose the answer tokens
         assert res.forced[0, : res.seq_lengths[0]].sum() == res.lengths[0]
@@ -122,8 +135,12 @@ def test_bad_pause_input_is_a_clear_error():
     with pytest.raises(PauseError, match="unknown"):
         PausePolicy("sometimes")
     dec = PauseDecoder(_system())
-    with pytest.raises(PauseError, match="exceeds the cache"):
-        dec.generate([np.arange(40) % 256], PausePolicy("confidence", cap=16), max_new_tokens=4)
+    with pytest.raises(PauseError, match="before each answer token.* = 108 exceeds the cache"):
+        dec.generate([np.arange(40) % 256], PausePolicy("confidence", cap=16, per_token=True),
+                     max_new_tokens=4)  # fmt: skip
+    dec.generate([np.arange(40) % 256], PausePolicy("confidence", cap=16), max_new_tokens=4)
+    with pytest.raises(PauseError, match="before the answer.* = 65 exceeds the cache"):
+        dec.generate([np.arange(40) % 256], PausePolicy("confidence", cap=21), max_new_tokens=4)
     c = validate_pause_config()
     c.model.use_urgency = False
     with pytest.raises(ConfigError, match="use_urgency"):
@@ -159,6 +176,28 @@ def test_pause_rl_loss_sees_the_urgency_input():
     assert losses[0] != pytest.approx(losses[1])
     assert batch["mask"].sum() == res.seq_lengths.sum() - res.forced.sum()
     assert THINK_CLOSE_ID in np.asarray(batch["tokens"][0])
+
+
+def test_learned_pauses_are_sampled_decisions_with_greedy_answers():
+    """RL's rollouts: pause-or-go-on drawn at temperature 1, answer tokens greedy, and the
+    loss scores the decision (log 1/2 either way here), not the answer token."""
+    system = _system()
+    system.main = CoinFlipPauser(MAIN, rngs=nnx.Rngs(0))
+    heads = [prompt_head(TOK, "12*34=")] * 16
+    res = PauseDecoder(system).generate(heads, PausePolicy("learned", cap=4), max_new_tokens=3,
+                                        temperature=1.0, answer_temperature=0.0, seed=0)  # fmt: skip
+    assert len(set(res.pauses.tolist())) > 1  # sampled decisions differ between rows
+    batch = jax.tree.map(jnp.asarray, rl_batch(heads, res, np.zeros(16), np.zeros(16)))
+    tokens, mask = batch["tokens"], np.asarray(batch["mask"]) > 0
+    dist, _ = rl.token_dists(system, tokens, batch["offset"], 1.0, batch["urgency"])
+    answer = mask & (np.asarray(tokens) != PAUSE_ID)
+    greedy = np.asarray(dist.at[..., PAUSE_ID].set(-jnp.inf).argmax(-1))
+    np.testing.assert_array_equal(np.asarray(tokens)[answer], greedy[answer])
+    args = (system, tokens, batch["offset"], 1.0, batch["urgency"])
+    lp = np.asarray(rl.token_stats(*args, batch["decision"])[0])
+    np.testing.assert_allclose(lp[mask], np.log(0.5), atol=1e-4)
+    token_lp = np.asarray(rl.token_stats(*args)[0])
+    assert (token_lp[answer] < np.log(0.5) - 0.1).all()  # a greedy token is not a coin flip
 
 
 def test_think_mode_answers_after_the_thought_with_pauses():

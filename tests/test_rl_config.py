@@ -76,8 +76,8 @@ def test_pause_cap_that_overflows_the_cache_names_model_max_len():
     c = default_config()
     c.model.update(use_urgency=True, max_len=64)
     c.data.update(seq_len=32)
-    c.pause = dataclasses.asdict(PauseConfig(task="multiplication:digits=3,thought=0", cap=8))
-    validate(c)  # 10 prompt tokens + 6 answer tokens, each after up to 8 pauses: 64
-    c.pause["cap"] = 9
-    with pytest.raises(ConfigError, match=r"config.model.max_len: must be >= 70 .*pause.cap=9"):
+    c.pause = dataclasses.asdict(PauseConfig(task="multiplication:digits=3,thought=0", cap=48))
+    validate(c)  # 10 prompt tokens, up to 48 pauses, 5 answer tokens + <eos>: 64
+    c.pause["cap"] = 49
+    with pytest.raises(ConfigError, match=r"config.model.max_len: must be >= 65 .*pause.cap=49"):
         validate(c)

@@ -11,7 +11,14 @@ answer token whether to spend another pass on a `<pause>` instead:
   `<pause>` and look again; at most `cap` pauses in a row.
 - `learned`: the model's own choice — a `<pause>` it samples (or, greedily,
   ranks first) is fed as a pause; at `cap` in a row the best other token is
-  taken instead (`forced`, since the policy did not choose it).
+  taken instead (`forced`, since the policy did not choose it). With
+  `answer_temperature` apart from `temperature`, the pause decision is drawn
+  at `temperature` (pause with the tempered probability of `<pause>`) and
+  the answer token at `answer_temperature`; equal, this is one draw from the
+  tempered distribution. RL samples decisions and keeps answers greedy.
+
+Adaptive kinds pause before the first answer token only (where pause
+fine-tuning puts pauses), unless `per_token`: then before every answer token.
 
 Outputs at pause positions are discarded: a pause never reaches `answer`.
 The pause and answer tokens in decision order are in `seq` (what an RL loss
@@ -55,6 +62,7 @@ class PausePolicy:
     m: int = 0  # fixed: pauses appended to the prompt
     threshold: float = 0.9  # confidence: top probability; entropy: nats
     cap: int = 16  # adaptive kinds: most pauses in a row
+    per_token: bool = False  # adaptive kinds: before every answer token, not just the first
 
     def __post_init__(self):
         if self.kind not in POLICIES:
@@ -90,7 +98,10 @@ def _choose(logits_bv, temperature, key):
     return jax.random.categorical(key, logits_bv / temperature).astype(jnp.int32)
 
 
-def _decode(graphdef, state, prompt_bp, plen_b, urgency_b, max_new_b, key, *, policy, temperature):
+def _decode(
+    graphdef, state, prompt_bp, plen_b, urgency_b, max_new_b, key, *, policy, temperature,
+    answer_temperature,
+):  # fmt: skip
     system = nnx.merge(graphdef, state)
     main = system.main
     b, w = prompt_bp.shape
@@ -115,18 +126,22 @@ def _decode(graphdef, state, prompt_bp, plen_b, urgency_b, max_new_b, key, *, po
     )
 
     def body(c):
-        key, k1 = jax.random.split(c["key"])
+        key, k1, k2 = jax.random.split(c["key"], 3)
         logits_bv = c["logits"].astype(jnp.float32)
         no_pause_bv = logits_bv.at[:, PAUSE_ID].set(-jnp.inf)
         logp_bv = jax.nn.log_softmax(no_pause_bv)
         top_b = jnp.exp(logp_bv.max(-1))
         ent_b = -jnp.sum(jnp.where(jnp.isfinite(logp_bv), jnp.exp(logp_bv) * logp_bv, 0.0), -1)
         can_b = c["run"] < policy.cap
+        if not policy.per_token:
+            can_b = can_b & (c["nout"] == 0)
         if policy.kind == "learned":
-            y_b = _choose(logits_bv, temperature, k1)
-            want_b = y_b == PAUSE_ID
-            best_b = jnp.argmax(no_pause_bv, -1).astype(jnp.int32)
-            y_b = jnp.where(want_b & ~can_b, best_b, y_b)
+            if temperature == 0:
+                want_b = jnp.argmax(logits_bv, -1) == PAUSE_ID
+            else:
+                p_pause_b = jax.nn.softmax(logits_bv / temperature)[:, PAUSE_ID]
+                want_b = jax.random.uniform(k1, (b,)) < p_pause_b
+            y_b = _choose(no_pause_bv, answer_temperature, k2)
         else:
             y_b = _choose(no_pause_bv, temperature, k1)
             if policy.kind == "confidence":
@@ -169,7 +184,10 @@ def _decode(graphdef, state, prompt_bp, plen_b, urgency_b, max_new_b, key, *, po
 
 @functools.lru_cache(maxsize=16)
 def _compiled(graphdef):
-    return jax.jit(functools.partial(_decode, graphdef), static_argnames=("policy", "temperature"))
+    return jax.jit(
+        functools.partial(_decode, graphdef),
+        static_argnames=("policy", "temperature", "answer_temperature"),
+    )
 
 
 class PauseDecoder:
@@ -226,6 +244,7 @@ class PauseDecoder:
         *,
         max_new_tokens: int = 8,
         temperature: float = 0.0,
+        answer_temperature: float | None = None,
         urgency_b=None,
         seed: int | jax.Array = 0,
     ) -> PauseResult:
@@ -237,11 +256,18 @@ class PauseDecoder:
         longest = max(r.size for r in rows)
         if min(r.size for r in rows) == m:
             raise PauseError("a prompt is empty; give at least one token (e.g. <bos>)")
-        need = longest + max_new_tokens * (1 + (policy.cap if policy.kind != "fixed" else 0))
+        per_answer = policy.cap if policy.kind != "fixed" else 0
+        need = (
+            longest
+            + max_new_tokens * (1 + per_answer if policy.per_token else 1)
+            + (0 if policy.per_token else per_answer)
+        )
         if need > self.max_len:
             raise PauseError(
                 f"prompt ({longest} tokens with pauses) + max_new_tokens={max_new_tokens} "
-                f"(and up to cap={policy.cap} pauses each) = {need} exceeds the cache "
+                f"(and up to cap={policy.cap} pauses "
+                f"{'before each answer token' if policy.per_token else 'before the answer'}) "
+                f"= {need} exceeds the cache "
                 f"(max_len={self.max_len})"
             )
         b = len(rows)
@@ -259,6 +285,9 @@ class PauseDecoder:
                 self.state, jnp.asarray(prompt_bp), jnp.asarray([r.size for r in rows]),
                 urgency_b, jnp.full((b,), max_new_tokens, jnp.int32), key,
                 policy=policy, temperature=float(temperature),
+                answer_temperature=float(
+                    temperature if answer_temperature is None else answer_temperature
+                ),
             )
         )  # fmt: skip
         nseq, nout = out["nseq"], out["nout"]

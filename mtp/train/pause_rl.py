@@ -2,16 +2,18 @@
 
 Each step draws `prompts_per_step` train problems, gives half of them urgency
 0 and half urgency 1 (the scalar the model embeds at every position,
-`model.use_urgency`), and samples `group_size` answers for each at
-temperature 1 with the `learned` pause policy (`mtp.decode.pause`): the model
-decides itself, pass by pass, whether to spend a `<pause>` or answer. The
+`model.use_urgency`), and decodes `group_size` answers for each with the
+`learned` pause policy (`mtp.decode.pause`): the model decides itself, pass by
+pass, whether to spend a `<pause>` or answer, that decision sampled at
+temperature 1, the answer token greedy (the answer the report will score). The
 reward is the verifier's score minus `pause_price * urgency * pauses`, so a
 pause is free at urgency 0 and costs at urgency 1: one model learns to trade
 accuracy for passes on request. Advantages are group-normalised (GRPO) within
 each group (same prompt, same urgency); the policy loss is that of `mtp.train.rl`
-(each token of the rollout is its own pass: a main token, no drafts), with the
-urgency passed to the teacher-forced forward. Pauses forced out by the cap
-are not the policy's choice and are masked out of the loss.
+(each decision is its own pass) on the log-probability of the decision, pause
+or go on (`rl.token_stats` with `decision`), with the urgency passed to the
+teacher-forced forward. Pauses forced out by the cap are not the policy's
+choice and are masked out of the loss.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def rl_batch(heads, res: PauseResult, adv_b, urgency_b) -> dict:
         old_lp=np.zeros((b, length), np.float32),
         ref_lp=np.zeros((b, length), np.float32),
         urgency=np.asarray(urgency_b, np.float32),
+        decision=mask.copy(),  # every unforced step chose pause / go on; answers are greedy
     )
 
 
@@ -91,7 +94,8 @@ def train_pause_rl(config, cs: Configs, workdir, *, init_dir) -> None:
             heads = [prompt_head(tok, ex.prompt, ex.thought) for ex in exs for _ in range(g)]
             urg_b = np.repeat(urg_p, g)
             res = dec.generate(heads, policy, max_new_tokens=answer_tokens, temperature=1.0,
-                               urgency_b=urg_b, seed=int(rng.integers(2**31)))  # fmt: skip
+                               answer_temperature=0.0, urgency_b=urg_b,
+                               seed=int(rng.integers(2**31)))  # fmt: skip
             scores = np.array([task.score(exs[i // g].prompt, answer_text(tok, res.row(i)))
                                for i in range(p * g)])  # fmt: skip
             rewards = scores - pc.pause_price * urg_b * res.pauses

@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 from mtp.config import RLConfig
+from mtp.data.tokenizer import PAUSE_ID
 
 EPS = 1e-6
 
@@ -102,15 +103,23 @@ def token_dists(system, tokens_bl, offset_bl, temperature: float = 1.0, urgency_
     return dist_blv, main_prev_blv
 
 
-def token_stats(system, tokens_bl, offset_bl, temperature: float = 1.0, urgency_b=None):
+def token_stats(
+    system, tokens_bl, offset_bl, temperature: float = 1.0, urgency_b=None, decision_bl=None
+):
     """Per-token log-prob (B, L) of each token under the distribution that emitted it.
 
+    Where `decision_bl` (B, L) is set, the policy's choice there was only whether
+    to pause (the answer token itself greedy; `mtp.decode.pause`): its log-prob
+    is log p(<pause>) at a pause and log(1 - p(<pause>)) elsewhere.
     Also returns the entropy (B, L) of that distribution and whether the token
     equals the main model's own greedy choice at its position (B, L) — for a
     draft, the agreement with the main model that speculative decoding checks.
     """
     dist_blv, main_prev_blv = token_dists(system, tokens_bl, offset_bl, temperature, urgency_b)
     lp_bl = jnp.take_along_axis(dist_blv, tokens_bl[..., None], -1)[..., 0]
+    if decision_bl is not None:
+        go_on_bl = jnp.log1p(-jnp.minimum(jnp.exp(dist_blv[..., PAUSE_ID]), 1 - 1e-6))
+        lp_bl = jnp.where((decision_bl > 0) & (tokens_bl != PAUSE_ID), go_on_bl, lp_bl)
     ent_bl = -(jnp.exp(dist_blv) * dist_blv).sum(-1)
     agree_bl = tokens_bl == jnp.argmax(main_prev_blv, -1)
     return lp_bl, ent_bl, agree_bl
@@ -164,7 +173,7 @@ def rl_loss(system, batch, rc: RLConfig, first_epoch):
     """
     tokens_bl, offset_bl, mask_bl = batch["tokens"], batch["offset"], batch["mask"]
     lp_bl, ent_bl, agree_bl = token_stats(
-        system, tokens_bl, offset_bl, rc.temperature, batch.get("urgency")
+        system, tokens_bl, offset_bl, rc.temperature, batch.get("urgency"), batch.get("decision")
     )
     old_bl = jnp.where(first_epoch, jax.lax.stop_gradient(lp_bl), batch["old_lp"])
     lp_bp, pmask_bp = pass_sums(lp_bl, batch["pass_"], mask_bl)

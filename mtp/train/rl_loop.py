@@ -183,6 +183,7 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
                 ro = score_rollouts(ro, task.score, rc.pass_price)
                 spread = np.nan_to_num(ro.rewards).reshape(-1, g).std(1) > 0
                 stats = ro.stats() | {"groups_with_signal": float(spread.mean())}
+                info["bad_rollouts"] += int(ro.bad.sum())
                 if rc.replay:
                     hard = update_hard(hard, problems, ro.scores.reshape(-1, g), rc.replay_size)
                     info["hard"] = hard
@@ -193,7 +194,6 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
                         min(int(spread.sum()), n_prompts) / n_prompts
                     )
                 adv, keep = group_advantages(ro, g, rc, log)
-                info["bad_rollouts"] += int(ro.bad.sum())
                 step += 1
                 bar.update(1)
                 if not keep.any() or ro.mask[keep].sum() == 0:
