@@ -184,8 +184,9 @@ def test_learned_pauses_are_sampled_decisions_with_greedy_answers():
     system = _system()
     system.main = CoinFlipPauser(MAIN, rngs=nnx.Rngs(0))
     heads = [prompt_head(TOK, "12*34=")] * 16
-    res = PauseDecoder(system).generate(heads, PausePolicy("learned", cap=4), max_new_tokens=3,
-                                        temperature=1.0, answer_temperature=0.0, seed=0)  # fmt: skip
+    policy = PausePolicy("learned", cap=4)
+    res = PauseDecoder(system).generate(heads, policy, max_new_tokens=3, temperature=1.0,
+                                        answer_temperature=0.0, seed=0)  # fmt: skip
     assert len(set(res.pauses.tolist())) > 1  # sampled decisions differ between rows
     batch = jax.tree.map(jnp.asarray, rl_batch(heads, res, np.zeros(16), np.zeros(16)))
     tokens, mask = batch["tokens"], np.asarray(batch["mask"]) > 0
