@@ -174,7 +174,8 @@ def test_pause_rl_loss_sees_the_urgency_input():
         batch = jax.tree.map(jnp.asarray, batch)
         losses.append(float(rl.rl_loss(system, batch, rc, True)[0]))
     assert losses[0] != pytest.approx(losses[1])
-    assert batch["mask"].sum() == res.seq_lengths.sum() - res.forced.sum()
+    assert batch["mask"].sum() == res.choice.sum() > 0
+    assert not (res.choice & res.forced).any()
     assert THINK_CLOSE_ID in np.asarray(batch["tokens"][0])
 
 
@@ -191,14 +192,20 @@ def test_learned_pauses_are_sampled_decisions_with_greedy_answers():
     batch = jax.tree.map(jnp.asarray, rl_batch(heads, res, np.zeros(16), np.zeros(16)))
     tokens, mask = batch["tokens"], np.asarray(batch["mask"]) > 0
     dist, _ = rl.token_dists(system, tokens, batch["offset"], 1.0, batch["urgency"])
-    answer = mask & (np.asarray(tokens) != PAUSE_ID)
+    at = np.arange(tokens.shape[1]) - heads[0].size
+    generated = (at >= 0) & (at < res.seq_lengths[:, None])
+    answer = generated & (np.asarray(tokens) != PAUSE_ID)
+    # decisions: every pause, then the first answer token unless the cap chose it; later
+    # answer tokens are not
+    np.testing.assert_array_equal(mask.sum(1), res.pauses + (res.pauses < policy.cap))
+    assert (res.pauses == policy.cap).any()
     greedy = np.asarray(dist.at[..., PAUSE_ID].set(-jnp.inf).argmax(-1))
     np.testing.assert_array_equal(np.asarray(tokens)[answer], greedy[answer])
     args = (system, tokens, batch["offset"], 1.0, batch["urgency"])
     lp = np.asarray(rl.token_stats(*args, batch["decision"])[0])
     np.testing.assert_allclose(lp[mask], np.log(0.5), atol=1e-4)
     token_lp = np.asarray(rl.token_stats(*args)[0])
-    assert (token_lp[answer] < np.log(0.5) - 0.1).all()  # a greedy token is not a coin flip
+    assert (token_lp[answer & mask] < np.log(0.5) - 0.1).all()  # not the answer token's lp
 
 
 def test_think_mode_answers_after_the_thought_with_pauses():

@@ -58,6 +58,19 @@ def draft_from_embeddings(system, x_btd):
     return system.drafter(taps, inputs)[0]
 
 
+@pytest.mark.parametrize("kind", ["transformer", "rnn"])
+def test_drafter_tells_repeated_draft_tokens_apart(kind):
+    """After "=1" the next digit may be "1" again, after "=11" a space: with the same tap and
+    the same token at steps 0 and 1, the steps' logits must still differ (the transformer
+    drafter's step embedding; without it, RoPE over equal inputs gives equal outputs)."""
+    system = _system(kind, k=3)
+    taps_btld = jax.random.normal(jax.random.key(1), (1, 1, 1, MAIN.d_model))
+    inputs_btk = jnp.full((1, 1, 3), 7, jnp.int32)
+    logits_kv = system.drafter(taps_btld, inputs_btk)[0, 0]
+    assert float(jnp.abs(logits_kv[1] - logits_kv[0]).max()) > 1e-3
+    assert float(jnp.abs(logits_kv[2] - logits_kv[1]).max()) > 1e-3
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_drafter_kinds_loss_falls_on_a_tiny_batch(kind):
     system = _system(kind, k=2)

@@ -74,14 +74,16 @@ class PausePolicy:
 @dataclasses.dataclass
 class PauseResult:
     """answer (B, N): answer tokens, never a pause; seq (B, N): pauses and answer tokens in
-    decision order, `forced` (B, N) where the cap overrode the policy's pause; pauses (B,)
-    include the M of a fixed policy; passes (B,) = pauses + answer tokens."""
+    decision order, `forced` (B, N) where the cap overrode the policy's pause, `choice`
+    (B, N) where the policy could pause (what RL trains); pauses (B,) include the M of a
+    fixed policy; passes (B,) = pauses + answer tokens."""
 
     answer: np.ndarray
     lengths: np.ndarray
     seq: np.ndarray
     seq_lengths: np.ndarray
     forced: np.ndarray
+    choice: np.ndarray
     pauses: np.ndarray
     passes: np.ndarray
 
@@ -118,6 +120,7 @@ def _decode(
         run=zeros_b,  # pauses in a row before the current answer token
         seq=jnp.full((b, n), PAD_ID, jnp.int32),
         forced=jnp.zeros((b, n), bool),
+        choice=jnp.zeros((b, n), bool),
         nseq=zeros_b,
         answer=jnp.full((b, n), PAD_ID, jnp.int32),
         nout=zeros_b,
@@ -156,6 +159,7 @@ def _decode(
         seq_at = jnp.where(running_b, c["nseq"], n)  # n: dropped
         seq = c["seq"].at[rows, seq_at].set(tok_b, mode="drop")
         forced = c["forced"].at[rows, seq_at].set(want_b & ~can_b, mode="drop")
+        choice = c["choice"].at[rows, seq_at].set(can_b, mode="drop")
         emit_b = running_b & ~pause_b
         out_at = jnp.where(emit_b, c["nout"], n)
         answer = c["answer"].at[rows, out_at].set(tok_b, mode="drop")
@@ -171,6 +175,7 @@ def _decode(
             run=jnp.where(pause_b, c["run"] + 1, 0),
             seq=seq,
             forced=forced,
+            choice=choice,
             nseq=c["nseq"] + running_b,
             answer=answer,
             nout=nout_b,
@@ -179,7 +184,7 @@ def _decode(
         )
 
     c = jax.lax.while_loop(lambda c: jnp.any(~c["done"]), body, c)
-    return {k: c[k] for k in ("seq", "forced", "nseq", "answer", "nout")}
+    return {k: c[k] for k in ("seq", "forced", "choice", "nseq", "answer", "nout")}
 
 
 @functools.lru_cache(maxsize=16)
@@ -298,6 +303,7 @@ class PauseDecoder:
             seq=out["seq"],
             seq_lengths=nseq,
             forced=out["forced"],
+            choice=out["choice"],
             pauses=pauses,
             passes=pauses + nout,
         )

@@ -8,7 +8,9 @@ positions), so teacher forcing over a whole sequence needs no Python loop over
 positions. Kinds, chosen by name from `DRAFTERS`:
 
 - `transformer` (EAGLE-style, default): small causal transformer over the k
-  draft steps; step j's input is the fused tap plus the embedding of y_j.
+  draft steps; step j's input is the fused tap, the embedding of y_j and a
+  learned embedding of j. (RoPE alone cannot tell steps apart when tokens
+  repeat: equal inputs give equal values, so "=1" and "=11" would draft alike.)
 - `medusa`: k independent residual-MLP heads on the tap (Cai et al. 2024).
 - `rnn`: a GRU over draft steps started from the tap (ReDrafter-style,
   Cheng et al. 2024).
@@ -75,6 +77,7 @@ class TransformerDrafter(DrafterBase):
         super().__init__(cfg, main, rngs=rngs)
         self.embed = nnx.Embed(main.vocab_size, self.d, rngs=rngs)
         self.in_proj = nnx.Linear(2 * self.d, self.d, use_bias=False, rngs=rngs)
+        self.step_embed = nnx.Embed(cfg.k, self.d, rngs=rngs)
         block_cfg = dataclasses.replace(
             main, d_model=self.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, d_ff=0,
             dtype="float32", taps=(-1,), n_registers=0, use_urgency=False,
@@ -85,6 +88,7 @@ class TransformerDrafter(DrafterBase):
         b, t, k = inputs_btk.shape
         h_btkd = jnp.broadcast_to(self.fuse(taps_btld)[:, :, None], (b, t, k, self.d))
         x_btkd = self.in_proj(jnp.concatenate([h_btkd, self.embed(inputs_btk)], axis=-1))
+        x_btkd = x_btkd + self.step_embed(jnp.arange(k))
         x_nkd = x_btkd.reshape(b * t, k, self.d)  # each position's draft chain on its own
         step_nk = jnp.broadcast_to(jnp.arange(k), (b * t, k))
         for block in self.blocks:

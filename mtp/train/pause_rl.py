@@ -12,8 +12,8 @@ accuracy for passes on request. Advantages are group-normalised (GRPO) within
 each group (same prompt, same urgency); the policy loss is that of `mtp.train.rl`
 (each decision is its own pass) on the log-probability of the decision, pause
 or go on (`rl.token_stats` with `decision`), with the urgency passed to the
-teacher-forced forward. Pauses forced out by the cap are not the policy's
-choice and are masked out of the loss.
+teacher-forced forward. Steps where the policy had no choice (the cap
+reached, or past the first answer token) are masked out of the loss.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def answer_text(tok: ByteTokenizer, answer: np.ndarray) -> str:
 
 
 def rl_batch(heads, res: PauseResult, adv_b, urgency_b) -> dict:
-    """Teacher-forcing rows head + pauses/answer; the mask covers the policy's own choices."""
+    """Teacher-forcing rows head + pauses/answer; the mask covers the steps where the policy
+    chose between pausing and answering (not those after the cap or past the first answer
+    token, where it had no choice)."""
     b = len(heads)
     length = max(h.size + n for h, n in zip(heads, res.seq_lengths, strict=True))
     tokens = np.full((b, length), PAD_ID, np.int32)
@@ -52,7 +54,7 @@ def rl_batch(heads, res: PauseResult, adv_b, urgency_b) -> dict:
         n = int(res.seq_lengths[i])
         tokens[i, : h.size] = h
         tokens[i, h.size : h.size + n] = res.seq[i, :n]
-        mask[i, h.size : h.size + n] = ~res.forced[i, :n]
+        mask[i, h.size : h.size + n] = res.choice[i, :n]
     return dict(
         tokens=tokens,
         offset=np.zeros_like(tokens),
@@ -62,7 +64,7 @@ def rl_batch(heads, res: PauseResult, adv_b, urgency_b) -> dict:
         old_lp=np.zeros((b, length), np.float32),
         ref_lp=np.zeros((b, length), np.float32),
         urgency=np.asarray(urgency_b, np.float32),
-        decision=mask.copy(),  # every unforced step chose pause / go on; answers are greedy
+        decision=mask.copy(),  # each step in the mask chose pause / go on; answers are greedy
     )
 
 
