@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.pause = dataclasses.asdict(PauseConfig())
     c.pause.update(task="multiplication:digits=2,multiplier_digits=2,thought=0,n=50000",
                    max_pauses=16, eval_prompts=800, cap=16, emit_steps=200, rl_steps=60,
-                   prompts_per_step=16, group_size=8, pause_price=0.05, rl_lr=3e-4)  # fmt: skip
+                   prompts_per_step=16, group_size=8, pause_price=0.02, rl_lr=3e-4)  # fmt: skip
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)

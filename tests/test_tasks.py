@@ -12,8 +12,8 @@ NAMES = sorted(TASKS)
 N = 40  # examples per property check
 CONTEXT = 512  # the models' longest context, in bytes
 HARDEST = {
-    "addition": {"digits": 32},
-    "multiplication": {"digits": 16, "multiplier_digits": 5},
+    "addition": {"digits": 32, "thought": 1},
+    "multiplication": {"digits": 16, "multiplier_digits": 5, "thought": 1},
     "primes": {"count": 20, "modulus": 99, "below": 10**6},
     "parity": {"bits": 200},
     "lookup": {"symbols": 26, "hops": 25},
@@ -62,6 +62,7 @@ def test_rendered_text_fits_max_len_and_the_context(name):
             text = render(ex)
             assert text == f"{ex.prompt}<think>{ex.thought}</think>{ex.answer}"
             assert len(text.encode()) == len(text) <= task.max_len
+            assert len(ex.answer) <= task.max_answer_len
 
 
 def test_hardest_difficulties_are_the_allowed_maxima():

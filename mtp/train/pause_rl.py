@@ -48,6 +48,7 @@ def rl_batch(heads, res: PauseResult, adv_b, urgency_b) -> dict:
     token, where it had no choice)."""
     b = len(heads)
     length = max(h.size + n for h, n in zip(heads, res.seq_lengths, strict=True))
+    length = -(-length // 16) * 16  # few shapes: few compiles of the RL step
     tokens = np.full((b, length), PAD_ID, np.int32)
     mask = np.zeros((b, length), np.float32)
     for i, h in enumerate(heads):
