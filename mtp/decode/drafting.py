@@ -57,8 +57,8 @@ def _transformer(drafter: TransformerDrafter, taps_bld, y0_b, choose: Choose):
     h_b1d = drafter.fuse(taps_bld[:, None])  # (B, 1, d)
 
     def step(caches, y_b, j):
-        x_b1d = drafter.in_proj(jnp.concatenate([h_b1d, drafter.embed(y_b[:, None])], axis=-1))
         slot_b1 = jnp.full((b, 1), j, jnp.int32)
+        x_b1d = drafter.step_inputs(h_b1d, y_b[:, None], slot_b1)
         new = []
         for block, cache in zip(drafter.blocks, caches, strict=True):
             x_b1d, cache = block(x_b1d, slot_b1, cache)

@@ -84,11 +84,15 @@ class TransformerDrafter(DrafterBase):
         )  # fmt: skip
         self.blocks = nnx.List([Block(block_cfg, rngs=rngs) for _ in range(cfg.n_layers)])
 
+    def step_inputs(self, h_xd, tokens_x, steps_x):
+        """Block input of draft steps: fused tap h (..., d), token y_j (...), step j (...)."""
+        x_xd = self.in_proj(jnp.concatenate([h_xd, self.embed(tokens_x)], axis=-1))
+        return x_xd + self.step_embed(steps_x)
+
     def __call__(self, taps_btld, inputs_btk):
         b, t, k = inputs_btk.shape
         h_btkd = jnp.broadcast_to(self.fuse(taps_btld)[:, :, None], (b, t, k, self.d))
-        x_btkd = self.in_proj(jnp.concatenate([h_btkd, self.embed(inputs_btk)], axis=-1))
-        x_btkd = x_btkd + self.step_embed(jnp.arange(k))
+        x_btkd = self.step_inputs(h_btkd, inputs_btk, jnp.broadcast_to(jnp.arange(k), (b, t, k)))
         x_nkd = x_btkd.reshape(b * t, k, self.d)  # each position's draft chain on its own
         step_nk = jnp.broadcast_to(jnp.arange(k), (b * t, k))
         for block in self.blocks:
