@@ -11,11 +11,11 @@ Phases, each resumable (re-running the command skips finished ones):
 Rollouts think in fast mode (1 + k = 5 tokens per main pass) within a budget
 of main passes, then answer in slow mode; reward = exact answer.
 
-2 idle CPU cores: 21.5 min for the pipeline, 1.5 min for the report (`:smoke`
-runs a minute-long pipeline). Measured 2026-11-23 (docs/benchmarks.md): slow
-1.00 accuracy at 41.6 main passes per answer; fast at 13.6 passes (33%): 0.91
-with the supervised drafter, 0.90 after drafter-only RL, 0.74 after joint RL;
-the issue's aim (joint RL within 5 points of slow) is not met yet.
+2 idle CPU cores: ~22 min for the pipeline (warm-up 14.5 min), 1.3 min for the
+report (`:smoke` runs a minute-long pipeline). Measured 2026-11-23
+(docs/benchmarks.md): slow 1.000 accuracy at 41.6 main passes per answer; fast
+1.000 at 13.6 passes (33%) with the supervised drafter, after drafter-only RL
+and after joint RL alike: RL has nothing to fix at this size.
 """
 
 import dataclasses
