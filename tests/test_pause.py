@@ -246,3 +246,15 @@ def test_pause_pipeline_writes_the_report_and_skips_finished_phases(tmp_path):
     mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("*/checkpoints/*")}
     pause_pipeline.run_pipeline(config, tmp_path)
     assert {p: p.stat().st_mtime for p in tmp_path.glob("*/checkpoints/*")} == mtimes
+
+
+def test_pause_decision_gradient_moves_only_the_pause_logit():
+    logits = jax.random.normal(jax.random.key(0), (1, 2, 264)) * 3
+    tokens = jnp.array([[PAUSE_ID, 65]])
+    lp = rl.pause_decision_logprob(logits, tokens)
+    p = jax.nn.softmax(logits)[..., PAUSE_ID]
+    np.testing.assert_allclose(lp, jnp.log(jnp.array([[p[0, 0], 1 - p[0, 1]]])), atol=1e-6)
+    grad = jax.grad(lambda z: rl.pause_decision_logprob(z, tokens).sum())(logits)
+    others = np.asarray(grad).copy()
+    others[..., PAUSE_ID] = 0
+    assert np.abs(others).max() == 0.0 and (np.abs(np.asarray(grad[..., PAUSE_ID])) > 0).all()

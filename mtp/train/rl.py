@@ -90,12 +90,20 @@ def token_dists(system, tokens_bl, offset_bl, temperature: float = 1.0, urgency_
     (t = l - 1 - j, step j - 1). Rows at position 0 are garbage; mask them.
     `urgency_b` (B,): the urgency input of a model with `use_urgency` (pause RL).
     """
-    logits_blv, draft_blkv = system(tokens_bl, urgency_b)
+    return _dists(*system(tokens_bl, urgency_b), offset_bl, temperature)
+
+
+def _previous(x_bl_):
+    """x at l - 1 for every l (row 0 repeats itself)."""
+    return jnp.concatenate([x_bl_[:, :1], x_bl_[:, :-1]], axis=1)
+
+
+def _dists(logits_blv, draft_blkv, offset_bl, temperature):
     b, l, k, _ = draft_blkv.shape
     main_lp_blv = jax.nn.log_softmax(logits_blv / temperature)
     draft_lp_blkv = jax.nn.log_softmax(draft_blkv / temperature)
     # main distribution for token l lives at l - 1
-    main_prev_blv = jnp.concatenate([main_lp_blv[:, :1], main_lp_blv[:, :-1]], axis=1)
+    main_prev_blv = _previous(main_lp_blv)
     t_bl = jnp.clip(jnp.arange(l) - 1 - offset_bl, 0, l - 1)
     j_bl = jnp.clip(offset_bl - 1, 0, k - 1)
     draft_sel_blv = draft_lp_blkv[jnp.arange(b)[:, None], t_bl, j_bl]  # (B, L, V)
@@ -110,19 +118,34 @@ def token_stats(
 
     Where `decision_bl` (B, L) is set, the policy's choice there was only whether
     to pause (the answer token itself greedy; `mtp.decode.pause`): its log-prob
-    is log p(<pause>) at a pause and log(1 - p(<pause>)) elsewhere.
+    is that of the decision (`pause_decision_logprob`).
     Also returns the entropy (B, L) of that distribution and whether the token
     equals the main model's own greedy choice at its position (B, L) — for a
     draft, the agreement with the main model that speculative decoding checks.
     """
-    dist_blv, main_prev_blv = token_dists(system, tokens_bl, offset_bl, temperature, urgency_b)
+    logits_blv, draft_blkv = system(tokens_bl, urgency_b)
+    dist_blv, main_prev_blv = _dists(logits_blv, draft_blkv, offset_bl, temperature)
     lp_bl = jnp.take_along_axis(dist_blv, tokens_bl[..., None], -1)[..., 0]
     if decision_bl is not None:
-        go_on_bl = jnp.log1p(-jnp.minimum(jnp.exp(dist_blv[..., PAUSE_ID]), 1 - 1e-6))
-        lp_bl = jnp.where((decision_bl > 0) & (tokens_bl != PAUSE_ID), go_on_bl, lp_bl)
+        dec_bl = pause_decision_logprob(_previous(logits_blv), tokens_bl, temperature)
+        lp_bl = jnp.where(decision_bl > 0, dec_bl, lp_bl)
     ent_bl = -(jnp.exp(dist_blv) * dist_blv).sum(-1)
     agree_bl = tokens_bl == jnp.argmax(main_prev_blv, -1)
     return lp_bl, ent_bl, agree_bl
+
+
+def pause_decision_logprob(logits_blv, tokens_bl, temperature: float = 1.0):
+    """(B, L) log-prob of the decision to pause (token <pause>) or not (any other token).
+
+    Valued log p(<pause>) or log(1 - p(<pause>)) under softmax(logits / T), but
+    differentiated through the pause logit only (the others' log-sum-exp is held
+    fixed): a decision's advantage moves how readily the model pauses, not which
+    answer token it ranks first, since the answer itself was not sampled.
+    """
+    z_blv = logits_blv / temperature
+    rest_bl = jax.lax.stop_gradient(jax.nn.logsumexp(z_blv.at[..., PAUSE_ID].set(-jnp.inf), -1))
+    d_bl = z_blv[..., PAUSE_ID] - rest_bl  # log-odds of pausing
+    return jnp.where(tokens_bl == PAUSE_ID, jax.nn.log_sigmoid(d_bl), jax.nn.log_sigmoid(-d_bl))
 
 
 def pass_sums(x_bl, pass_bl, mask_bl):
