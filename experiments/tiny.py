@@ -1,10 +1,10 @@
 r"""Tiny main model + transformer drafter on the bundled stdlib code corpus.
 
-The README's main job and the CPU smoke test. 2 idle CPU cores: 7.5 min.
+The README's main job and the CPU smoke test. 2 idle CPU cores: 6.3 min.
     python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny
-Measured (docs/benchmarks.md): eval main loss 1.99 -> 1.73 -> 1.64 nats/byte
-at steps 200 / 400 / 600; drafter top-1 accuracy at offsets 1..4 0.52 / 0.51 /
-0.49 / 0.47 against a unigram baseline of 0.25; 3.1 tokens per pass implied.
+Measured (docs/benchmarks.md): eval main loss 1.97 -> 1.74 -> 1.64 nats/byte
+at steps 200 / 400 / 600; drafter top-1 accuracy at offsets 1..4 0.53 / 0.51 /
+0.47 / 0.46 against a unigram baseline of 0.25; 3.05 tokens per pass implied.
 """
 
 from mtp.config import default_config

@@ -241,6 +241,8 @@ def test_pause_pipeline_writes_the_report_and_skips_finished_phases(tmp_path):
         for m, row in out["fixed"][model].items():
             assert 0.0 <= row["accuracy"] <= 1.0 and row["pauses"] == int(m)
     assert {a["urgency"] for a in out["adaptive"] if a["model"] == "learned"} == {0.0, 1.0}
+    assert "## Findings" in (tmp_path / "pause_report.md").read_text()
+    assert any(line.startswith("learned: urgency 1 spends") for line in out["findings"])
     tpp = out["tokens_per_pass"]
     assert tpp["fast (1 + k, k=2)"] == 3.0 and tpp["slow (1)"] == 1.0
     mtimes = {p: p.stat().st_mtime for p in tmp_path.glob("*/checkpoints/*")}
@@ -258,3 +260,19 @@ def test_pause_decision_gradient_moves_only_the_pause_logit():
     others = np.asarray(grad).copy()
     others[..., PAUSE_ID] = 0
     assert np.abs(others).max() == 0.0 and (np.abs(np.asarray(grad[..., PAUSE_ID])) > 0).all()
+
+
+def test_report_findings_answer_the_issue_questions_from_the_numbers():
+    from mtp.evals.pause_report import findings
+
+    fixed = {"paused": {0: 0.2, 2: 0.3, 16: 0.25}, "plain": {0: 0.2, 2: 0.0, 16: 0.0}}
+    rule = {"model": "paused", "urgency": 0.0, "accuracy": 0.35, "pauses": 3.0,
+            "best_fixed_at_or_below": (2, 0.3)}  # fmt: skip
+    learned = [{"model": "learned", "urgency": u, "pauses": p} for u, p in ((0.0, 4.0), (1.0, 1.0))]
+    lines = findings(fixed, [rule, *learned])
+    assert lines[0].startswith("pause-trained: M=0 0.200, best M=2 0.300 (+10.0 points)")
+    assert lines[0].endswith("pauses help") and lines[1].endswith("pauses do not help")
+    assert lines[2].startswith("adaptive rule: 1 of 1")
+    assert lines[3].endswith(": fewer at urgency 1")
+    learned[1]["pauses"] = 4.0
+    assert findings(fixed, [rule, *learned])[3].endswith("NOT fewer at urgency 1")

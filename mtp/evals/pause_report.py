@@ -72,6 +72,36 @@ def _best_fixed(fixed: dict, budget: float):
     return None if not ok else (-max(ok)[1], max(ok)[0])
 
 
+def findings(fixed: dict, adaptive: list[dict]) -> list[str]:
+    """The report's answers to the issue's questions, computed from its own numbers."""
+    lines = []
+    for name, label in (("paused", "pause-trained"), ("plain", "plain")):
+        acc = fixed[name]
+        if 0 not in acc or len(acc) < 2:
+            continue
+        peak = max((m for m in acc if m), key=lambda m: acc[m])
+        after = [acc[m] for m in acc if m > peak]
+        lines.append(
+            f"{label}: M=0 {acc[0]:.3f}, best M={peak} {acc[peak]:.3f} "
+            f"({100 * (acc[peak] - acc[0]):+.1f} points)"
+            + (f", largest M {acc[max(acc)]:.3f}" if after else "")
+            + (": pauses help" if acc[peak] > acc[0] else ": pauses do not help")
+        )
+    rules = [a for a in adaptive if a["model"] == "paused"]
+    if rules:
+        beaten = [a for a in rules if a["best_fixed_at_or_below"] is not None
+                  and a["accuracy"] > a["best_fixed_at_or_below"][1]]  # fmt: skip
+        lines.append(f"adaptive rule: {len(beaten)} of {len(rules)} thresholds beat the best "
+                     "fixed M at no more mean pauses")  # fmt: skip
+    learned = {a["urgency"]: a["pauses"] for a in adaptive if a["model"] == "learned"}
+    if {0.0, 1.0} <= set(learned):
+        fewer = learned[1.0] < learned[0.0]
+        verdict = "fewer" if fewer else "NOT fewer"
+        lines.append(f"learned: urgency 1 spends {learned[1.0]:.2f} pauses, urgency 0 "
+                     f"{learned[0.0]:.2f}: {verdict} at urgency 1")  # fmt: skip
+    return lines
+
+
 def _engine_tokens_per_pass(system, head) -> dict:
     """fast and slow tokens per main pass, measured by the decoding engine on one prompt.
 
@@ -134,6 +164,7 @@ def write_report(config, workdir) -> dict:
         tpp_rows.append([f"paused, M={m} (1 / (1 + M) per answer token)",
                          out["fixed"]["paused"][m]["tokens_per_pass"]])  # fmt: skip
     out["tokens_per_pass"] = {r[0]: r[1] for r in tpp_rows}
+    out["findings"] = findings(fixed, out["adaptive"])
 
     text = (
         f"# Pause tokens on `{pc.task}` ({pc.eval_prompts} held-out problems, greedy)\n\n"
@@ -153,7 +184,8 @@ def write_report(config, workdir) -> dict:
         )  # fmt: skip
         + "\n\n## Tokens per main pass\n\n"
         + format_table(tpp_rows, ["mode", "tokens / main pass (measured)"])
-        + "\n"
+        + "\n\n## Findings\n\n"
+        + "".join(f"- {line}\n" for line in out["findings"])
     )
     (workdir / "pause_report.md").write_text(text)
     (workdir / "pause_report.json").write_text(json.dumps(out, indent=2, default=str))
