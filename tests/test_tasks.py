@@ -87,12 +87,17 @@ def test_addition_thought_is_the_carry_chain():
         assert ex.answer == (carry + digits).lstrip("0")
 
 
-def test_addition_without_thought_answers_directly():
-    written, direct = make_task("addition", digits=3), make_task("addition", digits=3, thought=0)
+@pytest.mark.parametrize(
+    "name, difficulty, longest",
+    [("addition", {"digits": 3}, "999+999=<think></think>1998"),
+     ("multiplication", {"digits": 2, "multiplier_digits": 2}, "99*99=<think></think>9801")],
+)  # fmt: skip
+def test_thought_0_answers_directly(name, difficulty, longest):
+    written, direct = make_task(name, **difficulty), make_task(name, **difficulty, thought=0)
     for a, b in zip(written.examples("eval", N), direct.examples("eval", N), strict=True):
         assert (b.prompt, b.thought, b.answer) == (a.prompt, "", a.answer)
-        assert direct.score(b.prompt, b.answer) == 1.0
-    assert direct.max_len == len("999+999=<think></think>1998")
+        assert a.thought and direct.score(b.prompt, b.answer) == 1.0
+    assert direct.max_len == len(longest)
 
 
 def test_multiplication_thought_is_partial_products_and_running_sums():

@@ -261,12 +261,8 @@ class PauseDecoder:
         longest = max(r.size for r in rows)
         if min(r.size for r in rows) == m:
             raise PauseError("a prompt is empty; give at least one token (e.g. <bos>)")
-        per_answer = policy.cap if policy.kind != "fixed" else 0
-        need = (
-            longest
-            + max_new_tokens * (1 + per_answer if policy.per_token else 1)
-            + (0 if policy.per_token else per_answer)
-        )
+        cap = policy.cap if policy.kind != "fixed" else 0  # adaptive pauses per answer token
+        need = longest + max_new_tokens + cap * (max_new_tokens if policy.per_token else 1)
         if need > self.max_len:
             raise PauseError(
                 f"prompt ({longest} tokens with pauses) + max_new_tokens={max_new_tokens} "
