@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp.config import DrafterConfig, ModelConfig, RLConfig, default_config
+from mtp.config import DrafterConfig, ModelConfig, RLConfig, default_config, validate
 from mtp.data.tasks import make_task
 from mtp.data.tokenizer import PAD_ID, THINK_CLOSE_ID
 from mtp.decode.sampling import Sampling
@@ -105,7 +105,11 @@ def _tiny_config(tmp_path):
 def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch):
     c = _tiny_config(tmp_path)
     c.rl.update(steps=1, oversample=2, replay=0.5)  # dynamic sampling and replay, end to end
+    c.drafter.detach = True  # a Medusa-style warm-up: the drafter's loss never reaches the main
     rl_loop.run_pipeline(c, tmp_path)
+    rc = validate(c).rl
+    assert not rl_loop.rl_policy(tmp_path / "warmup", rc).detach  # joint RL reaches it
+    assert rl_loop.rl_policy(tmp_path / "warmup", dataclasses.replace(rc, detach=True)).detach
     c.rl.steps = 2  # the RL phase resumes from its step-1 checkpoint
     out = rl_loop.run_pipeline(c, tmp_path)
     assert set(out) == {"warmup_slow", "warmup_fast", "rl_both"}

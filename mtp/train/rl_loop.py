@@ -129,6 +129,14 @@ def load_rl_system(workdir, init_dir=None):
     return nnx.merge(graphdef, state)[0], config
 
 
+def rl_policy(init_dir, rc: RLConfig):
+    """The warm-up's system as RL starts it: taps detached or not by `rl.detach`, not the warm-up's
+    `drafter.detach`, so joint RL can teach a main model the drafter never trained to talk."""
+    system, _ = ckpt.load_system(init_dir)
+    system.detach = rc.detach
+    return system
+
+
 def _evaluate(rc: RLConfig, roll: ThinkRollout, task, thought_mode: str | None = None):
     ev = TaskAccuracy(
         task, rc.eval_prompts, thought_mode=thought_mode or rc.thought_mode,
@@ -145,7 +153,7 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
     workdir = Path(workdir)
     task, _ = parse_task_spec(rc.task)
     ckpt.check_compatible(config, workdir)
-    init_system, _ = ckpt.load_system(init_dir)
+    init_system = rl_policy(init_dir, rc)
     if is_main_process():
         ckpt.write_config(config, workdir)
     ref_graphdef, ref_state = nnx.split(init_system)
