@@ -88,6 +88,14 @@ def test_bad_reward_drops_its_group_with_a_log_line(roll, failure):
         rl_loop.group_advantages(ro, 2, RLConfig(on_bad_reward="error"))
 
 
+def test_partial_credit_is_the_reward_and_accuracy_stays_exact(roll):
+    _, r = roll
+    ro = r(PROMPTS, think_budget=3, answer_max_tokens=4, sampling=Sampling(temperature=1.0), seed=1)
+    ro = score_rollouts(ro, lambda p, a: 0.0, pass_price=0.01, credit=lambda p, a: 0.5)
+    assert ro.stats()["accuracy"] == 0.0
+    np.testing.assert_allclose(ro.rewards, 0.5 - 0.01 * ro.passes)
+
+
 def _tiny_config(tmp_path):
     c = default_config()
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_len=64)

@@ -49,6 +49,22 @@ def test_true_answer_scores_one_and_wrong_or_malformed_zero(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_partial_credit_counts_characters_from_the_end(name):
+    task = make_task(name)
+    for ex in task.examples("train", N):
+        a = ex.answer
+        assert task.partial_score(ex.prompt, a) == 1.0
+        assert task.partial_score(ex.prompt, "") == 0.0
+        wrong_first = chr(ord(a[0]) ^ 1) + a[1:]  # one character off, the rest in place
+        assert task.partial_score(ex.prompt, wrong_first) == (len(a) - 1) / len(a)
+        assert task.partial_score(ex.prompt, a + "0") < 1.0  # longer: never full credit
+    add = make_task("addition", digits=4)
+    assert add.partial_score("4821+9375=", "14196") == 1.0
+    assert add.partial_score("4821+9375=", "4196") == 0.8  # the leading 1 missing
+    assert add.partial_score("4821+9375=", "14186") == 0.8
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_score_rejects_a_prompt_of_another_task(name):
     with pytest.raises(ValueError):
         make_task(name).score("hello", "1")

@@ -51,6 +51,9 @@ class RLConfig:
     thought_mode: str = "fast"
     think_budget: int = 0  # main passes for the thought; then </think> is forced
     answer_max_tokens: int = 16
+    # 'exact': reward = the verifier's score; 'partial': the share of the answer's characters
+    # right, counted from the end (dense where few answers are exact; accuracy stays exact)
+    reward: str = "exact"
     pass_price: float = 0.0  # reward -= pass_price * main passes of the rollout
     on_bad_reward: str = "skip"  # verifier raised / NaN: 'skip' the group (logged) or 'error'
     max_skipped_steps: int = 10  # consecutive steps with no usable rollout before stopping
@@ -79,6 +82,7 @@ class RLConfig:
             ("loss", RL_LOSSES),
             ("thought_mode", RL_THOUGHT_MODES),
             ("on_bad_reward", ("skip", "error")),
+            ("reward", ("exact", "partial")),
         ):
             v = getattr(self, name)
             check(v in allowed, f"rl.{name}", f"{v!r} not in {allowed}")

@@ -188,7 +188,8 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
                     answer_max_tokens=rc.answer_max_tokens, sampling=sampling,
                     seed=jax.random.fold_in(key, step),
                 )  # fmt: skip
-                ro = score_rollouts(ro, task.score, rc.pass_price)
+                credit = task.partial_score if rc.reward == "partial" else None
+                ro = score_rollouts(ro, task.score, rc.pass_price, credit)
                 spread = np.nan_to_num(ro.rewards).reshape(-1, g).std(1) > 0
                 stats = ro.stats() | {"groups_with_signal": float(spread.mean())}
                 info["bad_rollouts"] += int(ro.bad.sum())

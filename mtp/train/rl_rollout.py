@@ -192,27 +192,35 @@ class ThinkRollout:
 
 
 def score_rollouts(
-    ro: Rollouts, score: Callable[[str, str], float], pass_price: float = 0.0
+    ro: Rollouts,
+    score: Callable[[str, str], float],
+    pass_price: float = 0.0,
+    credit: Callable[[str, str], float] | None = None,
 ) -> Rollouts:
-    """Fills scores, rewards, bad and errors; never raises for a bad verifier result."""
+    """Fills scores, rewards, bad and errors; never raises for a bad verifier result.
+
+    The reward is `credit(prompt, answer)` (e.g. partial credit) if given, else the
+    score, minus `pass_price` per main pass; `scores` stay the verifier's own.
+    """
     b = len(ro.prompts)
-    scores = np.full(b, np.nan)
+    scores, credits = np.full(b, np.nan), np.full(b, np.nan)
     bad = np.zeros(b, bool)
     for i, (p, a) in enumerate(zip(ro.prompts, ro.answers, strict=True)):
         try:
             s = float(score(p, a))
+            c = float(credit(p, a)) if credit else s
         except Exception as e:  # noqa: BLE001 - any verifier failure is reported, not fatal
             bad[i] = True
             ro.errors.append(
                 f"verifier raised {type(e).__name__}: {e} (prompt {p!r}, answer {a!r})"
             )
             continue
-        if not math.isfinite(s):
+        if not (math.isfinite(s) and math.isfinite(c)):
             bad[i] = True
-            ro.errors.append(f"verifier returned {s} (prompt {p!r}, answer {a!r})")
+            ro.errors.append(f"verifier returned {s} / {c} (prompt {p!r}, answer {a!r})")
             continue
-        scores[i] = s
+        scores[i], credits[i] = s, c
     ro.scores = scores
-    ro.rewards = scores - pass_price * ro.passes
+    ro.rewards = credits - pass_price * ro.passes
     ro.bad = bad
     return ro

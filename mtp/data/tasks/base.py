@@ -104,6 +104,14 @@ class Task(abc.ABC):
         """
         return float(answer == self.solve(prompt))
 
+    def partial_score(self, prompt: str, answer: str) -> float:
+        """Partial credit in [0, 1]: the share of the true answer's characters that `answer`
+        has at the same place counted from the end (units digit first for numbers), over the
+        longer of the two; 1.0 iff exact. A dense RL reward where few answers are exact."""
+        truth = self.solve(prompt)
+        same = sum(a == b for a, b in zip(reversed(answer), reversed(truth), strict=False))
+        return same / max(len(truth), len(answer))
+
     def examples(self, split: Split, n: int, start: int = 0) -> list[Example]:
         """Examples `start .. start + n - 1` of `split`, deterministic.
 
