@@ -21,8 +21,12 @@ import dataclasses
 
 from mtp.config import PauseConfig, default_config
 
+VARIANTS = ("smoke",)
+
 
 def get_config(arg=None):
+    if arg not in (None, *VARIANTS):
+        raise ValueError(f"experiments/pause.py:{arg}: the argument is one of {VARIANTS}")
     smoke = arg == "smoke"
     c = default_config()
     c.model.update(d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_len=64,

@@ -22,8 +22,12 @@ import dataclasses
 
 from mtp.config import RLConfig, default_config
 
+VARIANTS = ("smoke", "medusa", "k8")
+
 
 def get_config(arg=None):
+    if arg not in (None, *VARIANTS):
+        raise ValueError(f"experiments/rl_arith.py:{arg}: the argument is one of {VARIANTS}")
     smoke = arg == "smoke"
     c = default_config()
     c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_len=128)
@@ -57,6 +61,11 @@ def get_config(arg=None):
         eval_prompts=128,
         checkpoint_every=10,
     )
+    if arg == "medusa":  # warm-up with detached taps: the main model never learns to talk
+        c.drafter.detach = True  # (rl.detach stays False: joint RL reaches the main model)
+        c.rl.update(reward="partial", lr=3e-4, steps=100)  # exact answers: no signal at all
+    if arg == "k8":  # twice the drafts per pass, same warm-up recipe
+        c.drafter.k = 8
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)

@@ -15,8 +15,12 @@ import dataclasses
 
 from mtp.config import RLConfig, default_config
 
+VARIANTS = ("mult",)
+
 
 def get_config(arg=None):
+    if arg not in (None, *VARIANTS):
+        raise ValueError(f"experiments/rl_gpu.py:{arg}: the argument is one of {VARIANTS}")
     mult = arg == "mult"
     task = "multiplication:digits=5,multiplier_digits=3" if mult else "addition:digits=8"
     c = default_config()

@@ -35,10 +35,13 @@ def _sibling(name):
     return module.get_config()
 
 
+VARIANTS = ("cpu", "tiny", "gpu")
+
+
 def get_config(arg=None):
     size = arg or "cpu"
-    if size not in ("cpu", "tiny", "gpu"):
-        raise ValueError(f"experiments/sweep_k.py:{arg}: the argument is one of cpu, tiny, gpu")
+    if size not in VARIANTS:
+        raise ValueError(f"experiments/sweep_k.py:{arg}: the argument is one of {VARIANTS}")
     if size == "tiny":
         c = default_config()
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_len=64)

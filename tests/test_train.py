@@ -64,7 +64,8 @@ def test_every_experiment_config_validates():
         spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        validate(module.get_config())
+        for arg in (None, *getattr(module, "VARIANTS", ())):  # every documented variant too
+            validate(module.get_config(arg))
 
 
 def _fixed_batch(seq_len=32, batch=4):
