@@ -54,6 +54,7 @@ def _config(**rl):
         ("advantage", "ppo", "config.rl.advantage: 'ppo' not in"),
         ("temperature", 0.0, "config.rl.temperature: must be > 0"),
         ("on_bad_reward", "ignore", "config.rl.on_bad_reward: 'ignore' not in"),
+        ("reward", "digits", "config.rl.reward: 'digits' not in"),
         ("task", "addition:digits=99", "config.rl.task: task 'addition': digits must be in"),
         ("replay", 1.5, "config.rl.replay: must be in"),
         ("oversample", 0, "config.rl.oversample: must be >= 1"),
