@@ -22,7 +22,7 @@ import dataclasses
 
 from mtp.config import RLConfig, default_config
 
-VARIANTS = ("smoke", "medusa", "k8")
+VARIANTS = ("smoke", "medusa", "k8", "mult")
 
 
 def get_config(arg=None):
@@ -66,6 +66,10 @@ def get_config(arg=None):
         c.rl.update(reward="partial", lr=3e-4, steps=100)  # exact answers: no signal at all
     if arg == "k8":  # twice the drafts per pass, same warm-up recipe
         c.drafter.k = 8
+    if arg == "mult":  # 2x2-digit multiplication, partial products computed in one step each
+        task = "multiplication:digits=2,multiplier_digits=2"
+        c.data.corpus = f"task:{task},n=100000"
+        c.rl.task = task
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)

@@ -129,7 +129,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=name)
     ax.set_xlabel("main passes per answer (thought + answer)")
     ax.set_ylabel("held-out accuracy")
-    ax.set_title(title)
+    ax.set_title(title, fontsize="medium", wrap=True)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
