@@ -16,6 +16,15 @@ report (`:smoke` runs a minute-long pipeline). Measured 2026-11-23
 (docs/benchmarks.md): slow 1.000 accuracy at 41.6 main passes per answer; fast
 1.000 at 13.6 passes (33%) with the supervised drafter, after drafter-only RL
 and after joint RL alike: RL has nothing to fix at this size.
+
+Variants (`experiments/rl_arith.py:VARIANT`), measured the same day:
+- `k8`: 8 drafts per pass; fast 1.000 at 9.6 passes (23%), RL again idle.
+- `medusa`: the warm-up detaches the taps (the main model never trained to talk);
+  same main loss, fast 0.000, and RL (exact or partial credit) cannot start.
+- `mult`: 2x2-digit multiplication with partial products; slow 0.902, fast
+  0.586 at 31% of the passes; RL at 64 rollouts per step no help, at 256
+  (`--config.rl.prompts_per_step=32 --config.rl.steps=30`) joint RL 0.604 vs
+  0.570 for drafter-only RL and the supervised drafter (512 problems).
 """
 
 import dataclasses
