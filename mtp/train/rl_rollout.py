@@ -217,7 +217,8 @@ def score_rollouts(
             continue
         if not (math.isfinite(s) and math.isfinite(c)):
             bad[i] = True
-            ro.errors.append(f"verifier returned {s} / {c} (prompt {p!r}, answer {a!r})")
+            got = f"{s}" if credit is None else f"{s}, credit {c}"
+            ro.errors.append(f"verifier returned {got} (prompt {p!r}, answer {a!r})")
             continue
         scores[i], credits[i] = s, c
     ro.scores = scores
