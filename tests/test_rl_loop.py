@@ -112,7 +112,7 @@ def _tiny_config(tmp_path):
 
 def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch):
     c = _tiny_config(tmp_path)
-    c.rl.update(steps=1, oversample=2, replay=0.5)  # dynamic sampling and replay, end to end
+    c.rl.update(steps=1, oversample=2, replay=0.5, reward="partial")  # all three, end to end
     c.drafter.detach = True  # a Medusa-style warm-up: the drafter's loss never reaches the main
     rl_loop.run_pipeline(c, tmp_path)
     rc = validate(c).rl

@@ -174,6 +174,7 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
     acc_m: dict[str, float] = {}
     acc_n, skipped_in_row, results = 0, 0, {}
     hard = list(info.get("hard", []))  # train problems not yet solved by every rollout
+    credit = task.partial_score if rc.reward == "partial" else None  # reward, if not score
     try:
         with sigterm_flag() as preempted, progress(rc.steps, step, f"rl_{trainable}") as bar:
             t0 = time.perf_counter()
@@ -188,7 +189,6 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
                     answer_max_tokens=rc.answer_max_tokens, sampling=sampling,
                     seed=jax.random.fold_in(key, step),
                 )  # fmt: skip
-                credit = task.partial_score if rc.reward == "partial" else None
                 ro = score_rollouts(ro, task.score, rc.pass_price, credit)
                 spread = np.nan_to_num(ro.rewards).reshape(-1, g).std(1) > 0
                 stats = ro.stats() | {"groups_with_signal": float(spread.mean())}
