@@ -145,3 +145,44 @@ def test_pass_sums_group_tokens_by_pass():
     total, pmask = rl.pass_sums(x, pass_, mask)
     np.testing.assert_allclose(total[0, :3], [2.0, 7.0, 0.0])
     np.testing.assert_array_equal(pmask[0, :3], [1.0, 1.0, 0.0])
+
+
+def _teacher(system, batch):
+    """The frozen main model's log-distribution for every token, as the RL loop computes it."""
+    graphdef, state = nnx.split(system)
+    return rl.reference_logprobs(graphdef, state, batch["tokens"], batch["offset"], temperature=1)
+
+
+def test_distill_is_kl_from_frozen_main_to_drafter_at_drafted_tokens():
+    system, batch = _system(), _rollouts()
+    _, teacher = _teacher(_system(seed=1), batch)
+    rc = dataclasses.replace(RC, distill=0.5)
+    loss, (m, _) = rl.rl_loss(system, batch | {"teacher": teacher}, rc, True)
+    main_blv, draft_blkv = system(batch["tokens"])
+    draft_lp = np.asarray(jax.nn.log_softmax(draft_blkv, -1))
+    t = np.asarray(teacher)
+    off, want = np.asarray(batch["offset"]), []
+    for b in range(off.shape[0]):
+        for l in range(5, off.shape[1]):
+            if (o := off[b, l]) > 0:
+                s = draft_lp[b, l - 1 - o, o - 1]
+                want.append((np.exp(t[b, l]) * (t[b, l] - s)).sum())
+    assert float(m["distill_kl"]) == pytest.approx(float(np.mean(want)), rel=1e-4)
+    loss0, _ = rl.rl_loss(system, batch, RC, True)
+    assert float(loss) == pytest.approx(float(loss0) + 0.5 * float(m["distill_kl"]), rel=1e-5)
+    # a teacher equal to the drafter's own distributions: zero
+    _, (m_self, _) = rl.rl_loss(system, batch | {"teacher": rl._stats(
+        main_blv, draft_blkv, batch["tokens"], batch["offset"], 1.0)[3]}, rc, True)  # fmt: skip
+    assert abs(float(m_self["distill_kl"])) < 1e-5
+
+
+def test_distill_gradient_reaches_main_model_through_the_taps():
+    """With no advantage at all, distillation alone trains the drafter and, via h_t, main."""
+    batch = _rollouts()
+    batch = batch | {"adv": jnp.zeros_like(batch["adv"]), "teacher": _teacher(_system(1), batch)[1]}
+    rc = dataclasses.replace(RC, distill=1.0)
+    main, drafter = _grad_norms(rl.rl_grads(_system(), batch, rc, "both")[1])
+    assert main > 1e-6 and drafter > 1e-6
+    main, drafter = _grad_norms(rl.rl_grads(_system(detach=True), batch, rc, "both")[1])
+    assert main == 0.0 and drafter > 1e-6
+    assert _grad_norms(rl.rl_grads(_system(), batch, RC, "both")[1]) == (0.0, 0.0)  # distill off

@@ -58,6 +58,7 @@ def _config(**rl):
         ("task", "addition:digits=99", "config.rl.task: task 'addition': digits must be in"),
         ("replay", 1.5, "config.rl.replay: must be in"),
         ("oversample", 0, "config.rl.oversample: must be >= 1"),
+        ("distill", -0.1, "config.rl.distill: must be >= 0"),
     ],
 )
 def test_rl_config_errors_name_the_field(field, value, message):

@@ -112,7 +112,7 @@ def _tiny_config(tmp_path):
 
 def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch):
     c = _tiny_config(tmp_path)
-    c.rl.update(steps=1, oversample=2, replay=0.5, reward="partial")  # all three, end to end
+    c.rl.update(steps=1, oversample=2, replay=0.5, reward="partial", distill=0.5)  # end to end
     c.drafter.detach = True  # a Medusa-style warm-up: the drafter's loss never reaches the main
     rl_loop.run_pipeline(c, tmp_path)
     rc = validate(c).rl
@@ -125,7 +125,7 @@ def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch)
     rows = read_csv(tmp_path / "rl_both", "rl_both")
     assert [r["step"] for r in rows] == [1, 2]
     for name in ("reward", "accuracy", "passes", "tokens_per_pass", "kl_ref", "entropy", "agree",
-                 "trained_groups_with_signal", "hard_problems"):  # fmt: skip
+                 "trained_groups_with_signal", "hard_problems", "distill_kl"):  # fmt: skip
         assert np.isfinite(rows[-1][name]), name
     assert (tmp_path / "rl_summary.md").exists()
     text = rl_report.report(tmp_path, n=4, budgets=(2, 0), batch_size=4)

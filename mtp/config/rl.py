@@ -40,6 +40,9 @@ class RLConfig:
     ppo_epochs: int = 2  # updates per batch of rollouts (the first is on-policy)
     clip_eps: float = 0.2
     kl_coef: float = 0.0  # penalty on KL to the frozen warm-up policy (k3 estimator)
+    # weight of KL(frozen warm-up main model || drafter) at every drafted token of the rollouts:
+    # on-policy distillation (DistillSpec), a per-token signal where the reward is per rollout
+    distill: float = 0.0
     # stop_gradient on the taps during RL (the warm-up's drafter.detach does not carry over:
     # a Medusa-style warm-up, main untouched by the drafter, can be followed by joint RL)
     detach: bool = False
@@ -90,7 +93,8 @@ class RLConfig:
         check(0 <= self.replay <= 1, "rl.replay", f"must be in [0, 1], got {self.replay}")
         check(self.temperature > 0, "rl.temperature", f"must be > 0, got {self.temperature}")
         check(self.clip_eps > 0, "rl.clip_eps", f"must be > 0, got {self.clip_eps}")
-        for name in ("kl_coef", "pass_price", "weight_decay", "warmup_steps", "think_budget"):
+        nonneg = ("kl_coef", "distill", "pass_price", "weight_decay", "warmup_steps")
+        for name in (*nonneg, "think_budget"):
             v = getattr(self, name)
             check(v >= 0, f"rl.{name}", f"must be >= 0, got {v}")
 

@@ -29,6 +29,14 @@ Batch of rollouts (`rl_rollout.Rollouts.batch`), all (B, L) but `adv`:
           a forced </think>, not pads; 0 on whole rows that are skipped)
   adv     float (B,): the rollout's advantage
   old_lp, ref_lp  float: log-probs of the rollout policy / frozen reference
+  teacher  float (B, L, V), only with rl.distill: the frozen reference main
+          model's log-distribution for token l (computed at l - 1)
+
+With `rl.distill` > 0 the loss adds, at every drafted token, the KL from that
+teacher to the drafter's distribution on the states the rollout visited
+(on-policy distillation, DistillSpec, Zhou et al. 2024): a dense, per-token
+signal where the sequence reward only says that some draft went wrong. It
+reaches the main model through the taps, like the policy gradient.
 """
 
 from __future__ import annotations
@@ -123,7 +131,12 @@ def token_stats(
     equals the main model's own greedy choice at its position (B, L) — for a
     draft, the agreement with the main model that speculative decoding checks.
     """
-    logits_blv, draft_blkv = system(tokens_bl, urgency_b)
+    return _stats(*system(tokens_bl, urgency_b), tokens_bl, offset_bl, temperature, decision_bl)[:3]
+
+
+def _stats(logits_blv, draft_blkv, tokens_bl, offset_bl, temperature, decision_bl=None):
+    """token_stats from the system's outputs, plus the emitting and the main model's
+    log-distributions (B, L, V) for each token."""
     dist_blv, main_prev_blv = _dists(logits_blv, draft_blkv, offset_bl, temperature)
     lp_bl = jnp.take_along_axis(dist_blv, tokens_bl[..., None], -1)[..., 0]
     if decision_bl is not None:
@@ -131,7 +144,13 @@ def token_stats(
         lp_bl = jnp.where(decision_bl > 0, dec_bl, lp_bl)
     ent_bl = -(jnp.exp(dist_blv) * dist_blv).sum(-1)
     agree_bl = tokens_bl == jnp.argmax(main_prev_blv, -1)
-    return lp_bl, ent_bl, agree_bl
+    return lp_bl, ent_bl, agree_bl, dist_blv, main_prev_blv
+
+
+def distill_kl(dist_blv, teacher_blv, draft_mask_bl):
+    """Mean KL(teacher || drafter) over the masked drafted tokens; both log-distributions."""
+    kl_bl = (jnp.exp(teacher_blv) * (teacher_blv - dist_blv)).sum(-1)
+    return (kl_bl * draft_mask_bl).sum() / jnp.maximum(draft_mask_bl.sum(), 1.0)
 
 
 def pause_decision_logprob(logits_blv, tokens_bl, temperature: float = 1.0):
@@ -195,9 +214,10 @@ def rl_loss(system, batch, rc: RLConfig, first_epoch):
     old ones (on-policy: ratio exactly 1); else `batch['old_lp']`.
     """
     tokens_bl, offset_bl, mask_bl = batch["tokens"], batch["offset"], batch["mask"]
-    lp_bl, ent_bl, agree_bl = token_stats(
-        system, tokens_bl, offset_bl, rc.temperature, batch.get("urgency"), batch.get("decision")
-    )
+    lp_bl, ent_bl, agree_bl, dist_blv, _ = _stats(
+        *system(tokens_bl, batch.get("urgency")), tokens_bl, offset_bl, rc.temperature,
+        batch.get("decision"),
+    )  # fmt: skip
     old_bl = jnp.where(first_epoch, jax.lax.stop_gradient(lp_bl), batch["old_lp"])
     lp_bp, pmask_bp = pass_sums(lp_bl, batch["pass_"], mask_bl)
     old_bp, _ = pass_sums(old_bl, batch["pass_"], mask_bl)
@@ -209,6 +229,10 @@ def rl_loss(system, batch, rc: RLConfig, first_epoch):
     metrics["policy_loss"] = loss
     if rc.kl_coef:
         loss = loss + rc.kl_coef * kl
+    if rc.distill:
+        distill = distill_kl(dist_blv, batch["teacher"], mask_bl * (offset_bl > 0))
+        metrics["distill_kl"] = distill
+        loss = loss + rc.distill * distill
     metrics["loss"] = loss
     metrics["kl_ref"] = kl
     metrics["entropy"] = (ent_bl * mask_bl).sum() / n_tok
@@ -263,9 +287,11 @@ def rl_step(graphdef, state, batch, first_epoch, *, rc: RLConfig, trainable: str
 
 
 def reference_logprobs(graphdef, state, tokens_bl, offset_bl, *, temperature: float):
-    """Per-token log-probs (B, L) under a frozen system (the KL reference)."""
+    """Per-token log-probs (B, L) under a frozen system (the KL reference), and its main
+    model's log-distribution (B, L, V) for each token (the distillation teacher)."""
     system = nnx.merge(graphdef, state)
-    return token_stats(system, tokens_bl, offset_bl, temperature)[0]
+    lp_bl, _, _, _, teacher_blv = _stats(*system(tokens_bl), tokens_bl, offset_bl, temperature)
+    return lp_bl, teacher_blv
 
 
 def jit_rl_steps(graphdef, ref_graphdef, rc: RLConfig, trainable: str):

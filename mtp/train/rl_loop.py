@@ -217,7 +217,9 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
                     continue
                 skipped_in_row = 0
                 batch = {k: jnp.asarray(v) for k, v in ro.batch(adv, keep).items()}
-                batch["ref_lp"] = ref_logprobs(ref_state, batch["tokens"], batch["offset"])
+                batch["ref_lp"], teacher = ref_logprobs(ref_state, batch["tokens"], batch["offset"])
+                if rc.distill:
+                    batch["teacher"] = teacher
                 for epoch in range(rc.ppo_epochs):
                     state, m, lp = rl_step(state, batch, epoch == 0)
                     if epoch == 0:
