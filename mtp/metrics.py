@@ -108,7 +108,9 @@ def format_table(rows: list[list], header: list[str]) -> str:
     """A Markdown table (readable in a terminal, pasteable into docs)."""
 
     def cell(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "-" if v != v else f"{v:.4g}"  # NaN: not applicable
+        return str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]

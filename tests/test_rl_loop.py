@@ -1,6 +1,7 @@
 """Rollouts through the engine, bad rewards, and the warm-up -> RL pipeline end to end."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,22 @@ def test_rollout_tokens_are_what_their_pass_would_emit(roll):
     )
     assert set(np.unique(ro.offset[thought])) <= set(range(K + 1))
     assert ro.offset.max() == K
+
+
+def test_drafts_agree_is_every_draft_equal_to_the_main_greedy_token(roll):
+    system, r = roll
+    ro = r(PROMPTS * 2, thought_mode="fast", think_budget=4, answer_max_tokens=4,
+           sampling=Sampling(temperature=1.0), seed=3)  # fmt: skip
+    logits_blv, _ = system(jnp.asarray(ro.tokens))
+    main_next = np.asarray(logits_blv.argmax(-1))  # main's choice for token l + 1
+    drafted = (ro.mask > 0) & (ro.offset > 0)
+    want = [all(ro.tokens[b, l] == main_next[b, l - 1] for l in np.flatnonzero(drafted[b]))
+            for b in range(len(ro.prompts))]  # fmt: skip
+    got = r.drafts_agree(ro)
+    np.testing.assert_array_equal(got, want)
+    assert not got.all()  # an untrained drafter disagrees somewhere
+    slow = r(PROMPTS, thought_mode="slow", think_budget=4, answer_max_tokens=4)
+    assert r.drafts_agree(slow).all()  # no drafts, nothing to disagree
 
 
 def test_rollout_budget_forces_think_close_and_masks_it(roll):
@@ -131,6 +148,14 @@ def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch)
     text = rl_report.report(tmp_path, n=4, budgets=(2, 0), batch_size=4)
     assert "| slow | 2 |" in text and "| fast/rl_both | none |" in text and "check" in text
     assert (tmp_path / "rl_report.png").stat().st_size > 0
+    rows = json.loads((tmp_path / "rl_report.json").read_text())
+    for row in rows:  # drafts-agree columns: fast rows only; acc = the split's weighted mean
+        assert ("drafts_agree" in row) == row["system"].startswith("fast"), row
+        if "drafts_agree" in row:
+            parts = [(row["drafts_agree"], row["accuracy_if_agree"]),
+                     (1 - row["drafts_agree"], row["accuracy_if_not"])]  # fmt: skip
+            acc = sum(w * a for w, a in parts if w > 0)
+            assert acc == pytest.approx(row["accuracy"], abs=1e-6), row
     capsys.readouterr()
     rl_loop.run_pipeline(c, tmp_path)  # finished phases are skipped, not redone
     assert len(read_csv(tmp_path / "rl_both", "rl_both")) == 2

@@ -14,8 +14,11 @@ slow mode:
     fast/rl_both    after joint RL
 
 and writes WORKDIR/rl_report.{md,json,png}: a table of accuracy, main passes
-per answer (thought + answer), tokens per pass and how often the budget cut
-the thought, and a plot of accuracy against main passes. It ends with the
+per answer (thought + answer), tokens per pass, how often the budget cut
+the thought and, in fast mode, the share of answers whose every draft is the
+main model's own greedy token with the accuracy of those and of the rest
+(fast mode loses to slow where drafts and main disagree), and a plot of
+accuracy against main passes. It ends with the
 issue's check: fast after joint RL within 5 points of slow (no budget) while
 spending at most 40% of its passes, and ahead of drafter-only RL and of the
 supervised drafter at the same budget.
@@ -117,6 +120,10 @@ def check(rows: list[dict], k: int) -> list[str]:
     return lines
 
 
+# fast mode only: answers whose every draft is the main model's own greedy token, and accuracies
+AGREE = ("drafts_agree", "accuracy_if_agree", "accuracy_if_not")
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -144,9 +151,10 @@ def report(workdir, n: int = 256, budgets=(0,), batch_size: int = 64) -> str:
     rows = measure(workdir, n, budgets, batch_size)
     table = format_table(
         [[r["system"], r["budget"] or "none", r["accuracy"], r["passes"], r["thought_passes"],
-          r["tokens_per_pass"], r["forced_close"]] for r in rows],
+          r["tokens_per_pass"], r["forced_close"]] + [r.get(c, float("nan")) for c in AGREE]
+         for r in rows],
         ["system", "thought budget", "accuracy", "main passes", "thought passes", "tokens/pass",
-         "budget hit"],
+         "budget hit", "drafts = main's", "acc. if so", "acc. if not"],
     )  # fmt: skip
     title = f"{cs.rl.task}, k={cs.drafter.k}, {n} held-out problems, greedy"
     text = f"## RL report: {title}\n\n{table}\n\n" + "\n".join(check(rows, cs.drafter.k)) + "\n"

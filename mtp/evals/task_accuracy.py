@@ -13,7 +13,10 @@ class TaskAccuracy:
     """Decodes `n` held-out problems greedily (thought in `thought_mode` within
     `think_budget` main passes, answer in slow mode) and yields accuracy, main
     passes per answer, thought passes, tokens per pass and how often the budget
-    cut the thought. Batches are padded with repeats so every call has one shape.
+    cut the thought; in fast mode also how many answers had every draft equal to
+    the main model's own greedy choice, and the accuracy of those and of the rest
+    (where fast mode loses to slow). Batches are padded with repeats so every call
+    has one shape.
     """
 
     def __init__(
@@ -33,9 +36,10 @@ class TaskAccuracy:
             answer_max_tokens=answer_max_tokens, sampling=Sampling(),
         )  # fmt: skip
         self.batch_size = min(batch_size, n)
+        self.fast = thought_mode == "fast"
 
     def run(self, roll: ThinkRollout):
-        scores, passes, thought, generated, forced = [], [], [], [], []
+        scores, passes, thought, generated, forced, agree = [], [], [], [], [], []
         bs = self.batch_size
         for i in range(0, len(self.prompts), bs):
             chunk = self.prompts[i : i + bs]
@@ -47,9 +51,17 @@ class TaskAccuracy:
             thought.append(ro.thought_passes[:n])
             generated.append(ro.generated[:n])
             forced.append(ro.forced_close[:n])
+            if self.fast:
+                agree.append(roll.drafts_agree(ro)[:n])
         cat = np.concatenate
         yield "accuracy", float(cat(scores).mean())
         yield "passes", float(cat(passes).mean())
         yield "thought_passes", float(cat(thought).mean())
         yield "tokens_per_pass", float(cat(generated).sum() / max(cat(passes).sum(), 1))
         yield "forced_close", float(cat(forced).mean())
+        if self.fast:
+            agree, scores = cat(agree), cat(scores)
+            share = lambda x: float(x.mean()) if x.size else float("nan")
+            yield "drafts_agree", share(agree)
+            yield "accuracy_if_agree", share(scores[agree])
+            yield "accuracy_if_not", share(scores[~agree])

@@ -26,16 +26,19 @@ the whole group (its baseline would be wrong) or stops, per `rl.on_bad_reward`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from mtp.data.task_data import encode_example
 from mtp.data.tokenizer import EOS_ID, PAD_ID, THINK_CLOSE_ID, ByteTokenizer
 from mtp.decode.engine import Decoder
 from mtp.decode.sampling import Sampling
+from mtp.train.rl import token_stats
 
 GREEDY = Sampling()
 
@@ -109,10 +112,19 @@ class ThinkRollout:
         self.answer = Decoder(system, eos_id=EOS_ID)
         self.k = self.thought.k
         self.max_len = self.thought.max_len
+        self._agree = jax.jit(functools.partial(_agreement, self.thought.graphdef))
 
     def set_weights(self, system) -> None:
         self.thought.set_weights(system)
         self.answer.set_weights(system)
+
+    def drafts_agree(self, ro: Rollouts) -> np.ndarray:
+        """(B,) bool: every drafted token of the rollout is the main model's own greedy choice
+        in its context (what speculative decoding would accept): where fast mode wrote exactly
+        what slow mode would have. True for a rollout with no drafts."""
+        agree_bl = np.asarray(self._agree(self.thought.state, ro.tokens, ro.offset))
+        drafted_bl = (ro.mask > 0) & (ro.offset > 0)
+        return (agree_bl | ~drafted_bl).all(1)
 
     def __call__(
         self,
@@ -189,6 +201,10 @@ class ThinkRollout:
             generated=(r1.lengths + r2.lengths).astype(np.int32),
             forced_close=forced,
         )
+
+
+def _agreement(graphdef, state, tokens_bl, offset_bl):
+    return token_stats(nnx.merge(graphdef, state), tokens_bl, offset_bl)[2]
 
 
 def score_rollouts(
