@@ -1,0 +1,124 @@
+r"""Where greedy thoughts first depart from the task's worked thought, and who wrote the error.
+
+    python -m mtp.evals.thought_errors --workdir=runs/rl_mult/warmup --mode=fast [--n=512]
+    python -m mtp.evals.thought_errors --workdir=runs/rl_mult/rl_both
+
+`workdir` is a warm-up or an RL arm directory of a pipeline run
+(`mtp.train.rl_loop`); the task is the run's `rl.task`. Decodes `n` held-out
+problems greedily (thought in `mode`, no budget, answer in slow mode) and, for
+each thought that is not the task's worked thought token for token, finds the
+first wrong token: the offset of the pass slot that emitted it (0: the main
+model's own token; j: the drafter's j-th draft) and the step of the thought it
+falls in (the thought's space-separated steps: for multiplication, the partial
+products, then the sums). Prints both as tables, with the accuracy of answers
+after an exact thought and after a wrong one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+
+from mtp import checkpoint as ckpt
+from mtp.config import UserError, validate
+from mtp.data.task_data import parse_task_spec
+from mtp.data.tasks import Example, Task
+from mtp.data.tokenizer import THINK_CLOSE_ID
+from mtp.metrics import format_table
+from mtp.train.rl_rollout import ThinkRollout, prompt_ids, score_rollouts
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's warmup/ or rl_<arm>/ directory.")
+_MODE = flags.DEFINE_enum("mode", "fast", ["fast", "slow"], "How the thought is decoded.")
+_N = flags.DEFINE_integer("n", 512, "Held-out problems.")
+
+
+@dataclasses.dataclass
+class ThoughtErrors:
+    n: int
+    exact: int  # thoughts equal to the worked one, </think> included
+    accuracy_if_exact: float  # NaN where there are none
+    accuracy_if_not: float
+    by_offset: collections.Counter  # offset in its pass of the first wrong token -> count
+    by_step: collections.Counter  # 1-based step of the thought it falls in (-1: after it)
+
+
+def first_errors(roll: ThinkRollout, task: Task, examples: list[Example], mode: str):
+    """ThoughtErrors of greedy `mode` thoughts of `examples` against their worked thoughts."""
+    ro = roll([ex.prompt for ex in examples], thought_mode=mode,
+              answer_max_tokens=task.max_answer_len + 1)  # fmt: skip
+    ro = score_rollouts(ro, task.score)
+    scores = np.nan_to_num(ro.scores)
+    exact = np.zeros(len(examples), bool)
+    by_offset, by_step = collections.Counter(), collections.Counter()
+    for i, ex in enumerate(examples):
+        p = prompt_ids(roll.tok, ex.prompt).size
+        want = np.append(roll.tok.encode(ex.thought), THINK_CLOSE_ID)
+        got = ro.tokens[i, p : p + want.size]
+        wrong = np.flatnonzero(got != want[: got.size])
+        if not wrong.size and got.size == want.size:
+            exact[i] = True
+            continue
+        j = int(wrong[0]) if wrong.size else got.size  # the row ran out: cut by the cache
+        if p + j < ro.offset.shape[1]:
+            by_offset[int(ro.offset[i, p + j])] += 1
+        by_step[ex.thought[:j].count(" ") + 1 if j < len(ex.thought) else -1] += 1
+    share = lambda x: float(x.mean()) if x.size else float("nan")
+    return ThoughtErrors(
+        len(examples), int(exact.sum()), share(scores[exact]), share(scores[~exact]),
+        by_offset, by_step,
+    )  # fmt: skip
+
+
+def load(workdir: Path):
+    """(system, task) of a warm-up or RL arm directory."""
+    from mtp.train.rl_loop import load_rl_system
+
+    cs = validate(ckpt.read_config(workdir))
+    if cs.rl is None:
+        raise UserError(f"{workdir}: the run's config has no 'rl' section (no task to check)")
+    arm = workdir.name.startswith("rl_")
+    system = load_rl_system(workdir)[0] if arm else ckpt.load_system(workdir)[0]
+    return system, parse_task_spec(cs.rl.task)[0]
+
+
+def report(workdir, mode: str = "fast", n: int = 512) -> str:
+    workdir = Path(workdir)
+    system, task = load(workdir)
+    examples = task.examples("eval", n)
+    e = first_errors(ThinkRollout(system), task, examples, mode)
+    steps = examples[0].thought.count(" ") + 1
+    wrong = e.n - e.exact
+    who = lambda o: "main" if o == 0 else f"draft {o}"
+    where = lambda s: f"{s} of {steps}" if s > 0 else "after the thought"
+    return "\n".join([
+        f"## First wrong thought token: {workdir}, {task.name}, {mode} mode, {n} held-out, greedy",
+        "",
+        f"exact thoughts {e.exact} / {e.n}: accuracy {e.accuracy_if_exact:.3f} after an exact "
+        f"thought, {e.accuracy_if_not:.3f} after a wrong one",
+        "",
+        format_table([[who(o), c, c / max(wrong, 1)] for o, c in sorted(e.by_offset.items())],
+                     ["written by", "first errors", "share"]),
+        "",
+        format_table([[where(s), c, c / max(wrong, 1)] for s, c in
+                      sorted(e.by_step.items(), key=lambda kv: (kv[0] < 0, kv[0]))],
+                     ["thought step", "first errors", "share"]),
+    ])  # fmt: skip
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    try:
+        print(report(_WORKDIR.value, _MODE.value, _N.value))
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
