@@ -16,12 +16,12 @@ after an exact thought and after a wrong one.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags, logging
 
 from mtp import checkpoint as ckpt
 from mtp.config import UserError, validate
@@ -30,10 +30,6 @@ from mtp.data.tasks import Example, Task
 from mtp.data.tokenizer import THINK_CLOSE_ID
 from mtp.metrics import format_table
 from mtp.train.rl_rollout import ThinkRollout, prompt_ids, score_rollouts
-
-_WORKDIR = flags.DEFINE_string("workdir", None, "A pipeline's warmup/ or rl_<arm>/ directory.")
-_MODE = flags.DEFINE_enum("mode", "fast", ["fast", "slow"], "How the thought is decoded.")
-_N = flags.DEFINE_integer("n", 512, "Held-out problems.")
 
 
 @dataclasses.dataclass
@@ -109,16 +105,17 @@ def report(workdir, mode: str = "fast", n: int = 512) -> str:
     ])  # fmt: skip
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="A pipeline's warmup/ or rl_<arm>/.")
+    parser.add_argument("--mode", choices=("fast", "slow"), default="fast", help="Thought mode.")
+    parser.add_argument("--n", type=int, default=512, help="Held-out problems.")
+    args = parser.parse_args(argv)
     try:
-        print(report(_WORKDIR.value, _MODE.value, _N.value))
+        print(report(args.workdir, args.mode, args.n))
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
