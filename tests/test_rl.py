@@ -150,7 +150,9 @@ def test_pass_sums_group_tokens_by_pass():
 def _teacher(system, batch):
     """The frozen main model's log-distribution for every token, as the RL loop computes it."""
     graphdef, state = nnx.split(system)
-    return rl.reference_logprobs(graphdef, state, batch["tokens"], batch["offset"], temperature=1)
+    return rl.reference_logprobs(
+        graphdef, state, batch["tokens"], batch["offset"], temperature=1, teacher=True
+    )
 
 
 def test_distill_is_kl_from_frozen_main_to_drafter_at_drafted_tokens():

@@ -286,12 +286,14 @@ def rl_step(graphdef, state, batch, first_epoch, *, rc: RLConfig, trainable: str
     return nnx.state((system, optimizer)), metrics, lp_bl
 
 
-def reference_logprobs(graphdef, state, tokens_bl, offset_bl, *, temperature: float):
-    """Per-token log-probs (B, L) under a frozen system (the KL reference), and its main
-    model's log-distribution (B, L, V) for each token (the distillation teacher)."""
+def reference_logprobs(
+    graphdef, state, tokens_bl, offset_bl, *, temperature: float, teacher: bool = False
+):
+    """Per-token log-probs (B, L) under a frozen system (the KL reference), and with `teacher`
+    its main model's log-distribution (B, L, V) for each token (the distillation teacher)."""
     system = nnx.merge(graphdef, state)
     lp_bl, _, _, _, teacher_blv = _stats(*system(tokens_bl), tokens_bl, offset_bl, temperature)
-    return lp_bl, teacher_blv
+    return lp_bl, (teacher_blv if teacher else None)
 
 
 def jit_rl_steps(graphdef, ref_graphdef, rc: RLConfig, trainable: str):
@@ -299,5 +301,9 @@ def jit_rl_steps(graphdef, ref_graphdef, rc: RLConfig, trainable: str):
     step = jax.jit(
         functools.partial(rl_step, graphdef, rc=rc, trainable=trainable), donate_argnums=0
     )
-    ref = jax.jit(functools.partial(reference_logprobs, ref_graphdef, temperature=rc.temperature))
+    ref = jax.jit(
+        functools.partial(
+            reference_logprobs, ref_graphdef, temperature=rc.temperature, teacher=rc.distill > 0
+        )
+    )
     return step, ref

@@ -218,7 +218,7 @@ def train_rl(config, workdir, init_dir, trainable: str) -> dict:
                 skipped_in_row = 0
                 batch = {k: jnp.asarray(v) for k, v in ro.batch(adv, keep).items()}
                 batch["ref_lp"], teacher = ref_logprobs(ref_state, batch["tokens"], batch["offset"])
-                if rc.distill:
+                if teacher is not None:  # rl.distill
                     batch["teacher"] = teacher
                 for epoch in range(rc.ppo_epochs):
                     state, m, lp = rl_step(state, batch, epoch == 0)
