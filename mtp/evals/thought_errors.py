@@ -86,10 +86,11 @@ def report(workdir, mode: str = "fast", n: int = 512) -> str:
     system, task = load(workdir)
     examples = task.examples("eval", n)
     e = first_errors(ThinkRollout(system), task, examples, mode)
-    steps = examples[0].thought.count(" ") + 1
+    counts = {ex.thought.count(" ") + 1 for ex in examples}  # steps per thought
+    of = f" of {counts.pop()}" if len(counts) == 1 else ""  # "2 of 3" where all have 3
     wrong = e.n - e.exact
     who = lambda o: "main" if o == 0 else f"draft {o}"
-    where = lambda s: f"{s} of {steps}" if s > 0 else "after the thought"
+    where = lambda s: f"{s}{of}" if s > 0 else "after the thought"
     return "\n".join([
         f"## First wrong thought token: {workdir}, {task.name}, {mode} mode, {n} held-out, greedy",
         "",
