@@ -65,19 +65,23 @@ def _args(argv):
 
 
 def _system(args):
+    """(system, its tokenizer, its ModelConfig, where it came from); imports JAX."""
+    from mtp.data.tokenizer import ByteTokenizer, tokenizer_of
+
     if args.random:
         from flax import nnx
 
         from mtp.config import DrafterConfig, ModelConfig
-        from mtp.data.tokenizer import PAD_ID
         from mtp.model.system import MTPSystem
 
+        tok = ByteTokenizer()
         main = ModelConfig(vocab_size=264, d_model=128, n_layers=4, max_len=256)
-        return MTPSystem(main, DrafterConfig(k=4), pad_id=PAD_ID, rngs=nnx.Rngs(0)), "random"
+        system = MTPSystem(main, DrafterConfig(k=4), pad_id=tok.specials.pad, rngs=nnx.Rngs(0))
+        return system, tok, main, "random"
     from mtp.checkpoint import load_system
 
-    system, _ = load_system(args.workdir, step=args.step)
-    return system, args.workdir
+    system, run = load_system(args.workdir, step=args.step)
+    return system, tokenizer_of(run), run.model, args.workdir
 
 
 def main(argv=None):
@@ -88,18 +92,17 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = xla_flags
     import jax
 
-    from mtp.data.tokenizer import ByteTokenizer
     from mtp.decode.engine import Decoder
     from mtp.decode.report import _check_modes
     from mtp.decode.sampling import Sampling
 
     modes = _check_modes(args.modes.split(","))
-    system, source = _system(args)
-    tok = ByteTokenizer()
+    system, tok, cfg, source = _system(args)
     sampling = Sampling(temperature=args.temperature)
-    dec = Decoder(system, eos_id=-1)  # no row stops early: equal output in every mode
-    prompts = [np.concatenate([[tok.bos_id], tok.encode(p)]) for p in PROMPTS[: args.prompts]]
-    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling)
+    dec = Decoder(system, tok.specials)
+    prompts = [np.concatenate([[tok.specials.bos], tok.encode(p)]) for p in PROMPTS[: args.prompts]]
+    # stop_id=-1: no row stops early, so every mode emits the same number of tokens
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_id=-1)
     figures = []
     for batch in [int(b) for b in args.batches.split(",")]:
         # every prompt once per repeat: in groups of `batch` rows (cycling to fill the last)
@@ -150,7 +153,6 @@ def main(argv=None):
 
     cmd = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     k = dec.k
-    cfg = system.main.cfg
     print(
         f"# decode benchmark: {source} (d_model {cfg.d_model}, {cfg.n_layers} layers, k={k}), "
         f"{args.max_new_tokens} new tokens per row, {sampling}, median of {args.repeats}"

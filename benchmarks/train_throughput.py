@@ -13,6 +13,7 @@ PaLM appendix B) over the main model and drafter parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -23,7 +24,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mtp.config import validate
+from mtp.config import resolve
+from mtp.data.tokenizer import tokenizer_of
 from mtp.sharding import batch_sharding, global_batch, make_mesh, state_shardings
 from mtp.train.steps import init_train_state, jit_steps
 
@@ -36,21 +38,21 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON here.")
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5e": 197.0}
 
 
-def flops_per_token(cs, n_params: int) -> float:
+def flops_per_token(run, n_params: int) -> float:
     """6N for the weights plus 6 * n_layers * seq_len * d_model for attention (causal, fwd+bwd)."""
-    m = cs.model
-    return 6.0 * n_params + 6.0 * m.n_layers * cs.data.seq_len * m.d_model
+    m = run.model
+    return 6.0 * n_params + 6.0 * m.n_layers * run.data.seq_len * m.d_model
 
 
-def measure(cs, steps: int) -> dict:
+def measure(run, steps: int) -> dict:
     mesh = make_mesh()
-    graphdef, state = init_train_state(cs)
+    graphdef, state = init_train_state(run, tokenizer_of(run))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0])))
-    shardings = state_shardings(state, mesh, cs.train.sharding)
+    shardings = state_shardings(state, mesh, run.train.sharding)
     state = jax.device_put(state, shardings)
-    train_step, _ = jit_steps(graphdef, cs.train, shardings, batch_sharding(mesh))
+    train_step, _ = jit_steps(graphdef, run.train, shardings, batch_sharding(mesh))
     rng = np.random.default_rng(0)
-    shape = (cs.data.batch_size, cs.data.seq_len)
+    shape = (run.data.batch_size, run.data.seq_len)
     batch = global_batch(
         {"tokens": rng.integers(0, 256, shape).astype(np.int32),
          "loss_mask": np.ones(shape, np.float32)}, mesh,
@@ -63,29 +65,29 @@ def measure(cs, steps: int) -> dict:
         state, m = train_step(state, batch)
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
-    tokens_per_s = cs.data.batch_size * cs.data.seq_len / dt
+    tokens_per_s = run.data.batch_size * run.data.seq_len / dt
     return {
         "params": int(n_params),
         "step_ms": 1e3 * dt,
         "tokens_per_s": tokens_per_s,
-        "tflops": flops_per_token(cs, n_params) * tokens_per_s / 1e12,
+        "tflops": flops_per_token(run, n_params) * tokens_per_s / 1e12,
     }
 
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    cs = validate(config)
-    main_only = config.copy_and_resolve_references()
-    main_only.drafter.update(kind="medusa", k=1)
-    main_only.train.draft_weight = 0.0
-    rows = {"main+drafter": measure(cs, _STEPS.value),
-            "main (+1 head)": measure(validate(main_only), _STEPS.value)}  # fmt: skip
+    run = resolve(_CONFIG.value)
+    main_only = run.replace(
+        drafter=dataclasses.replace(run.drafter, kind="medusa", k=1),
+        train=dataclasses.replace(run.train, draft_weight=0.0),
+    )
+    rows = {"main+drafter": measure(run, _STEPS.value),
+            "main (+1 head)": measure(main_only, _STEPS.value)}  # fmt: skip
     device = jax.devices()[0]
     peak = _PEAK.value or next((v for k, v in PEAKS.items() if k in device.device_kind), 0.0)
     print(f"device: {jax.device_count()} x {device.device_kind} ({device.platform})")
-    print(f"config: {_CONFIG.value.model.to_dict()}  k={cs.drafter.k}  batch "
-          f"{cs.data.batch_size} x {cs.data.seq_len}")  # fmt: skip
+    print(f"config: {dataclasses.asdict(run.model)}  k={run.drafter.k}  batch "
+          f"{run.data.batch_size} x {run.data.seq_len}")  # fmt: skip
     print("| step | params | ms/step | tokens/s | TFLOP/s | MFU |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():

@@ -19,7 +19,7 @@ M at equal pauses; the learned model ends with no pauses at either urgency.
 
 import dataclasses
 
-from mtp.config import PauseConfig, default_config
+from mtp.config import PauseConfig, RLConfig, default_config
 
 VARIANTS = ("smoke",)
 
@@ -34,17 +34,24 @@ def get_config(arg=None):
     c.drafter.update(kind="transformer", k=2, n_layers=1, n_heads=4)
     c.data.update(seq_len=32, batch_size=32)
     c.train.update(steps=3000, lr=3e-3, warmup_steps=100, log_every=50, draft_weight=0.5)
+    c.program = "pause"
+    task = "multiplication:digits=2,multiplier_digits=2,thought=0,n=50000"
     c.pause = dataclasses.asdict(PauseConfig())
-    c.pause.update(task="multiplication:digits=2,multiplier_digits=2,thought=0,n=50000",
-                   max_pauses=16, eval_prompts=800, cap=16, emit_steps=200, rl_steps=60,
-                   prompts_per_step=16, group_size=8, pause_price=0.02, rl_lr=3e-4)  # fmt: skip
+    c.pause.update(task=task, max_pauses=16, eval_prompts=800, cap=16, emit_steps=200)
+    # the learned-pause RL phase: pause rollouts, price per pause at urgency 1
+    c.rl = dataclasses.asdict(RLConfig())
+    c.rl.update(task=task, rollout="pause", steps=60, prompts_per_step=16, group_size=8,
+                pass_price=0.02, lr=3e-4, loss="reinforce", ppo_epochs=1, temperature=1.0,
+                warmup_steps=5, trainable=("both",), eval_every=60, eval_prompts=64,
+                checkpoint_every=60, log_every=5)  # fmt: skip
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)
         c.data.update(batch_size=8)
         c.train.update(steps=10, warmup_steps=2, log_every=5)
-        c.pause.update(task="multiplication:digits=2,multiplier_digits=1,thought=0,n=200",
-                       eval_ms=(0, 2), eval_prompts=16,
-                       thresholds=(0.5,), cap=4, emit_steps=4, rl_steps=2, prompts_per_step=2,
-                       group_size=2)  # fmt: skip
+        task = "multiplication:digits=2,multiplier_digits=1,thought=0,n=200"
+        c.pause.update(task=task, eval_ms=(0, 2), eval_prompts=16, thresholds=(0.5,), cap=4,
+                       emit_steps=4)  # fmt: skip
+        c.rl.update(task=task, steps=2, prompts_per_step=2, group_size=2, eval_every=2,
+                    eval_prompts=8, checkpoint_every=2, log_every=1)  # fmt: skip
     return c

@@ -47,6 +47,7 @@ def get_config(arg=None):
         steps=1500, lr=3e-3, warmup_steps=100, eval_every=500, checkpoint_every=250,
         eval_batches=4, log_every=50, draft_weight=1.0, draft_decay=1.0,
     )  # fmt: skip
+    c.program = "rl"
     c.rl = dataclasses.asdict(RLConfig())
     c.rl.update(
         task="addition:digits=4",

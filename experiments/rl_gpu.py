@@ -32,6 +32,7 @@ def get_config(arg=None):
         steps=6000, lr=1e-3, warmup_steps=300, eval_every=1000, checkpoint_every=500,
         eval_batches=8, log_every=100, draft_weight=1.0, draft_decay=1.0,
     )  # fmt: skip
+    c.program = "rl"
     c.rl = dataclasses.asdict(RLConfig())
     c.rl.update(
         task=task,

@@ -61,5 +61,6 @@ def get_config(arg=None):
         sweep = SweepConfig(speedup_prompts=8, prompt_len=64, new_tokens=256)
     if size != "tiny":
         sweep = dataclasses.replace(sweep, ks=(1, 2, 4, 8), kinds=("transformer", "medusa", "rnn"))
+    c.program = "sweep"
     c.sweep = dataclasses.asdict(sweep)
     return c

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mtp.config import UserError
+from mtp.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
@@ -51,37 +52,24 @@ def _config():
 
 
 def _train():
-    from mtp.train.loop import train_and_evaluate
+    from mtp.config import resolve
+    from mtp.programs import run_program
 
-    config = _config()
-    if "sweep" in config:  # one run per (drafter kind, k), then a summary (mtp.sweeps)
-        from mtp.sweeps import run_sweep
-
-        print(run_sweep(config, _WORKDIR.value))
-        return
-    if "pause" in config:  # plain, pause-trained and learned-pause models (mtp.train.pause)
-        from mtp.train.pause import run_pipeline as run_pause
-
-        run_pause(config, _WORKDIR.value)
-        return
-    if "rl" in config:  # supervised warm-up, then RL (mtp.train.rl_loop)
-        from mtp.train.rl_loop import run_pipeline
-
-        run_pipeline(config, _WORKDIR.value)
-        return
-    train_and_evaluate(config, _WORKDIR.value)
+    result = run_program(resolve(_config()), _WORKDIR.value)
+    if isinstance(result, str):  # a sweep's summary table
+        print(result)
 
 
 def _decode():
     from mtp.checkpoint import load_system
-    from mtp.data.tokenizer import ByteTokenizer
+    from mtp.data.tokenizer import tokenizer_of
     from mtp.decode.report import decode_report
 
-    system, _ = load_system(_WORKDIR.value)
+    system, run = load_system(_WORKDIR.value)
     print(
         decode_report(
             system,
-            ByteTokenizer(),
+            tokenizer_of(run),
             _PROMPT.value,
             modes=_DECODE_MODES.value,
             max_new_tokens=_MAX_NEW.value,
@@ -113,24 +101,50 @@ def main(argv):
     try:
         if not _WORKDIR.value:
             raise UserError("--workdir is required")
+        for workdir in _WORKDIR.value.split(","):
+            if Path(workdir).exists() and not Path(workdir).is_dir():
+                raise UserError(f"--workdir={workdir} is a file; give a run directory")
         {"train": _train, "decode": _decode, "report": _report}[_MODE.value]()
     except UserError as e:
         _fail(str(e))
 
 
 def _parse_flags(argv):
-    """absl flag parsing, with a bad `--config.X=V` override as one line, not a traceback."""
+    """absl flag parsing; a config file that fails to load, or a bad `--config.X=V` override,
+    is one line, not a traceback."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as e:
-        _fail(str(e))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
+    except Exception as e:
+        if (reason := _config_file_error(e, argv)) is not None:
+            _fail(f"--config: cannot load it ({reason})")
+        if isinstance(e, flags.Error):
+            _fail(str(e))
+        if not isinstance(e, AttributeError | KeyError | TypeError | ValueError):
+            raise
         hint = re.search(r'Did you mean "(\w+)"', str(e))
         overrides = " ".join(a.split("=")[0] for a in argv if a.startswith("--config."))
         _fail(
             f"bad config override {overrides}: no such field"
             + (f"; did you mean {hint[1]!r}?" if hint else f" ({type(e).__name__}: {e})")
         )
+
+
+def _config_file_error(e: BaseException | None, argv) -> str | None:
+    """'Error: message (FILE, line N)' if `e`, or one it was raised from, came out of the
+    --config file (its import or its get_config); None if not (a bad override, say)."""
+    values = [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+    values += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    paths = {Path(v.split(":")[0]).resolve() for v in values}
+    while e is not None:
+        frames = [(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)]
+        if isinstance(e, SyntaxError):  # raised compiling the file: no frame of its own
+            frames.append((e.filename or "", e.lineno))
+        at = [(f, n) for f, n in frames if f and Path(f).resolve() in paths]
+        if at:
+            msg = e.msg if isinstance(e, SyntaxError) else str(e).strip().split("\n")[0]
+            return f"{type(e).__name__}: {msg} ({at[-1][0]}, line {at[-1][1]})"
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _fail(message: str):

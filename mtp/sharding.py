@@ -36,7 +36,8 @@ def maybe_initialize_distributed() -> None:
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D 'data' mesh over `devices` (default: all of them; Auto axes, see STACK-NOTES)."""
+    """A 1-D 'data' mesh over `devices` (default: all of them), with Auto axes: under jax
+    0.10's default Explicit axes, `nnx.Embed` on a batch-sharded input fails."""
     devices = jax.devices() if devices is None else list(devices)
     return jax.make_mesh(
         (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices

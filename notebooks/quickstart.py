@@ -92,8 +92,8 @@ def load_experiment(name, arg=None):
 # as `python -m mtp.run --config=experiments/tiny.py --workdir=...`.
 
 # %%
-from mtp.config import validate
-from mtp.train.loop import train_and_evaluate
+from mtp.config import resolve
+from mtp.programs import run_program
 
 config = load_experiment("tiny")
 config.train.steps = STEPS
@@ -103,9 +103,9 @@ if jax.default_backend() != "cpu":
 for field, value in OVERRIDES.items():
     section, name = field.split(".")
     config[section][name] = value
-cs = validate(config)
-print(f"main: {cs.model.n_layers} layers, d_model {cs.model.d_model}; drafter: {cs.drafter}")
-results = train_and_evaluate(config, WORKDIR)
+run = resolve(config)
+print(f"main: {run.model.n_layers} layers, d_model {run.model.d_model}; drafter: {run.drafter}")
+results = run_program(run, WORKDIR)
 
 # %% [markdown]
 # Training curves (`WORKDIR/metrics/*.csv`): the loss falls, and the drafter's
@@ -120,7 +120,7 @@ ax0.plot([r["step"] for r in train], [r["loss"] for r in train], label="train lo
 ax0.plot([r["step"] for r in evals], [r["main_loss"] for r in evals], "o-", label="eval main loss")
 ax0.set(xlabel="step", ylabel="nats per byte", title="Loss")
 ax0.legend()
-k = cs.drafter.k
+k = run.drafter.k
 for j in range(1, k + 1):
     ax1.plot([r["step"] for r in evals], [r[f"acc_draft_{j}"] for r in evals], "o-", label=f"j={j}")
 ax1.axhline(evals[-1]["unigram_acc"], color="gray", ls=":", label="unigram")
@@ -143,16 +143,16 @@ print({name: round(v, 3) for name, v in results.items()})
 
 # %%
 from mtp.checkpoint import load_system
-from mtp.data.tokenizer import ByteTokenizer
+from mtp.data.tokenizer import tokenizer_of
 from mtp.decode.engine import Decoder
 
-tok = ByteTokenizer()
 system, _ = load_system(WORKDIR)
-decoder = Decoder(system)
+tok = tokenizer_of(run)
+decoder = Decoder(system, tok.specials)
 stats = {}
 for mode in ("slow", "speculative", "fast", "think"):
     text = ("<think>" if mode == "think" else "") + PROMPT
-    ids = np.concatenate([[tok.bos_id], tok.encode_with_specials(text)])
+    ids = np.concatenate([[tok.specials.bos], tok.encode_with_specials(text)])
     decoder.generate([ids], mode=mode, max_new_tokens=MAX_NEW_TOKENS)  # compile
     runs = [decoder.generate([ids], mode=mode, max_new_tokens=MAX_NEW_TOKENS) for _ in range(3)]
     res = min(runs, key=lambda r: r.wall_s)

@@ -88,13 +88,13 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 config = module.get_config(CONFIG_ARG)
 
-from mtp.config import validate
+from mtp.config import resolve
+from mtp.data.format import render
 from mtp.data.task_data import parse_task_spec
-from mtp.data.tasks.base import render
 
-cs = validate(config)
-task, _ = parse_task_spec(cs.rl.task)
-print(f"task {cs.rl.task}, k = {cs.drafter.k}, RL arms: {', '.join(cs.rl.trainable)}")
+run = resolve(config)
+task, _ = parse_task_spec(run.rl.task)
+print(f"task {run.rl.task}, k = {run.drafter.k}, RL arms: {', '.join(run.rl.trainable)}")
 print("a worked example:", render(task.examples("train", 1)[0]))
 
 # %% [markdown]
@@ -104,9 +104,9 @@ print("a worked example:", render(task.examples("train", 1)[0]))
 # `WORKDIR/warmup/` (supervised), then `WORKDIR/rl_<arm>/` per RL arm.
 
 # %%
-from mtp.train.rl_loop import run_pipeline
+from mtp.programs import run_program
 
-summary = run_pipeline(config, WORKDIR)
+summary = run_program(run, WORKDIR)
 
 # %% [markdown]
 # RL curves per arm: reward (correct answers, minus any price per pass), main
@@ -116,7 +116,7 @@ summary = run_pipeline(config, WORKDIR)
 # %%
 from mtp.metrics import read_csv
 
-curves = {arm: read_csv(Path(WORKDIR) / f"rl_{arm}", f"rl_{arm}") for arm in cs.rl.trainable}
+curves = {arm: read_csv(Path(WORKDIR) / f"rl_{arm}", f"rl_{arm}") for arm in run.rl.trainable}
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
 for ax, metric in zip(axes, ("reward", "passes", "agree"), strict=True):
     for arm, rows in curves.items():
@@ -134,21 +134,21 @@ plt.show()
 
 # %%
 from mtp.checkpoint import load_system
-from mtp.data.tokenizer import ByteTokenizer
+from mtp.data.format import encode_prompt
+from mtp.data.tokenizer import tokenizer_of
 from mtp.decode.engine import Decoder
-from mtp.train.rl_loop import load_rl_system
-from mtp.train.rl_rollout import prompt_ids
+from mtp.rl.learner import load_rl_system
 
-tok = ByteTokenizer()
+tok = tokenizer_of(run)
 problem = task.examples("eval", 1)[0]
-ids = prompt_ids(tok, problem.prompt)
-room = cs.model.max_len - ids.size
-arm = "both" if "both" in cs.rl.trainable else cs.rl.trainable[-1]
+ids = encode_prompt(tok, problem.prompt)
+room = run.model.max_len - ids.size
+arm = "both" if "both" in run.rl.trainable else run.rl.trainable[-1]
 for name, system, mode in (
     ("warm-up, slow", load_system(Path(WORKDIR) / "warmup")[0], "slow"),
     (f"RL ({arm}), think", load_rl_system(Path(WORKDIR) / f"rl_{arm}")[0], "think"),
 ):
-    res = Decoder(system).generate([ids], mode=mode, max_new_tokens=room)
+    res = Decoder(system, tok.specials).generate([ids], mode=mode, max_new_tokens=room)
     text = res.texts(tok)[0]
     answer = text.split("</think>")[-1].replace("<eos>", "")
     per_pass = res.stats["tokens_per_pass"]

@@ -60,7 +60,9 @@ import matplotlib.pyplot as plt
 from IPython.display import Image, Markdown, display
 
 import mtp
-from mtp.sweeps import collect, load_rows, run_sweep
+from mtp.config import resolve
+from mtp.programs import run_program
+from mtp.sweeps import collect, load_rows
 
 ROOT = Path(mtp.__file__).resolve().parent.parent
 
@@ -70,7 +72,7 @@ if not (Path(SWEEP_DIR) / "sweep.json").exists():
     spec.loader.exec_module(module)
     config = module.get_config(CONFIG_ARG)
     config.sweep.update(**SWEEP)
-    run_sweep(config, SWEEP_DIR)
+    run_program(resolve(config), SWEEP_DIR)  # as `python -m mtp.run --config=...` does
 
 # %% [markdown]
 # ## The summary table

@@ -26,8 +26,8 @@ SMALL = [  # experiments/tiny.py shrunk to seconds
 ]  # fmt: skip
 
 
-def mtp_run(workdir, *args, wait=True):
-    cmd = [sys.executable, "-m", "mtp.run", "--config=experiments/tiny.py", f"--workdir={workdir}"]
+def mtp_run(workdir, *args, wait=True, config="experiments/tiny.py"):
+    cmd = [sys.executable, "-m", "mtp.run", f"--config={config}", f"--workdir={workdir}"]
     kw = dict(cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return subprocess.Popen(cmd + list(args), **kw)
@@ -53,10 +53,27 @@ def _files(tmp_path, name, content: bytes):
         ("undecodable", "a.txt: undecodable bytes at offset 3"),
         ("seq_len", "data.seq_len: 512 is above the model's maximum (model.max_len=256)"),
         ("incompatible", "checkpoint written with model.d_model=64, this config has 32"),
+        ("config_syntax", "cannot load it (SyntaxError: invalid syntax ("),
+        ("config_raises", "cannot load it (RuntimeError: no such preset 'huge' ("),
+        ("workdir_is_a_file", "is a file; give a run directory"),
+        ("damaged_config_json", "config.json: damaged, not valid JSON"),
     ],
 )
 def test_bad_input_is_one_line_and_damages_nothing(tmp_path, case, names):
     workdir = tmp_path / "run"
+    config = "experiments/tiny.py"
+    if case.startswith("config_"):
+        config = tmp_path / "config.py"
+        config.write_text(
+            "def get_config(:\n" if case == "config_syntax"
+            else "def get_config():\n    raise RuntimeError(\"no such preset 'huge'\")\n"
+        )  # fmt: skip
+        names += f"{config}, line "
+    if case == "workdir_is_a_file":
+        workdir.write_text("notes")
+    if case == "damaged_config_json":
+        workdir.mkdir()
+        (workdir / "config.json").write_text('{"model": {"d_model": 3')  # cut short
     args = {
         "unknown_field": ["--config.model.d_modle=3"],
         "k0": ["--config.drafter.k=0"],
@@ -66,16 +83,16 @@ def test_bad_input_is_one_line_and_damages_nothing(tmp_path, case, names):
         "undecodable": [f"--config.data.corpus=files:{_files(tmp_path, 'u', BAD_UTF8)}"],
         "seq_len": ["--config.data.seq_len=512"],
         "incompatible": [],
-    }[case]
+    }.get(case, [])
     if case == "incompatible":
         ckpt.write_config(tiny_config(**{"model.d_model": 64}), workdir)
-    before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
-    out = mtp_run(workdir, *SMALL, *args)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    out = mtp_run(workdir, *SMALL, *args, config=config)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and names in lines[-1], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
-    assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_kill_9_then_the_same_command_resumes_and_matches(tmp_path):
@@ -102,8 +119,9 @@ def test_kill_9_then_the_same_command_resumes_and_matches(tmp_path):
     assert got["step"] == ref["step"] == 30
     assert got["main_loss"] == pytest.approx(ref["main_loss"], rel=1e-4)
     assert got["acc_draft_1"] == pytest.approx(ref["acc_draft_1"], abs=1e-3)
-    # the resumed process started from the checkpoint, not from step 0
+    # the resumed process started from the checkpoint, not from step 0, and said so
     assert f"{killed_at}/30" in resumed.stderr.replace(" ", "")
+    assert f"resuming {tmp_path / 'run'} from step {killed_at} of 30" in resumed.stdout
 
 
 def test_sigterm_saves_and_exits_0(tmp_path):

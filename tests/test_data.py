@@ -7,23 +7,26 @@ import pytest
 
 from mtp.config import DataConfig
 from mtp.data import corpora
-from mtp.data.corpora import DataError, load_documents, prepare_text_files
-from mtp.data.pipeline import eval_batches, insert_pauses, packed_rows, train_iterator
-from mtp.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, PAUSE_ID, THINK_OPEN_ID, ByteTokenizer
+from mtp.data.corpora import load_documents, prepare_text_files
+from mtp.data.format import insert_pauses
+from mtp.data.pipeline import eval_batches, packed_rows, train_iterator
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.errors import DataError
 
 TOK = ByteTokenizer()
+S = TOK.specials
 
 
 def test_tokenizer_round_trips_text_and_specials():
     text = "héllo <think>x</think> 🙂"
     assert TOK.decode(TOK.encode(text)) == text
     ids = TOK.encode_with_specials(text)
-    assert THINK_OPEN_ID in ids.tolist()
+    assert S.think_open in ids.tolist()
     assert TOK.decode(ids, skip_special=False) == text
     assert TOK.decode(ids) == "héllo x 🙂"
     # a pause between the bytes of one character does not break it
     smile = TOK.encode("🙂").tolist()
-    assert TOK.decode(smile[:2] + [PAUSE_ID] + smile[2:]) == "🙂"
+    assert TOK.decode(smile[:2] + [S.pause] + smile[2:]) == "🙂"
 
 
 def test_stdlib_split_is_disjoint_deterministic_and_capped():
@@ -84,18 +87,20 @@ def test_tfds_corpus_built_here_reads_like_the_files(tmp_path):
 
 def test_packing_masks_and_pauses():
     cfg = DataConfig(max_bytes=50_000, seq_len=64, batch_size=4)
-    rows = packed_rows(cfg, TOK, "train")
-    assert rows.shape[1] == 64 and rows.dtype == np.int32
-    assert (rows == BOS_ID).sum() >= 1 and (rows == EOS_ID).sum() >= 1
+    rows, mask = packed_rows(cfg, TOK, "train")
+    assert rows.shape[1] == 64 and rows.dtype == np.int32 and mask.shape == rows.shape
+    assert (rows == S.bos).sum() >= 1 and (rows == S.eos).sum() >= 1
+    assert (mask == 1).all()  # packed text: no pads, no pauses, every token a target
     stream = np.arange(1000, dtype=np.int32) % 200
-    paused = insert_pauses(stream, 0.25, seed=0)
-    assert np.array_equal(paused[paused != PAUSE_ID], stream)  # order kept, nothing lost
-    assert 150 < (paused == PAUSE_ID).sum() < 350
+    paused = insert_pauses(TOK, stream, 0.25, seed=0)
+    assert np.array_equal(paused[paused != S.pause], stream)  # order kept, nothing lost
+    assert 150 < (paused == S.pause).sum() < 350
     batch = next(train_iterator(dataclasses.replace(cfg, pause_rate=0.2), TOK))
-    assert np.array_equal(batch["loss_mask"] == 0, batch["tokens"] == PAUSE_ID)
+    assert (batch["tokens"] == S.pause).any()
+    assert np.array_equal(batch["loss_mask"] == 0, batch["tokens"] == S.pause)
     held = eval_batches(cfg, TOK, 100)
     assert held[-1]["tokens"].shape == (4, 64)
-    assert np.array_equal(held[-1]["loss_mask"] == 0, held[-1]["tokens"] == PAD_ID)
+    assert np.array_equal(held[-1]["loss_mask"] == 0, held[-1]["tokens"] == S.pad)
 
 
 def test_iterator_resumes_exactly_and_hosts_split_the_batch():

@@ -2,16 +2,18 @@
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import verify_rules
 from flax import nnx
+from scipy import stats
 
 import mtp.decode.engine as engine
-import mtp.decode.passes as passes
 from mtp.config import DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.engine import TRACES, Decoder
@@ -22,7 +24,8 @@ from mtp.model.system import MTPSystem, shifted
 TOK = ByteTokenizer()
 MAIN = ModelConfig(vocab_size=262, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=80)
 KINDS = ["transformer", "medusa", "rnn"]
-NO_EOS = -1  # an eos_id no token matches: rows run to their limit
+S = TOK.specials
+NO_STOP = -1  # a stop_id no token matches: rows run to their limit
 
 # Three documents sharing prefixes, so a trained model is sure of most bytes, not all.
 DOCS = [
@@ -96,14 +99,43 @@ def _trained(kind):
 def _slow_reference(kind, trained):
     """Slow greedy rows of PROMPTS; depends on the main model only, so shared by every k."""
     system = _trained(kind) if trained else _system(kind)
-    return Decoder(system).generate(_ids(PROMPTS), mode="slow", max_new_tokens=40)
+    return Decoder(system, S).generate(_ids(PROMPTS), mode="slow", max_new_tokens=40)
+
+
+def _accepted_vs_teacher_forced(system, prompt, res, b):
+    """Per verify pass of row b: (drafts the engine accepted, drafts a greedy drafter accepts
+    when drafting after the same main token from the teacher-forced forward at the right
+    position), where the pass's decision is clear of float ties.
+
+    In the output a main token (offset 0) at sequence position t + 1 is followed by the
+    drafts its pass accepted, then the next main token. Those drafts were drafted from the
+    taps at t: greedy drafts are accepted while they equal the tokens that follow, and
+    while they do, they are the teacher-forced inputs, so the teacher-forced draft logits
+    at t decide how many are accepted.
+    """
+    seq = np.concatenate([prompt, res.row(b)])
+    _, draft_tkv = system(jnp.asarray(seq)[None])
+    draft_tkv = np.asarray(draft_tkv[0])
+    top2_tk2 = np.sort(draft_tkv, -1)[..., -2:]
+    clear_tk = top2_tk2[..., 1] - top2_tk2[..., 0] > 1e-4
+    k, out = system.k, []
+    mains = np.flatnonzero(res.offset[b, : res.lengths[b]] == 0)
+    for i, nxt in zip(mains[:-1], mains[1:], strict=True):  # a pass that emitted a main token
+        t = len(prompt) + i - 1
+        follow = seq[t + 2 : t + 2 + k]
+        match = draft_tkv[t, : len(follow)].argmax(-1) == follow
+        n = int(np.cumprod(match).sum())
+        if clear_tk[t, : min(n + 1, k)].all():
+            out.append((nxt - i - 1, n))
+    return out
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
 @pytest.mark.parametrize("kind", KINDS)
 def test_speculative_greedy_equals_slow(kind, k):
-    """Token for token, batched over ragged prompts, on random and on trained weights."""
-    dec = Decoder(_with_k(_system(kind), kind, k))
+    """Token for token, batched over ragged prompts, on random and on trained weights; every
+    pass accepts as many drafts as drafting from the accepted token's position accepts."""
+    dec = Decoder(_with_k(_system(kind), kind, k), S)
     for trained in (False, True):
         if trained:
             dec.set_weights(_with_k(_trained(kind), kind, k))  # same compile, new weights
@@ -115,17 +147,24 @@ def test_speculative_greedy_equals_slow(kind, k):
         st = spec.stats
         assert st["tokens_per_pass"] == pytest.approx(1 + st["mean_accepted"], rel=0.25)
         assert sum(st["accept_hist"]) == spec.passes.sum() - len(PROMPTS)  # prefill verifies none
+        system = _with_k(_trained(kind) if trained else _system(kind), kind, k)
+        pairs = [p for b, prompt in enumerate(_ids(PROMPTS))
+                 for p in _accepted_vs_teacher_forced(system, prompt, spec, b)]  # fmt: skip
+        engine_n, teacher_n = np.array(pairs).T
+        np.testing.assert_array_equal(engine_n, teacher_n)
+        assert len(pairs) > 0.9 * (spec.passes.sum() - 2 * len(PROMPTS))  # few ties left out
         if trained:  # the test exercises accepted drafts and rows stopping at EOS
-            assert st["mean_accepted"] > 0.5 * k, st
+            assert st["mean_accepted"] > 0.8 * k, st  # 0.94 k to k with the right taps
+            assert (teacher_n > 0).mean() > 0.8
             stopped = [b for b in range(len(PROMPTS)) if slow.lengths[b] < 40]
-            assert stopped and all(slow.row(b)[-1] == TOK.eos_id for b in stopped)
+            assert stopped and all(slow.row(b)[-1] == S.eos for b in stopped)
 
 
 def test_batched_rows_equal_rows_decoded_alone():
     system = _trained("transformer")
-    batch = Decoder(system).generate(_ids(PROMPTS), mode="speculative", max_new_tokens=24)
+    batch = Decoder(system, S).generate(_ids(PROMPTS), mode="speculative", max_new_tokens=24)
     for b, prompt in enumerate(PROMPTS):
-        alone = Decoder(system).generate(_ids([prompt]), mode="speculative", max_new_tokens=24)
+        alone = Decoder(system, S).generate(_ids([prompt]), mode="speculative", max_new_tokens=24)
         np.testing.assert_array_equal(alone.row(0), batch.row(b))
 
 
@@ -133,8 +172,8 @@ def test_batched_rows_equal_rows_decoded_alone():
 def test_fast_emits_k_plus_1_tokens_per_pass_and_feeds_them_all(k):
     system = _system("transformer", k, seed=1)
     n_new = 4 * (k + 1)
-    res = Decoder(system, eos_id=NO_EOS).generate(
-        _ids(PROMPTS[:2]), mode="fast", max_new_tokens=n_new
+    res = Decoder(system, S).generate(
+        _ids(PROMPTS[:2]), mode="fast", max_new_tokens=n_new, stop_id=NO_STOP
     )
     assert res.lengths.tolist() == [n_new, n_new]
     assert res.passes.tolist() == [4, 4]
@@ -157,12 +196,12 @@ def test_fast_emits_k_plus_1_tokens_per_pass_and_feeds_them_all(k):
 
 def test_think_is_fast_inside_the_span_and_slow_after_it():
     system = _trained("transformer")
-    dec = Decoder(system)
+    dec = Decoder(system, S)
     res = dec.generate(_ids(["<bos>q", "<bos>p<think>a"]), mode="think", max_new_tokens=60)
     for b in range(2):
         toks, offs, passes = res.row(b), res.offset[b, : res.lengths[b]], res.pass_id[b]
-        assert TOK.think_close_id in toks, TOK.decode(toks, False)  # the model closes its span
-        close = int(np.flatnonzero(toks == TOK.think_close_id)[0])
+        assert S.think_close in toks, TOK.decode(toks, False)  # the model closes its span
+        close = int(np.flatnonzero(toks == S.think_close)[0])
         assert offs[close + 1 :].max(initial=0) == 0  # the answer: main tokens only
         assert len(set(passes[close + 1 : res.lengths[b]])) == res.lengths[b] - close - 1
         assert offs[: close + 1].max() >= 1  # drafts were kept in the span
@@ -172,95 +211,133 @@ def test_think_is_fast_inside_the_span_and_slow_after_it():
         np.testing.assert_array_equal(slow.row(0), toks[close + 1 :])
     assert res.stats["tokens_per_pass"] > 1.5
     # "<bos>q" is not thinking at first: the first pass emits "<think>" and keeps its drafts
-    assert res.row(0)[0] == TOK.think_open_id and res.offset[0, 1] == 1
+    assert res.row(0)[0] == S.think_open and res.offset[0, 1] == 1
 
 
 def test_think_without_a_span_is_slow():
-    dec = Decoder(_system("transformer", 2, seed=3), eos_id=NO_EOS)
+    dec = Decoder(_system("transformer", 2, seed=3), S)
     prompts = _ids(["<bos>answer:", "<bos>x"])
-    think = dec.generate(prompts, mode="think", max_new_tokens=20)
-    slow = dec.generate(prompts, mode="slow", max_new_tokens=20)
+    think = dec.generate(prompts, mode="think", max_new_tokens=20, stop_id=NO_STOP)
+    slow = dec.generate(prompts, mode="slow", max_new_tokens=20, stop_id=NO_STOP)
     for b in range(2):
-        if TOK.think_open_id not in slow.row(b):  # a random model might open one
+        if S.think_open not in slow.row(b):  # a random model might open one
             np.testing.assert_array_equal(think.row(b), slow.row(b))
             assert think.passes[b] == 20
 
 
-def _exact_slow_distribution(system, prompt, n, sampling):
-    """P(x_1..x_n | prompt) under slow sampling, by enumerating every continuation."""
-    v = system.main.cfg.vocab_size
+# A 5-token vocabulary, so the slow law of the first N_LAW tokens can be enumerated. At this
+# temperature the untrained drafter and main model overlap by ~0.75 per offset: passes accept
+# all k = 3 drafts often, and N_LAW = 5 covers the first verify pass whole (the prefill's
+# token, 3 drafts or the correction after fewer, then the bonus token).
+LAW_MAIN = dataclasses.replace(MAIN, vocab_size=5, max_len=16)
+LAW_SAMPLING = Sampling(temperature=1.5, top_k=4, top_p=0.9)
+LAW_PROMPT, N_LAW, LAW_ROWS = np.array([1, 3]), 5, 8000
+
+
+@functools.cache
+def _law_case():
+    """The system and the exact law of its first N_LAW tokens under slow sampling,
+    (V^N_LAW,) indexed by x_1 * V^(N_LAW - 1) + ..., and the tokens kept per step."""
+    system = _system("transformer", 3, seed=0, main=LAW_MAIN)
+    v, n = LAW_MAIN.vocab_size, N_LAW
     seqs = np.array(np.meshgrid(*[np.arange(v)] * n, indexing="ij")).reshape(n, -1).T
-    full = np.concatenate([np.tile(prompt, (len(seqs), 1)), seqs], 1)
+    full = np.concatenate([np.tile(LAW_PROMPT, (len(seqs), 1)), seqs], 1)
     logits, _, _ = system.main(jnp.asarray(full))
-    logp = log_probs(logits, sampling)  # (V^n, T, V)
-    t0 = len(prompt) - 1
-    steps = [np.asarray(logp[np.arange(len(seqs)), t0 + i, seqs[:, i]]) for i in range(n)]
-    return np.exp(np.sum(steps, 0, dtype=np.float64))  # (V^n,), index = x_1 * V^(n-1) + ...
+    t0 = len(LAW_PROMPT) - 1
+    logp = np.asarray(log_probs(logits[:, t0 : t0 + n], LAW_SAMPLING), np.float64)  # (V^n, n, V)
+    steps = np.take_along_axis(logp, seqs[..., None], -1)[..., 0]
+    return system, np.exp(steps.sum(1)), np.isfinite(logp).sum(-1)
 
 
-def _chi2_pvalue(samples_bn, probs, v):
-    from scipy import stats
+def _law_samples(mode, seed=7):
+    """LAW_ROWS independent samples of the first N_LAW tokens, in one batched call."""
+    system, _, _ = _law_case()
+    res = Decoder(system, S).generate(
+        [LAW_PROMPT] * LAW_ROWS, mode=mode, max_new_tokens=N_LAW, sampling=LAW_SAMPLING,
+        seed=seed, stop_id=NO_STOP,
+    )  # fmt: skip
+    assert (res.lengths == N_LAW).all()
+    return res.tokens[:, :N_LAW], res
 
-    idx = np.ravel_multi_index(samples_bn.T, (v,) * samples_bn.shape[1])
-    counts = np.bincount(idx, minlength=len(probs))
-    expected = probs / probs.sum() * len(idx)  # float32 probabilities sum to 1 +- 1e-7
-    big = expected >= 5  # pool rare cells so the chi-square approximation holds
+
+def _law_fit(samples_bn, probs) -> float:
+    """Chi-square p-value of the samples' joint law against `probs`; 0 if any sample has
+    probability 0 there. Rare cells are pooled so the chi-square approximation holds."""
+    v = LAW_MAIN.vocab_size
+    counts = np.bincount(np.ravel_multi_index(samples_bn.T, (v,) * N_LAW), minlength=len(probs))
+    if counts[probs == 0].any():
+        return 0.0
+    expected = probs / probs.sum() * len(samples_bn)
+    big = expected >= 5
     obs = np.append(counts[big], counts[~big].sum())
     exp = np.append(expected[big], expected[~big].sum())
-    return stats.chisquare(obs[exp > 0], exp[exp > 0]).pvalue
+    return stats.chisquare(obs, exp).pvalue
 
 
-def _wrong_verify(logp, logq, drafts, key):
-    """A plausible wrong rule: on rejection draw from p, not from norm(max(0, p - q))."""
-    n, _ = verify_sampled(logp, logq, drafts, key)
-    p_n = jnp.take_along_axis(jnp.exp(logp), n[:, None, None], 1)[:, 0]
-    return n, jax.random.categorical(jax.random.fold_in(key, 1), jnp.log(p_n)).astype(jnp.int32)
+@pytest.fixture
+def engine_verify_rule(monkeypatch):
+    """`use(rule)` makes the engine verify sampled drafts with `rule` instead of
+    `verify_sampled` (in every mtp module that binds that name), recompiling the loop."""
+
+    def use(rule):
+        binds = lambda name, m: (
+            name.startswith("mtp.") and (getattr(m, "verify_sampled", None) is verify_sampled)
+        )
+        bound = [m for name, m in list(sys.modules.items()) if binds(name, m)]
+        assert bound, "no mtp module binds verify_sampled; point this fixture at the engine's"
+        for module in bound:
+            monkeypatch.setattr(module, "verify_sampled", rule)
+        jax.clear_caches()  # compiled loops hold the rule they were traced with
+
+    yield use
+    monkeypatch.undo()
+    jax.clear_caches()
 
 
-def test_speculative_sampling_is_distributed_as_slow_sampling(monkeypatch):
-    """Tiny vocabulary: the joint law of the first 3 tokens against the exact slow law."""
-    v, k, n, rows = 5, 2, 3, 12_000
-    main = dataclasses.replace(MAIN, vocab_size=v, max_len=8)
-    system = _system("transformer", k, seed=4, main=main)
-    sampling = Sampling(temperature=0.5)
-    prompt = np.array([1, 3])
-    exact = _exact_slow_distribution(system, prompt, n, sampling)
-    dec = Decoder(system, eos_id=NO_EOS)
+def test_speculative_sampling_is_distributed_as_slow_sampling():
+    """k = 3, temperature, top-k and top-p on p and q: the joint law of the first 5 tokens
+    (the whole first verify pass, bonus included) against the exact slow law."""
+    _, exact, kept = _law_case()
+    assert set(np.unique(kept)) == {3, 4}  # top-k cuts one token everywhere, top-p more
+    slow, _ = _law_samples("slow")
+    spec, res = _law_samples("speculative")
+    assert min(res.stats["accept_rate"]) > 0.3, res.stats  # every offset, the last included
+    bonus = (res.offset[:, 1:N_LAW] == [1, 2, 3, 0]).all(1)  # all 3 drafts, then the bonus
+    assert bonus.mean() > 0.3
+    assert _law_fit(slow, exact) > 1e-3
+    assert _law_fit(spec, exact) > 1e-3
 
-    def sample(mode):
-        res = dec.generate([prompt] * rows, mode=mode, max_new_tokens=n, sampling=sampling, seed=7)
-        assert (res.lengths == n).all()
-        return res.tokens[:, :n], res
 
-    slow, _ = sample("slow")
-    spec, res = sample("speculative")
-    assert 0.1 < res.stats["accept_rate"][0] < 0.9  # drafts both accepted and rejected
-    assert _chi2_pvalue(slow, exact, v) > 1e-3
-    assert _chi2_pvalue(spec, exact, v) > 1e-3
-    # the same check catches a wrong acceptance rule
-    monkeypatch.setattr(passes, "verify_sampled", _wrong_verify)
-    dec._loop.clear_cache()
-    wrong, _ = sample("speculative")
-    dec._loop.clear_cache()
-    assert _chi2_pvalue(wrong, exact, v) < 1e-6
+def test_the_engine_runs_the_rebuilt_rule_exactly(engine_verify_rule):
+    """The rule the negative controls below break, rebuilt, gives the same tokens."""
+    right, _ = _law_samples("speculative")
+    engine_verify_rule(verify_rules.RIGHT)
+    np.testing.assert_array_equal(_law_samples("speculative")[0], right)
+
+
+@pytest.mark.parametrize("wrong", verify_rules.WRONG)
+def test_the_same_check_rejects_a_wrong_rule_in_the_engine(wrong, engine_verify_rule):
+    engine_verify_rule(verify_rules.WRONG[wrong])
+    samples, _ = _law_samples("speculative")
+    assert _law_fit(samples, _law_case()[1]) < 1e-6
 
 
 @pytest.mark.parametrize("mode", ["slow", "speculative", "fast", "think"])
 def test_compiles_once_per_batch_mode_k_not_as_output_grows(mode):
     main = dataclasses.replace(MAIN, max_len=48)
-    dec = Decoder(_system("rnn", 2, seed=5, main=main), eos_id=NO_EOS)
+    dec = Decoder(_system("rnn", 2, seed=5, main=main), S)
     prompts = _ids(["<bos>ab", "<bos>abcdef"])
     key = (mode, 2, 2)  # mode, k, batch
     before = TRACES[key]
     for n_new in (3, 11, 30):
-        res = dec.generate(prompts, mode=mode, max_new_tokens=n_new)
+        res = dec.generate(prompts, mode=mode, max_new_tokens=n_new, stop_id=NO_STOP)
         assert res.lengths.tolist() == [n_new, n_new]
     dec.set_weights(_system("rnn", 2, seed=6, main=main))  # new weights: no new compile
-    dec.generate(prompts, mode=mode, max_new_tokens=5, sampling=Sampling())
+    dec.generate(prompts, mode=mode, max_new_tokens=5, sampling=Sampling(), stop_id=NO_STOP)
     assert TRACES[key] - before == 1
-    assert not dec.generate(prompts, mode=mode, max_new_tokens=7).compiled
+    assert not dec.generate(prompts, mode=mode, max_new_tokens=7, stop_id=NO_STOP).compiled
     if mode == "slow":  # another batch size is another compile
-        assert dec.generate(prompts[:1], mode=mode, max_new_tokens=7).compiled
+        assert dec.generate(prompts[:1], mode=mode, max_new_tokens=7, stop_id=NO_STOP).compiled
 
 
 def test_urgency_reaches_every_main_pass():
@@ -268,29 +345,30 @@ def test_urgency_reaches_every_main_pass():
     main = dataclasses.replace(MAIN, use_urgency=True)
     system = _system("transformer", 2, seed=8, main=main)
     system.main.urgency.set_value(jax.random.normal(jax.random.key(0), (main.d_model,)))
-    dec = Decoder(system, eos_id=NO_EOS)
+    dec = Decoder(system, S)
     prompts = _ids(["<bos>ab", "<bos>cd"])
-    calm = dec.generate(prompts, mode="speculative", max_new_tokens=12, urgency_b=0.0)
-    urgent = dec.generate(prompts, mode="speculative", max_new_tokens=12, urgency_b=[1.0, 0.0])
+    gen = functools.partial(dec.generate, prompts, max_new_tokens=12, stop_id=NO_STOP)
+    calm = gen(mode="speculative", urgency_b=0.0)
+    urgent = gen(mode="speculative", urgency_b=[1.0, 0.0])
     np.testing.assert_array_equal(urgent.row(1), calm.row(1))
     assert not np.array_equal(urgent.row(0), calm.row(0))
-    slow = dec.generate(prompts, mode="slow", max_new_tokens=12, urgency_b=[1.0, 0.0])
+    slow = gen(mode="slow", urgency_b=[1.0, 0.0])
     np.testing.assert_array_equal(slow.row(0), urgent.row(0))
 
 
 def test_think_budget_forces_the_close_then_answers_slow():
     """After `think_budget` thinking passes the next main token is a forced, flagged </think>."""
-    dec = Decoder(_trained("transformer"))
+    dec = Decoder(_trained("transformer"), S)
     prompt = _ids(["<bos>q"])
     free = dec.generate(prompt, mode="think", max_new_tokens=60)
     res = dec.generate(prompt, mode="think", max_new_tokens=60, think_budget=2)
     assert not free.forced.any() and free.stats["forced_closes"] == 0
     toks, n = res.row(0), res.lengths[0]
-    close = int(np.flatnonzero(toks == TOK.think_close_id)[0])
+    close = int(np.flatnonzero(toks == S.think_close)[0])
     assert res.forced[0, :n].tolist() == [i == close for i in range(n)]
     assert res.stats["forced_closes"] == 1
     assert len(set(res.pass_id[0, :close].tolist())) == 2  # two thinking passes
-    assert close < int(np.flatnonzero(free.row(0) == TOK.think_close_id)[0])  # cut short
+    assert close < int(np.flatnonzero(free.row(0) == S.think_close)[0])  # cut short
     np.testing.assert_array_equal(toks[:close], free.row(0)[:close])
     prefix = np.concatenate([prompt[0], toks[: close + 1]])
     slow = dec.generate([prefix], mode="slow", max_new_tokens=60 - close - 1)

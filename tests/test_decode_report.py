@@ -15,7 +15,7 @@ TOK = ByteTokenizer()
 
 
 def _system():
-    return MTPSystem(MAIN, DrafterConfig(k=2, n_heads=4), pad_id=256, rngs=nnx.Rngs(0))
+    return MTPSystem(MAIN, DrafterConfig(k=2, n_heads=4), pad_id=TOK.specials.pad, rngs=nnx.Rngs(0))
 
 
 def test_decode_report_prints_every_mode_and_a_table():
@@ -47,7 +47,7 @@ def test_bad_report_input_is_a_one_line_user_error(case):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
-ROW = [TOK.bos_id, 1]
+ROW = [TOK.specials.bos, 1]
 BAD_ENGINE = {
     "k other than the checkpoint's": (
         lambda generate: generate([ROW], k=3),
@@ -62,7 +62,7 @@ BAD_ENGINE = {
     ),
     "unknown mode": (
         lambda generate: generate([ROW], mode="turbo"),
-        "allowed: slow, fast, speculative, think",
+        "allowed: slow, fast, speculative, think, pause",
     ),
     "bad top_p": (
         lambda generate: generate([ROW], sampling=Sampling(temperature=1.0, top_p=0.0)),
@@ -74,7 +74,7 @@ BAD_ENGINE = {
 @pytest.mark.parametrize("case", BAD_ENGINE)
 def test_bad_engine_input_is_a_one_line_user_error(case):
     call, msg = BAD_ENGINE[case]
-    dec = Decoder(_system())
+    dec = Decoder(_system(), TOK.specials)
     with pytest.raises(UserError) as e:
         call(lambda prompts, **kw: dec.generate(prompts, **{"max_new_tokens": 4, **kw}))
     assert msg in str(e.value) and "\n" not in str(e.value)

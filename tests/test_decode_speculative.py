@@ -4,15 +4,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import verify_rules
 from scipy import stats
 
 from mtp.config import UserError
 from mtp.decode.sampling import Sampling, choose, log_probs
 from mtp.decode.speculative import verify_greedy, verify_sampled
 
-# Main (p, k + 1 places) and drafter (q, k offsets) distributions over 4 tokens, far apart.
-P = np.array([[0.6, 0.2, 0.1, 0.1], [0.05, 0.05, 0.3, 0.6], [0.25, 0.25, 0.25, 0.25]])
-Q = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
+# Raw main (k + 1 = 4 places) and drafter (k = 3 offsets) logits over 5 tokens. Processed
+# by SAMPLING, each keeps 3 or 4 tokens, and p and q keep different ones, so every draft
+# offset, the bonus place, and tokens only one side can emit are all exercised.
+SAMPLING = Sampling(temperature=0.8, top_k=4, top_p=0.9)
+LOGITS_P = np.array([[2.0, 1.4, 1.0, 0.2, -1.0], [0.0, 0.3, 1.5, 1.2, -0.5],
+                     [1.0, 1.0, 0.9, 0.8, 0.7], [-1.0, 0.5, 0.0, 1.5, 1.4]])  # fmt: skip
+LOGITS_Q = np.array([[1.6, 1.6, 0.4, 1.0, 0.0], [0.5, 0.0, 1.7, 0.6, 1.0],
+                     [1.2, 0.6, 1.0, -0.5, 1.1]])  # fmt: skip
+LOGP = log_probs(jnp.asarray(LOGITS_P), SAMPLING)
+LOGQ = log_probs(jnp.asarray(LOGITS_Q), SAMPLING)
+P, Q = np.exp(np.asarray(LOGP, np.float64)), np.exp(np.asarray(LOGQ, np.float64))
 N_SAMPLES = 100_000
 
 
@@ -45,25 +54,12 @@ def test_verify_greedy_accepts_the_matching_prefix_and_adds_the_main_token():
     assert tok.tolist() == [0, 2, 1]  # bonus after 3 accepted; corrections otherwise
 
 
-def _wrong_resample_from_p(logp, logq, drafts, key):
-    """A plausible but wrong rule: on rejection draw from p instead of norm(max(0, p - q))."""
-    key_u, key_r = jax.random.split(key)
-    b, k = drafts.shape
-    p, q = jnp.exp(logp), jnp.exp(logq)
-    p_d = jnp.take_along_axis(p[:, :k], drafts[..., None], -1)[..., 0]
-    q_d = jnp.take_along_axis(q, drafts[..., None], -1)[..., 0]
-    ok = jax.random.uniform(key_u, (b, k)) * q_d < p_d
-    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), 1), 1)
-    p_n = jnp.take_along_axis(p, n[:, None, None], 1)[:, 0]
-    return n, jax.random.categorical(key_r, jnp.log(p_n), -1).astype(jnp.int32)
-
-
 def _emitted(rule, seed=0):
     """Tokens a verify pass emits, (N, k + 1), -1 where it emitted none."""
     kd, kv = jax.random.split(jax.random.key(seed))
     k = Q.shape[0]
-    logp = jnp.broadcast_to(jnp.log(P), (N_SAMPLES, *P.shape))
-    logq = jnp.broadcast_to(jnp.log(Q), (N_SAMPLES, *Q.shape))
+    logp = jnp.broadcast_to(LOGP, (N_SAMPLES, *P.shape))
+    logq = jnp.broadcast_to(LOGQ, (N_SAMPLES, *Q.shape))
     drafts = jax.random.categorical(kd, logq, axis=-1)  # (N, k) drawn from q
     n, tok = jax.jit(rule)(logp, logq, drafts, kv)
     j = jnp.arange(k + 1)
@@ -77,30 +73,51 @@ def _misfit(out) -> float:
 
     The main distribution at place j does not depend on the drafts here, so
     whatever the drafts did before, the token emitted at place j must be
-    distributed as P[j] — exactly what slow sampling would draw.
+    distributed as P[j] — exactly what slow sampling would draw. A token P[j]
+    gives no mass to is a misfit outright.
     """
     pvals = []
     for j in range(P.shape[0]):
         x = out[:, j][out[:, j] >= 0]
         counts = np.bincount(x, minlength=P.shape[1])
-        pvals.append(stats.chisquare(counts, P[j] * len(x)).pvalue)
+        if counts[P[j] == 0].any():
+            return 0.0
+        keep = P[j] > 0
+        pvals.append(stats.chisquare(counts[keep], P[j, keep] / P[j].sum() * len(x)).pvalue)
     return min(pvals)
 
 
 def test_verify_sampled_emits_tokens_distributed_as_the_main_model():
     out = _emitted(verify_sampled)
     assert (out[:, 0] >= 0).all()
-    assert (out[:, -1] >= 0).sum() > 1000  # the bonus place is reached and tested
+    assert (out[:, -1] >= 0).sum() > 0.2 * N_SAMPLES  # the bonus place is reached and tested
     assert _misfit(out) > 1e-3
 
 
-def test_the_same_check_rejects_a_wrong_acceptance_rule():
-    assert _misfit(_emitted(_wrong_resample_from_p)) < 1e-12
+def test_the_rebuilt_rule_is_verify_sampled():
+    """The negative controls below change one part of this rebuild, which matches exactly."""
+    np.testing.assert_array_equal(_emitted(verify_rules.RIGHT), _emitted(verify_sampled))
+
+
+@pytest.mark.parametrize("wrong", verify_rules.WRONG)
+def test_the_same_check_rejects_a_wrong_rule(wrong):
+    assert _misfit(_emitted(verify_rules.WRONG[wrong])) < 1e-12
+
+
+def _reach_rates(out):
+    """Share of passes that accepted drafts 1..j, j = 1..k (place j reached)."""
+    return (out[:, 1:] >= 0).mean(0)
 
 
 def test_verify_sampled_acceptance_rate_is_the_overlap_of_p_and_q():
-    """P(d_1 accepted) = sum_x min(p_0, q_0) (Leviathan et al. 2023, Thm 3.5)."""
-    out = _emitted(verify_sampled, seed=1)
-    # d_1 was accepted iff place 1 was reached
-    rate = (out[:, 1] >= 0).mean()
-    assert abs(rate - np.minimum(P[0], Q[0]).sum()) < 0.01
+    """P(d_j accepted | d_1..d_{j-1} were) = sum_x min(p_j, q_j) (Leviathan et al. 2023,
+    Thm 3.5); here the places are independent, so P(place j reached) is their product."""
+    want = np.cumprod(np.minimum(P[:-1], Q).sum(-1))
+    np.testing.assert_allclose(_reach_rates(_emitted(verify_sampled, seed=1)), want, atol=0.01)
+
+
+@pytest.mark.parametrize("wrong", verify_rules.ACCEPTANCE)
+def test_the_acceptance_rate_check_rejects_a_wrong_acceptance_rule(wrong):
+    want = np.cumprod(np.minimum(P[:-1], Q).sum(-1))
+    got = _reach_rates(_emitted(verify_rules.WRONG[wrong], seed=1))
+    assert np.abs(got - want).max() > 0.05

@@ -1,4 +1,4 @@
-"""RL math on hand-built rollouts: per-token log-probs, gradient paths, GRPO/RLOO, PPO ratio."""
+"""RL math on hand-built rollouts: tempered log-probs, gradient paths, GRPO/RLOO, PPO, KL."""
 
 import dataclasses
 
@@ -9,12 +9,15 @@ import pytest
 from flax import nnx
 
 from mtp.config import DrafterConfig, ModelConfig, RLConfig
+from mtp.decode.sampling import Sampling, log_probs
 from mtp.model.system import MTPSystem
-from mtp.train import rl
+from mtp.rl import objectives, steps
+from mtp.rl.advantages import ADVANTAGES
 
 MAIN = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32)
 K = 2
-RC = RLConfig(temperature=1.0, ppo_epochs=2, clip_eps=0.2, lr=1e-2, warmup_steps=0)
+T = 0.7  # the rollout temperature: log-probs must be of the same tempered policy
+RC = RLConfig(temperature=T, ppo_epochs=2, clip_eps=0.2, lr=1e-2, warmup_steps=0)
 
 
 def _system(detach=False, seed=0):
@@ -48,59 +51,70 @@ def _grad_norms(grads):
     return norm(state.get("main", {})), norm(state.get("drafter", {}))
 
 
-def test_token_logprobs_pick_main_or_drafter_by_offset():
+def _lp(system, batch, temperature=T):
+    return objectives.token_stats(system, batch, temperature)[0]
+
+
+def test_token_logprobs_are_of_the_tempered_emitting_distribution():
+    """Token l at offset o: the main model's law at l - 1 (o = 0) or the drafter's at
+    (l - 1 - o, o - 1), both as the sampler draws at temperature T."""
     system, batch = _system(), _rollouts()
-    lp, ent, _ = rl.token_stats(system, batch["tokens"], batch["offset"])
-    main_bt, draft_btk = system.pass_logprobs(batch["tokens"])
-    off = np.asarray(batch["offset"])
+    logits_btv, draft_btkv = system(batch["tokens"])
+    main_lp = log_probs(logits_btv, Sampling(temperature=T))
+    draft_lp = log_probs(draft_btkv, Sampling(temperature=T))
+    _, (_, loss_lp) = objectives.rl_loss(system, batch, RC, True)  # what the loss trains on
+    lp, ent, _, _, _ = objectives.token_stats(system, batch, T)
+    tok, off = np.asarray(batch["tokens"]), np.asarray(batch["offset"])
     for b in range(2):
         for l in range(5, 20):
-            o = off[b, l]
-            want = main_bt[b, l - 1] if o == 0 else draft_btk[b, l - 1 - o, o - 1]
+            o, x = off[b, l], tok[b, l]
+            want = main_lp[b, l - 1, x] if o == 0 else draft_lp[b, l - 1 - o, o - 1, x]
             np.testing.assert_allclose(lp[b, l], want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(loss_lp[b, l], want, rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(ent)[:, 5:] > 0)
+    assert np.abs(np.asarray(lp - _lp(system, batch, 1.0))[:, 5:]).min() > 1e-3  # T matters
 
 
 def test_policy_gradient_reaches_main_model_through_drafter():
     """Only drafted tokens carry advantage: the main model still gets a gradient via h_t."""
     batch = _rollouts()
     batch["mask"] = batch["mask"] * (batch["offset"] > 0)  # main tokens out of the loss
-    _, grads = rl.rl_grads(_system(), batch, RC, "both")
+    _, grads = steps.rl_grads(_system(), batch, RC, "both")
     main, drafter = _grad_norms(grads)
     assert main > 1e-6 and drafter > 1e-6
 
-    _, grads = rl.rl_grads(_system(detach=True), batch, RC, "both")
+    _, grads = steps.rl_grads(_system(detach=True), batch, RC, "both")
     main, drafter = _grad_norms(grads)
     assert main == 0.0 and drafter > 1e-6
 
 
 def test_trainable_drafter_gives_no_main_gradient():
-    _, grads = rl.rl_grads(_system(), _rollouts(), RC, "drafter")
+    _, grads = steps.rl_grads(_system(), _rollouts(), RC, "drafter")
     main, drafter = _grad_norms(grads)
     assert main == 0.0 and drafter > 1e-6
 
 
 def test_equal_rewards_in_a_group_give_zero_grpo_gradient():
     rewards = np.array([[1.0, 1.0, 1.0, 1.0]], np.float32)
-    adv = rl.ADVANTAGES["grpo"](rewards)
+    adv = ADVANTAGES["grpo"](rewards)
     np.testing.assert_array_equal(adv, 0.0)
     batch = _rollouts() | {"adv": jnp.asarray(adv[0])}
     for loss in ("ppo", "reinforce"):
-        _, grads = rl.rl_grads(_system(), batch, dataclasses.replace(RC, loss=loss), "both")
+        _, grads = steps.rl_grads(_system(), batch, dataclasses.replace(RC, loss=loss), "both")
         assert _grad_norms(grads) == (0.0, 0.0)
     # ... while unequal rewards do move the policy
-    adv = rl.ADVANTAGES["grpo"](np.array([[1.0, 0.0, 0.0, 1.0]]))
-    _, grads = rl.rl_grads(_system(), batch | {"adv": jnp.asarray(adv[0])}, RC, "both")
+    adv = ADVANTAGES["grpo"](np.array([[1.0, 0.0, 0.0, 1.0]]))
+    _, grads = steps.rl_grads(_system(), batch | {"adv": jnp.asarray(adv[0])}, RC, "both")
     assert min(_grad_norms(grads)) > 1e-6
 
 
 def test_grpo_and_rloo_values():
     r = np.array([[1.0, 0.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0]])
     np.testing.assert_allclose(
-        rl.ADVANTAGES["grpo"](r), [[np.sqrt(3), -1 / np.sqrt(3)] + [-1 / np.sqrt(3)] * 2,
-                                   [1, 1, -1, -1]], rtol=1e-4)  # fmt: skip
+        ADVANTAGES["grpo"](r), [[np.sqrt(3), -1 / np.sqrt(3)] + [-1 / np.sqrt(3)] * 2,
+                                [1, 1, -1, -1]], rtol=1e-4)  # fmt: skip
     np.testing.assert_allclose(
-        rl.ADVANTAGES["rloo"](r),
+        ADVANTAGES["rloo"](r),
         [[1, -1 / 3, -1 / 3, -1 / 3], [4 / 3, 4 / 3, -4 / 3, -4 / 3]],
         rtol=1e-6,
     )
@@ -108,8 +122,8 @@ def test_grpo_and_rloo_values():
 
 def test_ppo_ratio_is_one_on_first_epoch_then_moves():
     system, batch = _system(), _rollouts()
-    graphdef, state = nnx.split((system, rl.rl_optimizer(system, RC, "both")))
-    step = jax.jit(lambda s, b, f: rl.rl_step(graphdef, s, b, f, rc=RC, trainable="both"))
+    graphdef, state = nnx.split((system, steps.rl_optimizer(system, RC, "both")))
+    step = jax.jit(lambda s, b, f: steps.rl_step(graphdef, s, b, f, rc=RC, trainable="both"))
     state, m0, lp = step(state, batch, True)
     assert float(m0["ratio"]) == 1.0 and float(m0["ratio_max"]) == 1.0
     assert float(m0["clip_frac"]) == 0.0
@@ -119,22 +133,80 @@ def test_ppo_ratio_is_one_on_first_epoch_then_moves():
 
 def test_first_epoch_ppo_gradient_equals_reinforce():
     batch = _rollouts()
-    (_, _), g_ppo = rl.rl_grads(_system(), batch, RC, "both")
+    (_, _), g_ppo = steps.rl_grads(_system(), batch, RC, "both")
     rc = dataclasses.replace(RC, loss="reinforce")
-    (_, _), g_re = rl.rl_grads(_system(), batch, rc, "both")
+    (_, _), g_re = steps.rl_grads(_system(), batch, rc, "both")
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_ppo)),
                     jax.tree.leaves(nnx.to_pure_dict(g_re)), strict=True):  # fmt: skip
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_ppo_clip_value_and_gradient_per_pass_by_hand():
+    """surrogate = min(r A, clip(r, 1 - eps, 1 + eps) A) per pass. A pass whose ratio left
+    the range on the side its advantage pushes toward gets no gradient; on the other side
+    the unclipped r A is kept (the pessimistic bound), and so is its gradient r A."""
+    eps = 0.2
+    ratio_bp = np.array([[1.5, 0.5, 1.1], [1.5, 0.5, 0.9]], np.float32)
+    adv_b = np.array([1.0, -2.0], np.float32)
+    mask_bp = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+    old_bp = np.full_like(ratio_bp, -3.0)
+    lp_bp = jnp.asarray(old_bp + np.log(ratio_bp))
+    a_b1 = adv_b[:, None]
+    surr_bp = np.minimum(ratio_bp * a_b1, np.clip(ratio_bp, 1 - eps, 1 + eps) * a_b1)
+    n = mask_bp.sum()
+    clipped_bp = ((a_b1 > 0) & (ratio_bp > 1 + eps)) | ((a_b1 < 0) & (ratio_bp < 1 - eps))
+    assert clipped_bp.tolist() == [[True, False, False], [False, True, False]]
+    loss_fn = lambda lp: objectives.ppo_clip_loss(lp, old_bp, adv_b, mask_bp, eps)
+    (loss, metrics), grad_bp = jax.value_and_grad(loss_fn, has_aux=True)(lp_bp)
+    assert float(loss) == pytest.approx(-(surr_bp * mask_bp).sum() / n, rel=1e-5)
+    # d/d lp of -r A / n is -r A / n: zero where clipped, and where masked out
+    want_bp = np.where(clipped_bp, 0.0, -ratio_bp * a_b1 / n) * mask_bp
+    np.testing.assert_allclose(grad_bp, want_bp, rtol=1e-5, atol=1e-7)
+    assert float(metrics["clip_frac"]) == pytest.approx(4 / 5)  # passes with |r - 1| > eps
+
+
+def test_ppo_passes_clipped_on_their_advantages_side_give_no_gradient():
+    """Old log-probs that put every pass of a positive-advantage rollout at ratio 1.5 and
+    of a negative one at 0.6: each is clipped where its advantage pushes, no gradient at all.
+    The mirror image (1.5 for negative, 0.6 for positive) keeps every gradient."""
+    system, batch = _system(), _rollouts()
+    lp = jax.lax.stop_gradient(_lp(system, batch))
+    pos_b = np.asarray(batch["adv"]) > 0
+    per_token = lambda r_b: jnp.asarray(np.log(r_b) / (K + 1))[:, None]  # passes: k + 1 tokens
+    clipped = batch | {"old_lp": lp - per_token(np.where(pos_b, 1.5, 0.6))}
+    (_, (m, _)), grads = steps.rl_grads(system, clipped, RC, "both", first_epoch=False)
+    assert float(m["clip_frac"]) == 1.0
+    assert _grad_norms(grads) == (0.0, 0.0)
+    kept = batch | {"old_lp": lp - per_token(np.where(pos_b, 0.6, 1.5))}
+    (loss, (m, _)), grads = steps.rl_grads(system, kept, RC, "both", first_epoch=False)
+    assert float(m["clip_frac"]) == 1.0 and min(_grad_norms(grads)) > 1e-6
+    # and the loss is the unclipped -mean(r A) over the passes
+    surr_b = np.where(pos_b, 0.6, 1.5) * np.asarray(batch["adv"])
+    assert float(m["policy_loss"]) == pytest.approx(-surr_b.mean(), rel=1e-4)
+
+
+def test_k3_estimates_kl_from_policy_to_reference():
+    """Tokens drawn from the policy pi: mean(exp(d) - d - 1), d = log ref - log pi, is
+    KL(pi || ref), not KL(ref || pi) (which differs by 0.25 here)."""
+    pi, ref = np.array([0.9, 0.05, 0.05]), np.array([0.3, 0.3, 0.4])
+    kl = lambda a, b: float((a * np.log(a / b)).sum())
+    assert kl(ref, pi) - kl(pi, ref) > 0.2
+    x = jax.random.choice(jax.random.key(0), 3, (200_000,), p=jnp.asarray(pi))
+    lp, ref_lp = jnp.log(jnp.asarray(pi))[x], jnp.log(jnp.asarray(ref))[x]
+    est = float(objectives.kl_k3(lp[None], ref_lp[None], jnp.ones((1, x.size))))
+    assert est == pytest.approx(kl(pi, ref), abs=0.02)
+
+
 def test_kl_to_reference_is_zero_for_the_same_policy_and_penalised_otherwise():
     system, batch = _system(), _rollouts()
-    lp, _, _ = rl.token_stats(system, batch["tokens"], batch["offset"])
+    graphdef, state = nnx.split(system)
+    lp, _ = steps.reference_logprobs(graphdef, state, batch, temperature=T)  # the frozen copy's
     rc = dataclasses.replace(RC, kl_coef=0.5)
-    loss, (m, _) = rl.rl_loss(system, batch | {"ref_lp": lp}, rc, True)
+    loss, (m, _) = objectives.rl_loss(system, batch | {"ref_lp": lp}, rc, True)
     assert abs(float(m["kl_ref"])) < 1e-6
-    loss2, (m2, _) = rl.rl_loss(system, batch | {"ref_lp": lp - 0.3}, rc, True)
-    assert float(m2["kl_ref"]) > 0.01
+    # a reference 0.3 nats less likely on every token: d = -0.3, exp(d) - d - 1 per token
+    loss2, (m2, _) = objectives.rl_loss(system, batch | {"ref_lp": lp - 0.3}, rc, True)
+    assert float(m2["kl_ref"]) == pytest.approx(np.exp(-0.3) + 0.3 - 1, rel=1e-3)
     assert float(loss2) == pytest.approx(float(loss) + 0.5 * float(m2["kl_ref"]), rel=1e-5)
 
 
@@ -142,7 +214,7 @@ def test_pass_sums_group_tokens_by_pass():
     x = jnp.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
     pass_ = jnp.array([[0, 0, 1, 1, 2]])
     mask = jnp.array([[0.0, 1.0, 1.0, 1.0, 0.0]])
-    total, pmask = rl.pass_sums(x, pass_, mask)
+    total, pmask = objectives.pass_sums(x, pass_, mask)
     np.testing.assert_allclose(total[0, :3], [2.0, 7.0, 0.0])
     np.testing.assert_array_equal(pmask[0, :3], [1.0, 1.0, 0.0])
 
@@ -150,19 +222,20 @@ def test_pass_sums_group_tokens_by_pass():
 def _teacher(system, batch):
     """The frozen main model's log-distribution for every token, as the RL loop computes it."""
     graphdef, state = nnx.split(system)
-    return rl.reference_logprobs(
-        graphdef, state, batch["tokens"], batch["offset"], temperature=1, teacher=True
-    )
+    return steps.reference_logprobs(graphdef, state, batch, temperature=T, teacher=True)
 
 
 def test_distill_is_kl_from_frozen_main_to_drafter_at_drafted_tokens():
     system, batch = _system(), _rollouts()
     _, teacher = _teacher(_system(seed=1), batch)
     rc = dataclasses.replace(RC, distill=0.5)
-    loss, (m, _) = rl.rl_loss(system, batch | {"teacher": teacher}, rc, True)
-    main_blv, draft_blkv = system(batch["tokens"])
-    draft_lp = np.asarray(jax.nn.log_softmax(draft_blkv, -1))
+    loss, (m, _) = objectives.rl_loss(system, batch | {"teacher": teacher}, rc, True)
+    main_btv, draft_btkv = system(batch["tokens"])
+    draft_lp = np.asarray(jax.nn.log_softmax(draft_btkv / T, -1))
     t = np.asarray(teacher)
+    # the teacher's law for token l: its main model's at l - 1, at the rollout temperature
+    teacher_btv, _ = _system(seed=1)(batch["tokens"])
+    np.testing.assert_allclose(t[:, 1:], jax.nn.log_softmax(teacher_btv[:, :-1] / T), atol=1e-5)
     off, want = np.asarray(batch["offset"]), []
     for b in range(off.shape[0]):
         for l in range(5, off.shape[1]):
@@ -170,11 +243,11 @@ def test_distill_is_kl_from_frozen_main_to_drafter_at_drafted_tokens():
                 s = draft_lp[b, l - 1 - o, o - 1]
                 want.append((np.exp(t[b, l]) * (t[b, l] - s)).sum())
     assert float(m["distill_kl"]) == pytest.approx(float(np.mean(want)), rel=1e-4)
-    loss0, _ = rl.rl_loss(system, batch, RC, True)
+    loss0, _ = objectives.rl_loss(system, batch, RC, True)
     assert float(loss) == pytest.approx(float(loss0) + 0.5 * float(m["distill_kl"]), rel=1e-5)
     # a teacher equal to the drafter's own distributions: zero
-    _, (m_self, _) = rl.rl_loss(system, batch | {"teacher": rl._stats(
-        main_blv, draft_blkv, batch["tokens"], batch["offset"], 1.0)[3]}, rc, True)  # fmt: skip
+    own = objectives.token_dists(main_btv, draft_btkv, batch["offset"], T)[0]
+    _, (m_self, _) = objectives.rl_loss(system, batch | {"teacher": own}, rc, True)
     assert abs(float(m_self["distill_kl"])) < 1e-5
 
 
@@ -183,8 +256,8 @@ def test_distill_gradient_reaches_main_model_through_the_taps():
     batch = _rollouts()
     batch = batch | {"adv": jnp.zeros_like(batch["adv"]), "teacher": _teacher(_system(1), batch)[1]}
     rc = dataclasses.replace(RC, distill=1.0)
-    main, drafter = _grad_norms(rl.rl_grads(_system(), batch, rc, "both")[1])
+    main, drafter = _grad_norms(steps.rl_grads(_system(), batch, rc, "both")[1])
     assert main > 1e-6 and drafter > 1e-6
-    main, drafter = _grad_norms(rl.rl_grads(_system(detach=True), batch, rc, "both")[1])
+    main, drafter = _grad_norms(steps.rl_grads(_system(detach=True), batch, rc, "both")[1])
     assert main == 0.0 and drafter > 1e-6
-    assert _grad_norms(rl.rl_grads(_system(), batch, RC, "both")[1]) == (0.0, 0.0)  # distill off
+    assert _grad_norms(steps.rl_grads(_system(), batch, RC, "both")[1]) == (0.0, 0.0)  # no distill

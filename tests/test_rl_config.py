@@ -5,23 +5,26 @@ import dataclasses
 import numpy as np
 import pytest
 
-from mtp.config import ConfigError, DataConfig, PauseConfig, RLConfig, default_config, validate
-from mtp.data.corpora import DataError
+from mtp.config import ConfigError, DataConfig, PauseConfig, RLConfig, default_config, resolve
 from mtp.data.pipeline import eval_batches, packed_rows
-from mtp.data.task_data import parse_task_spec
-from mtp.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, THINK_CLOSE_ID, THINK_OPEN_ID, ByteTokenizer
+from mtp.data.task_data import check_tasks, parse_task_spec
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.errors import DataError
+
+S = ByteTokenizer.specials
 
 
 def test_task_corpus_is_one_example_per_row_padded():
     cfg = DataConfig(corpus="task:addition:digits=3,n=50", seq_len=64, batch_size=4)
-    rows = packed_rows(cfg, ByteTokenizer(), "train")
-    assert rows.shape == (50, 64)
+    rows, mask = packed_rows(cfg, ByteTokenizer(), "train")
+    assert rows.shape == mask.shape == (50, 64)
+    assert (mask == (rows != S.pad)).all()  # pads are never targets
     for row in rows[:5]:
-        n = int(np.argmax(row == EOS_ID)) + 1
-        assert row[0] == BOS_ID and (row[n:] == PAD_ID).all()
-        assert (row == THINK_OPEN_ID).sum() == 1 and (row == THINK_CLOSE_ID).sum() == 1
+        n = int(np.argmax(row == S.eos)) + 1
+        assert row[0] == S.bos and (row[n:] == S.pad).all()
+        assert (row == S.think_open).sum() == 1 and (row == S.think_close).sum() == 1
     batch = eval_batches(cfg, ByteTokenizer(), 2)[0]
-    assert (batch["loss_mask"] == (batch["tokens"] != PAD_ID)).all()  # pads are never targets
+    assert (batch["loss_mask"] == (batch["tokens"] != S.pad)).all()
 
 
 @pytest.mark.parametrize(
@@ -41,9 +44,17 @@ def test_bad_task_corpus_names_the_problem(corpus, message):
 
 def _config(**rl):
     c = default_config()
+    c.program = "rl"
     c.rl = dataclasses.asdict(RLConfig())
     c.rl.update(rl)
     return c
+
+
+def _checked(c):
+    """What `mtp.programs.run_program` checks before it runs anything."""
+    run = resolve(c)
+    check_tasks(run)
+    return run
 
 
 @pytest.mark.parametrize(
@@ -59,27 +70,37 @@ def _config(**rl):
         ("replay", 1.5, "config.rl.replay: must be in"),
         ("oversample", 0, "config.rl.oversample: must be >= 1"),
         ("distill", -0.1, "config.rl.distill: must be >= 0"),
+        ("rollout", "pause", "config.rl.rollout: program 'rl' runs 'think' rollouts"),
     ],
 )
 def test_rl_config_errors_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):
-        validate(_config(**{field: value}))
+        _checked(_config(**{field: value}))
 
 
 def test_rl_section_is_optional_and_round_trips():
-    assert validate(default_config()).rl is None
-    rc = validate(_config(trainable=["drafter", "both"])).rl  # lists (from JSON) become tuples
-    assert rc.trainable == ("drafter", "both")
+    assert resolve(default_config()).rl is None
+    with pytest.raises(ConfigError, match="config.rl: program 'rl' needs a 'rl' section"):
+        resolve(default_config().to_dict() | {"program": "rl"})
+    with pytest.raises(ConfigError, match="config.rl: program 'train' takes no 'rl' section"):
+        resolve(_config().to_dict() | {"program": "train"})
+    run = _checked(_config(trainable=["drafter", "both"]))
+    assert run.rl.trainable == ("drafter", "both")  # lists (from JSON) become tuples
+    assert resolve(run.to_dict()) == run
     task, n = parse_task_spec("multiplication:digits=3,n=7")
     assert task.name == "multiplication" and n == 7
 
 
 def test_pause_cap_that_overflows_the_cache_names_model_max_len():
     c = default_config()
+    c.program = "pause"
     c.model.update(use_urgency=True, max_len=64)
     c.data.update(seq_len=32)
-    c.pause = dataclasses.asdict(PauseConfig(task="multiplication:digits=3,thought=0", cap=48))
-    validate(c)  # 10 prompt tokens, up to 48 pauses, 5 answer tokens + <eos>: 64
+    task = "multiplication:digits=3,thought=0"
+    c.pause = dataclasses.asdict(PauseConfig(task=task, cap=48))
+    c.rl = dataclasses.asdict(RLConfig(task=task, rollout="pause"))
+    _checked(c)  # 10 prompt tokens, up to 48 pauses, 5 answer tokens + <eos>: 64
     c.pause["cap"] = 49
+    run = resolve(c)  # the section alone is valid; the need comes from the task's prompts
     with pytest.raises(ConfigError, match=r"config.model.max_len: must be >= 65 .*pause.cap=49"):
-        validate(c)
+        check_tasks(run)

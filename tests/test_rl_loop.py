@@ -9,75 +9,98 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp.config import DrafterConfig, ModelConfig, RLConfig, default_config, validate
-from mtp.data.tasks import make_task
-from mtp.data.tokenizer import PAD_ID, THINK_CLOSE_ID
+from mtp.config import DrafterConfig, ModelConfig, RLConfig, default_config, resolve
+from mtp.data.tasks import Example, make_task
+from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.sampling import Sampling
+from mtp.errors import UserError
 from mtp.evals import rl_report
 from mtp.metrics import read_csv
 from mtp.model.system import MTPSystem
-from mtp.train import rl, rl_loop
-from mtp.train.rl_rollout import ThinkRollout, score_rollouts
+from mtp.programs import rl as rl_program
+from mtp.rl.advantages import ADVANTAGES
+from mtp.rl.objectives import token_dists
+from mtp.rl.rollouts import ThinkRollout, score_rollouts
+from mtp.rl.selection import (
+    RewardError,
+    group_advantages,
+    informative_first,
+    step_problems,
+    update_hard,
+)
+from mtp.rl.steps import jit_rl_steps, rl_optimizer
 
 K = 2
+TOK = ByteTokenizer()
+CLOSE = TOK.specials.think_close
 # The same model and shapes as the pipeline test's, so the compiled decoders are shared.
 MAIN = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_len=64)
 PROMPTS = ["12+34=", "12+34=", "56+78=", "56+78="]
+PROBLEMS = [Example(p, "", "") for p in PROMPTS]
+GREEDY = Sampling()
+
+
+def think_rollout(system, think_budget=3, rc=None):
+    """Think rollouts of `system` (`rc`'s, default RLConfig()): thoughts within `think_budget`
+    passes, answers of up to 4 tokens."""
+    rc = dataclasses.replace(rc or RLConfig(), think_budget=think_budget, answer_max_tokens=4)
+    return ThinkRollout(system, TOK, rc)
 
 
 @pytest.fixture(scope="module")
 def roll():
-    system = MTPSystem(MAIN, DrafterConfig(k=K, n_heads=2), pad_id=PAD_ID, rngs=nnx.Rngs(0))
-    return system, ThinkRollout(system)
+    system = MTPSystem(
+        MAIN, DrafterConfig(k=K, n_heads=2), pad_id=TOK.specials.pad, rngs=nnx.Rngs(0)
+    )
+    return system, think_rollout(system)
 
 
 def test_rollout_tokens_are_what_their_pass_would_emit(roll):
     """Greedy fast thought: each token is the argmax of the distribution the RL loss scores."""
     system, r = roll
-    ro = r(PROMPTS, thought_mode="fast", think_budget=3, answer_max_tokens=4)
+    ro = r(PROBLEMS, thought_mode="fast", sampling=GREEDY)
     assert (ro.thought_passes <= 3).all()
-    after_close = np.arange(ro.tokens.shape[1]) > np.argmax(ro.tokens == THINK_CLOSE_ID, 1)[:, None]
+    after_close = np.arange(ro.tokens.shape[1]) > np.argmax(ro.tokens == CLOSE, 1)[:, None]
     answer_tokens = (ro.mask * after_close).sum(1)  # one slow pass each
     np.testing.assert_array_equal(ro.passes, ro.thought_passes + answer_tokens)
-    dist, _ = rl.token_dists(system, ro.tokens, ro.offset)
+    logits_btv, draft_btkv = system(jnp.asarray(ro.tokens))
+    dist_btv, _ = token_dists(logits_btv, draft_btkv, jnp.asarray(ro.offset), 1.0)
     m = ro.mask > 0
-    np.testing.assert_array_equal(np.asarray(dist.argmax(-1))[m], ro.tokens[m])
+    np.testing.assert_array_equal(np.asarray(dist_btv.argmax(-1))[m], ro.tokens[m])
     # fast passes emit 1 + k tokens (the last may stop at </think>); offsets 0..k
-    thought = m & (
-        np.arange(ro.tokens.shape[1]) < np.argmax(ro.tokens == THINK_CLOSE_ID, 1)[:, None]
-    )
+    thought = m & (np.arange(ro.tokens.shape[1]) < np.argmax(ro.tokens == CLOSE, 1)[:, None])
     assert set(np.unique(ro.offset[thought])) <= set(range(K + 1))
     assert ro.offset.max() == K
 
 
 def test_drafts_agree_is_every_draft_equal_to_the_main_greedy_token(roll):
-    system, r = roll
-    ro = r(PROMPTS * 2, thought_mode="fast", think_budget=4, answer_max_tokens=4,
-           sampling=Sampling(temperature=1.0), seed=3)  # fmt: skip
-    logits_blv, _ = system(jnp.asarray(ro.tokens))
-    main_next = np.asarray(logits_blv.argmax(-1))  # main's choice for token l + 1
+    system, _ = roll
+    r = think_rollout(system, think_budget=4)
+    ro = r(PROBLEMS * 2, thought_mode="fast", sampling=Sampling(temperature=1.0), seed=3)
+    logits_btv, _ = system(jnp.asarray(ro.tokens))
+    main_next_bt = np.asarray(logits_btv.argmax(-1))  # main's choice for token t + 1
     drafted = (ro.mask > 0) & (ro.offset > 0)
-    want = [all(ro.tokens[b, l] == main_next[b, l - 1] for l in np.flatnonzero(drafted[b]))
+    want = [all(ro.tokens[b, t] == main_next_bt[b, t - 1] for t in np.flatnonzero(drafted[b]))
             for b in range(len(ro.prompts))]  # fmt: skip
     got = r.drafts_agree(ro)
     np.testing.assert_array_equal(got, want)
     assert not got.all()  # an untrained drafter disagrees somewhere
-    slow = r(PROMPTS, thought_mode="slow", think_budget=4, answer_max_tokens=4)
+    slow = r(PROBLEMS, thought_mode="slow", sampling=GREEDY)
     assert r.drafts_agree(slow).all()  # no drafts, nothing to disagree
 
 
 def test_rollout_budget_forces_think_close_and_masks_it(roll):
     _, r = roll
-    ro = r(PROMPTS, thought_mode="slow", think_budget=3, answer_max_tokens=4)
+    ro = r(PROBLEMS, thought_mode="slow", sampling=GREEDY)
     assert (ro.thought_passes <= 3).all() and ro.forced_close.any()  # random weights never close
     for i in np.flatnonzero(ro.forced_close):
-        close = np.flatnonzero(ro.tokens[i] == THINK_CLOSE_ID)
+        close = np.flatnonzero(ro.tokens[i] == CLOSE)
         assert ro.mask[i, close[-1]] == 0  # the policy did not sample it
 
 
 def _scored(roll, score):
     _, r = roll
-    ro = r(PROMPTS, think_budget=3, answer_max_tokens=4, sampling=Sampling(temperature=1.0), seed=1)
+    ro = r(PROBLEMS, thought_mode="fast", sampling=Sampling(temperature=1.0), seed=1)
     return score_rollouts(ro, score)
 
 
@@ -93,7 +116,7 @@ def test_bad_reward_drops_its_group_with_a_log_line(roll, failure):
     ro = _scored(roll, score)
     assert ro.bad.tolist() == [False, False, True, True]
     lines = []
-    adv, keep = rl_loop.group_advantages(ro, 2, RLConfig(), log=lines.append)
+    adv, keep = group_advantages(ro, 2, RLConfig(), log=lines.append)
     assert keep.tolist() == [True, True, False, False]
     assert np.isfinite(adv).all() and (adv[2:] == 0).all()
     assert lines and "skipped a group" in lines[0]
@@ -101,13 +124,13 @@ def test_bad_reward_drops_its_group_with_a_log_line(roll, failure):
     batch = ro.batch(adv, keep)
     assert batch["mask"][2:].sum() == 0 and batch["mask"][:2].sum() > 0
 
-    with pytest.raises(rl_loop.RewardError, match="on_bad_reward"):
-        rl_loop.group_advantages(ro, 2, RLConfig(on_bad_reward="error"))
+    with pytest.raises(RewardError, match="on_bad_reward"):
+        group_advantages(ro, 2, RLConfig(on_bad_reward="error"))
 
 
 def test_partial_credit_is_the_reward_and_accuracy_stays_exact(roll):
     _, r = roll
-    ro = r(PROMPTS, think_budget=3, answer_max_tokens=4, sampling=Sampling(temperature=1.0), seed=1)
+    ro = r(PROBLEMS, thought_mode="fast", sampling=Sampling(temperature=1.0), seed=1)
     ro = score_rollouts(ro, lambda p, a: 0.0, pass_price=0.01, credit=lambda p, a: 0.5)
     assert ro.stats()["accuracy"] == 0.0
     np.testing.assert_allclose(ro.rewards, 0.5 - 0.01 * ro.passes)
@@ -115,6 +138,7 @@ def test_partial_credit_is_the_reward_and_accuracy_stays_exact(roll):
 
 def _tiny_config(tmp_path):
     c = default_config()
+    c.program = "rl"
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_len=64)
     c.drafter.update(k=K, n_heads=2)
     c.data.update(corpus="task:addition:digits=2,n=200", seq_len=32, batch_size=4)
@@ -131,12 +155,13 @@ def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch)
     c = _tiny_config(tmp_path)
     c.rl.update(steps=1, oversample=2, replay=0.5, reward="partial", distill=0.5)  # end to end
     c.drafter.detach = True  # a Medusa-style warm-up: the drafter's loss never reaches the main
-    rl_loop.run_pipeline(c, tmp_path)
-    rc = validate(c).rl
-    assert not rl_loop.rl_policy(tmp_path / "warmup", rc).detach  # joint RL reaches it
-    assert rl_loop.rl_policy(tmp_path / "warmup", dataclasses.replace(rc, detach=True)).detach
+    run = resolve(c)
+    rl_program.run_rl(run, tmp_path, TOK)
+    assert not rl_program.rl_policy(tmp_path / "warmup", run).detach  # joint RL reaches it
+    detached = run.replace(rl=dataclasses.replace(run.rl, detach=True))
+    assert rl_program.rl_policy(tmp_path / "warmup", detached).detach
     c.rl.steps = 2  # the RL phase resumes from its step-1 checkpoint
-    out = rl_loop.run_pipeline(c, tmp_path)
+    out = rl_program.run_rl(resolve(c), tmp_path, TOK)
     assert set(out) == {"warmup_slow", "warmup_fast", "rl_both"}
     assert 0.0 <= out["rl_both"]["accuracy"] <= 1.0
     rows = read_csv(tmp_path / "rl_both", "rl_both")
@@ -157,7 +182,7 @@ def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch)
             acc = sum(w * a for w, a in parts if w > 0)
             assert acc == pytest.approx(row["accuracy"], abs=1e-6), row
     capsys.readouterr()
-    rl_loop.run_pipeline(c, tmp_path)  # finished phases are skipped, not redone
+    rl_program.run_rl(resolve(c), tmp_path, TOK)  # finished phases are skipped, not redone
     assert len(read_csv(tmp_path / "rl_both", "rl_both")) == 2
     assert "rl_both:" not in capsys.readouterr().err
 
@@ -169,12 +194,18 @@ def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch)
             raise ValueError("no verifier today")
 
     c.rl.steps = 4
-    monkeypatch.setattr(rl_loop, "parse_task_spec", lambda spec: (Broken(digits=2), 1))
-    with pytest.raises(rl_loop.UserError, match="2 steps in a row had no usable rollout"):
-        rl_loop.train_rl(c, tmp_path / "rl_both", tmp_path / "warmup", "both")
+    monkeypatch.setattr(rl_program, "parse_task_spec", lambda spec: (Broken(digits=2), 1))
+
+    def arm(c):
+        return rl_program.train_arm(
+            resolve(c), tmp_path / "rl_both", tmp_path / "warmup", "both", TOK
+        )
+
+    with pytest.raises(UserError, match="2 steps in a row had no usable rollout"):
+        arm(c)
     c.rl.on_bad_reward = "error"
-    with pytest.raises(rl_loop.RewardError, match="no verifier today"):
-        rl_loop.train_rl(c, tmp_path / "rl_both", tmp_path / "warmup", "both")
+    with pytest.raises(RewardError, match="no verifier today"):
+        arm(c)
 
 
 def test_rl_steps_raise_the_reward_of_a_toy_objective(roll):
@@ -186,11 +217,11 @@ def test_rl_steps_raise_the_reward_of_a_toy_objective(roll):
     system, _ = roll
     system = nnx.clone(system)
     rc = RLConfig(lr=1e-2, warmup_steps=1, ppo_epochs=2, group_size=4)
-    graphdef, state = nnx.split((system, rl.rl_optimizer(system, rc, "both")))
+    graphdef, state = nnx.split((system, rl_optimizer(system, rc, "both")))
     state = jax.tree.map(jnp.copy, state)  # donated below: keep the module fixture's arrays
-    step, _ = rl.jit_rl_steps(graphdef, nnx.graphdef(system), rc, "both")
-    r = ThinkRollout(system)
-    prompts = PROMPTS * 2  # two groups of four
+    step, _ = jit_rl_steps(graphdef, nnx.graphdef(system), rc, "both")
+    r = think_rollout(system, rc=rc)
+    problems = PROBLEMS * 2  # two groups of four
 
     def reward(ro):
         drafted = (ro.mask > 0) & (ro.offset > 0)
@@ -199,11 +230,10 @@ def test_rl_steps_raise_the_reward_of_a_toy_objective(roll):
     means = []
     for i in range(15):
         r.set_weights(nnx.merge(graphdef, state)[0])
-        ro = r(prompts, think_budget=3, answer_max_tokens=4,
-               sampling=Sampling(temperature=1.0), seed=i)  # fmt: skip
+        ro = r(problems, thought_mode="fast", sampling=Sampling(temperature=1.0), seed=i)
         rewards = reward(ro)
         means.append(rewards.mean())
-        adv = rl.ADVANTAGES["grpo"](rewards.reshape(-1, 4)).reshape(-1)
+        adv = ADVANTAGES["grpo"](rewards.reshape(-1, 4)).reshape(-1)
         batch = {k: jnp.asarray(v) for k, v in ro.batch(adv, np.ones(8, bool)).items()}
         for epoch in range(2):
             state, _, lp = step(state, batch, epoch == 0)
@@ -215,26 +245,26 @@ def test_informative_groups_are_trained_first(roll):
     """With oversampling, groups whose rewards differ fill the batch before equal-reward ones."""
     ro = _scored(roll, lambda prompt, answer: 1.0)
     ro.rewards = np.array([1.0, 1.0, 0.0, 1.0])  # group 0 equal, group 1 informative
-    kept = rl_loop.informative_first(ro, 2, 1)
+    kept = informative_first(ro, 2, 1)
     assert kept.prompts == ["56+78=", "56+78="]
     np.testing.assert_array_equal(kept.rewards, [0.0, 1.0])
     np.testing.assert_array_equal(kept.tokens, ro.tokens[2:])
     # fewer informative groups than the batch holds: topped up, same shape
-    both = rl_loop.informative_first(ro, 2, 2)
+    both = informative_first(ro, 2, 2)
     assert both.prompts == ["56+78=", "56+78=", "12+34=", "12+34="]
 
 
 def test_hard_problems_are_replayed_until_every_rollout_solves_them():
     task = make_task("addition", digits=2)
-    fresh = [ex.prompt for ex in task.examples("train", 4, start=8)]
-    assert rl_loop.step_prompts(task, 2, 4, [], 2) == fresh  # nothing hard yet
-    hard = rl_loop.update_hard([], fresh, np.array([[1, 1], [1, 0], [0, 0], [1, np.nan]]), cap=8)
+    fresh = task.examples("train", 4, start=8)
+    assert all(isinstance(ex, Example) and ex.answer for ex in fresh)
+    assert step_problems(task, 2, 4, [], 2) == fresh  # nothing hard yet
+    hard = update_hard([], fresh, np.array([[1, 1], [1, 0], [0, 0], [1, np.nan]]), cap=8)
     assert hard == fresh[1:]  # solved by both rollouts: not kept
-    step3 = rl_loop.step_prompts(task, 3, 4, hard, 2)
-    assert step3[:2] == fresh[1:3] and step3[2:] == [
-        ex.prompt for ex in task.examples("train", 2, start=12)
-    ]
+    step3 = step_problems(task, 3, 4, hard, 2)
+    assert step3[:2] == fresh[1:3] and step3[2:] == task.examples("train", 2, start=12)
     # replayed and solved: leaves; replayed and failed: to the back; the cap keeps the newest
-    hard = rl_loop.update_hard(hard, step3[:2], np.array([[1, 1], [0, 1]]), cap=8)
+    hard = update_hard(hard, step3[:2], np.array([[1, 1], [0, 1]]), cap=8)
     assert hard == [fresh[3], fresh[2]]
-    assert rl_loop.update_hard(hard, ["x", "y"], np.zeros((2, 2)), cap=3) == [fresh[2], "x", "y"]
+    x, y = Example("x", "", ""), Example("y", "", "")
+    assert update_hard(hard, [x, y], np.zeros((2, 2)), cap=3) == [fresh[2], x, y]

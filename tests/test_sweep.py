@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from mtp.config import ConfigError, validate
-from mtp.sweeps import collect, run_sweep
-from mtp.sweeps.runner import is_finished, member_config, members, selected
+from mtp.config import ConfigError, resolve
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.sweeps import collect, run_sweep, runner
+from mtp.sweeps.runner import is_finished, member_run, members, selected, write_manifest
 from mtp.sweeps.summary import PLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
+TOK = ByteTokenizer()
 
 
 def sweep_k(arg=None):
@@ -27,10 +29,10 @@ def sweep_k(arg=None):
 
 
 def tiny_sweep(**sweep):
-    """experiments/sweep_k.py:tiny with transformer drafters at k = 1, 2 (two runs)."""
+    """experiments/sweep_k.py:tiny with transformer drafters at k = 1, 2 (two runs), resolved."""
     c = sweep_k("tiny")
     c.sweep.update(dict(ks=(1, 2), kinds=("transformer",)) | sweep)
-    return c
+    return resolve(c)
 
 
 def _train_rows(run_dir: Path) -> list[str]:
@@ -39,13 +41,13 @@ def _train_rows(run_dir: Path) -> list[str]:
 
 def test_sweep_runs_each_member_then_skips_finished_ones(tmp_path):
     # one member alone (as on its own host): only its directory is trained
-    run_sweep(tiny_sweep(only="k2_transformer"), tmp_path)
+    run_sweep(tiny_sweep(only="k2_transformer"), tmp_path, TOK)
     assert not (tmp_path / "k1_transformer").exists()
     k2_rows = _train_rows(tmp_path / "k2_transformer")
     assert "1/2 runs finished" in (tmp_path / "sweep_summary.md").read_text()
 
     # the whole sweep: trains k1 only, k2 is finished
-    text = run_sweep(tiny_sweep(), tmp_path)
+    text = run_sweep(tiny_sweep(), tmp_path, TOK)
     assert "2/2 runs finished" in text
     assert _train_rows(tmp_path / "k2_transformer") == k2_rows
     with (tmp_path / "sweep_summary.csv").open() as f:
@@ -87,33 +89,33 @@ def test_sweep_runs_each_member_then_skips_finished_ones(tmp_path):
     assert out.returncode == 0 and "| k2_transformer | 2 |" in out.stdout
 
     # a launch with other members adds them to the sweep; the finished ones stay in its table
-    text = run_sweep(tiny_sweep(kinds=("medusa",), ks=(1,), speedup_prompts=0), tmp_path)
+    text = run_sweep(tiny_sweep(kinds=("medusa",), ks=(1,), speedup_prompts=0), tmp_path, TOK)
     assert "3/3 runs finished" in text and "| k2_transformer | 2 |" in text
 
 
 def test_unfinished_members_appear_as_empty_rows(tmp_path):
-    c = tiny_sweep()
-    from mtp.sweeps.runner import write_manifest
-
-    write_manifest(c, tmp_path, validate(c).sweep)
-    run = tmp_path / "k2_transformer"
-    run.mkdir()
-    (run / "eval_report.json").write_text(json.dumps({"step": 3, "acc_draft_1": 0.5}))
+    run = tiny_sweep()
+    write_manifest(run, tmp_path, run.sweep)
+    member = tmp_path / "k2_transformer"
+    member.mkdir()
+    (member / "eval_report.json").write_text(json.dumps({"step": 3, "acc_draft_1": 0.5}))
     text = collect(tmp_path)
     assert "1/2 runs finished" in text and "| k1_transformer | 1 | transformer | - |" in text
-    assert not is_finished(run, steps=6) and is_finished(run, steps=3)  # step 3 of 6 resumes
+    assert not is_finished(member, steps=6) and is_finished(member, steps=3)  # step 3 of 6 resumes
     assert all((tmp_path / "plots" / f"{p}.png").exists() for p in PLOTS)
 
 
-def test_member_config_sets_k_and_kind_and_drops_the_sweep():
+def test_member_run_sets_k_and_kind_and_drops_the_sweep():
     c = sweep_k("tiny")
-    ms = members(validate(c).sweep)
+    run = resolve(c)
+    ms = members(run.sweep)
     assert [m.name for m in ms] == ["k1_transformer", "k2_transformer", "k1_medusa", "k2_medusa"]
-    mc = member_config(c, ms[3])
-    assert "sweep" not in mc and mc.drafter.k == 2 and mc.drafter.kind == "medusa"
-    assert c.drafter.k == 4  # the sweep's own config is untouched
+    mr = member_run(run, ms[3])
+    assert mr.program == "train" and mr.sweep is None and "sweep" not in mr.to_dict()
+    assert mr.drafter.k == 2 and mr.drafter.kind == "medusa"
+    assert run.drafter.k == 4 and run.sweep is not None  # the sweep's own run is untouched
     c.sweep.only = "2"
-    assert [m.name for m in selected(validate(c).sweep)] == ["k1_medusa"]
+    assert [m.name for m in selected(resolve(c).sweep)] == ["k1_medusa"]
 
 
 @pytest.mark.parametrize(
@@ -133,23 +135,22 @@ def test_bad_sweep_values_name_the_field(field, value, message):
     c = sweep_k("tiny")
     c.sweep[field] = value
     with pytest.raises(ConfigError, match=message):
-        validate(c)
+        resolve(c)
 
 
 @pytest.mark.parametrize("arg", [None, "tiny", "cpu", "gpu"])
 def test_every_sweep_k_size_and_member_validates(arg):
-    c = sweep_k(arg)
-    for m in members(validate(c).sweep):
-        validate(member_config(c, m))
+    run = resolve(sweep_k(arg))
+    for m in members(run.sweep):
+        member = member_run(run, m)  # re-checked as a run of its own
+        assert resolve(member.to_dict()) == member
 
 
 def test_a_preempted_member_stops_the_sweep(tmp_path, monkeypatch):
-    import mtp.train.loop
-
     calls = []
     monkeypatch.setattr(  # as after SIGTERM: returns before the last step, no eval_report
-        mtp.train.loop, "train_and_evaluate", lambda config, workdir: calls.append(workdir)
+        runner, "train_and_evaluate", lambda run, workdir, tok: calls.append(workdir)
     )
-    text = run_sweep(tiny_sweep(), tmp_path, log=lambda line: None)
+    text = run_sweep(tiny_sweep(), tmp_path, TOK, log=lambda line: None)
     assert calls == [tmp_path / "k1_transformer"]  # k2 not started, nothing measured
     assert "0/2 runs finished" in text and not (tmp_path / "k1_transformer").exists()

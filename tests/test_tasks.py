@@ -5,7 +5,8 @@ import re
 import pytest
 
 from mtp.config import ConfigError, UserError
-from mtp.data.tasks import TASKS, make_task, render, split_of
+from mtp.data.format import render
+from mtp.data.tasks import TASKS, make_task, split_of
 from mtp.data.tasks.primes import digit_sum, is_prime
 
 NAMES = sorted(TASKS)

@@ -2,35 +2,42 @@
 
 import numpy as np
 
+from mtp.data.format import encode_prompt
 from mtp.data.tasks import make_task
-from mtp.data.tokenizer import EOS_ID, PAD_ID, THINK_CLOSE_ID, ByteTokenizer
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.decode.result import DecodeResult
+from mtp.decode.thinking import Thought
 from mtp.evals.thought_errors import first_errors
-from mtp.train.rl_rollout import Rollouts, prompt_ids
 
 K = 2
+TOK = ByteTokenizer()
+S = TOK.specials
 
 
-class ScriptedRoll:
-    """Stands in for ThinkRollout: returns given thoughts as fast-mode rows (passes of K + 1)."""
+def _result(rows, offsets):
+    """A DecodeResult holding `rows` (each with its pass-slot `offsets`), pad after each."""
+    b, n = len(rows), max(r.size for r in rows)
+    tokens, offset = np.full((b, n), S.pad, np.int32), np.zeros((b, n), np.int32)
+    for i, (r, o) in enumerate(zip(rows, offsets, strict=True)):
+        tokens[i, : r.size], offset[i, : o.size] = r, o
+    lengths = np.array([r.size for r in rows], np.int32)
+    passes = np.array([(o == 0).sum() for o in offsets], np.int32)  # a main token per pass
+    pass_id = np.cumsum(offset == 0, axis=1) - 1
+    z = np.zeros((b, n), bool)
+    return DecodeResult("fast", K, tokens, pass_id, offset, lengths, passes,
+                        np.zeros(K + 1, np.int32), n, 0.0, False, z, z,
+                        np.zeros(b, np.int32), S.pause)  # fmt: skip
 
-    def __init__(self, thoughts, answers):
-        self.tok, self.thoughts, self.answers = ByteTokenizer(), thoughts, answers
 
-    def __call__(self, prompts, **kw):
-        rows, offs = [], []
-        for p, t, a in zip(prompts, self.thoughts, self.answers, strict=True):
-            head = prompt_ids(self.tok, p)
-            gen = np.concatenate([self.tok.encode(t), [THINK_CLOSE_ID], self.tok.encode(a),
-                                  [EOS_ID]])  # fmt: skip
-            rows.append(np.concatenate([head, gen]))
-            offs.append(np.concatenate([np.zeros(head.size), np.arange(gen.size) % (K + 1)]))
-        b, l = len(rows), max(r.size for r in rows)
-        tokens, offset = np.full((b, l), PAD_ID, np.int32), np.zeros((b, l), np.int32)
-        for i, (r, o) in enumerate(zip(rows, offs, strict=True)):
-            tokens[i, : r.size], offset[i, : o.size] = r, o
-        z = np.zeros(b, np.int32)
-        return Rollouts(tokens, offset, offset * 0, (tokens != PAD_ID).astype(np.float32),
-                        list(prompts), list(self.answers), z, z, z, z.astype(bool))  # fmt: skip
+def scripted(prompts, thoughts, answers):
+    """Stands in for `think_then_answer`: the given thoughts as fast-mode rows (passes of
+    K + 1: offsets 0, 1, .., K from the first generated token), then the given answers."""
+    heads = [encode_prompt(TOK, p) for p in prompts]
+    rows = [np.append(TOK.encode(t), S.think_close).astype(np.int32) for t in thoughts]
+    thought = _result(rows, [np.arange(r.size) % (K + 1) for r in rows])
+    ans = [np.append(TOK.encode(a), S.eos).astype(np.int32) for a in answers]
+    answer = _result(ans, [np.zeros(a.size, np.int32) for a in ans])
+    return Thought(heads, rows, np.zeros(len(rows), bool), thought, answer)
 
 
 def test_first_wrong_token_offset_and_step():
@@ -41,8 +48,9 @@ def test_first_wrong_token_offset_and_step():
     # generated token, which is a main token); row 2: the last step's last digit wrong
     t1 = right[1][:4] + ("0" if right[1][4] != "0" else "1") + right[1][5:]
     t2 = right[2][:-1] + ("0" if right[2][-1] != "0" else "1")
-    roll = ScriptedRoll([right[0], t1, t2], [exs[0].answer, exs[1].answer, "0"])
-    e = first_errors(roll, task, exs, "fast")
+    th = scripted([ex.prompt for ex in exs], [right[0], t1, t2],
+                  [exs[0].answer, exs[1].answer, "0"])  # fmt: skip
+    e = first_errors(th, TOK, task, exs)
     assert e.n == 3 and e.exact == 1
     assert e.accuracy_if_exact == 1.0 and e.accuracy_if_not == 0.5
     n2 = len(right[2]) - 1

@@ -96,7 +96,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
+def test_train_and_evaluate_end_to_end_and_resume(tmp_path, capsys):
     c = tiny_config()
     results = train_and_evaluate(c, tmp_path)
     assert results["main_loss"] < 5.0  # from ~ln(264) = 5.6 at init
@@ -106,8 +106,10 @@ def test_train_and_evaluate_end_to_end_and_resume(tmp_path):
     rows = (tmp_path / "metrics" / "train.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 1 + 4  # logged at 3, 6, 9, 12
     assert (tmp_path / "config.json").exists() and list((tmp_path / "tensorboard").iterdir())
-    # the same command again resumes the finished run: no step is trained twice
+    # the same command again resumes the finished run, saying so: no step is trained twice
+    capsys.readouterr()
     again = train_and_evaluate(c, tmp_path)
+    assert f"resuming {tmp_path} from step 12 of 12\n" in capsys.readouterr().out
     assert again["main_loss"] == pytest.approx(results["main_loss"], rel=1e-6)
     assert len((tmp_path / "metrics" / "train.csv").read_text().splitlines()) == 5
     # runs compare side by side; a re-logged step (after kill -9) reads once, the last row winning

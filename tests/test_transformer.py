@@ -41,21 +41,49 @@ def test_cached_decoding_equals_full_forward(n_registers, tie):
         np.testing.assert_allclose(ta, taps, atol=1e-4)
 
 
-def test_rows_at_different_positions_and_stale_slots_are_ignored():
-    """Row 1 rewinds (rejected drafts) and rewrites; it must match a clean forward."""
-    model = Transformer(CFG, rngs=nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(2), (2, 12), 0, CFG.vocab_size)
-    full, _, _ = model(tokens)
-    cache = model.init_cache(2)
-    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    junk = jnp.full((2, 8), 7)
-    _, _, cache = model(junk, pos, cache)  # garbage written at 0..7
-    _, _, cache = model(tokens[:, :8], pos, cache)  # overwritten by the true prefix
-    # row 0 writes junk at 8..10 that it later rewrites; both rows continue at 8
-    pos3 = jnp.broadcast_to(jnp.arange(8, 11), (2, 3))
-    _, _, cache = model(jnp.full((2, 3), 3), pos3, cache)
-    lo, _, _ = model(tokens[:, 8:9], jnp.full((2, 1), 8), cache)
-    np.testing.assert_allclose(lo[:, 0], full[:, 8], atol=1e-4)
+@pytest.mark.parametrize("n_registers", [0, 2])
+def test_rows_at_different_positions_and_stale_slots_are_ignored(n_registers):
+    """Speculative decoding's cache use: rows at their own positions feed k + 1 tokens per
+    pass, keep a different number of them each (the rest are rejected drafts), rewind by the
+    rest and write over those slots on the next pass. Every kept output equals a full forward
+    of the row's kept tokens."""
+    cfg = dataclasses.replace(CFG, n_registers=n_registers)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    key_t, key_j = jax.random.split(jax.random.key(2))
+    true_bt = jax.random.randint(key_t, (3, cfg.max_len), 0, cfg.vocab_size)
+    # junk_bt differs from true_bt everywhere: a rejected draft, or prompt padding
+    shift_bt = jax.random.randint(key_j, true_bt.shape, 1, cfg.vocab_size)
+    junk_bt = (true_bt + shift_bt) % cfg.vocab_size
+    full_btv, full_taps, _ = model(true_bt)
+    plen_b = np.array([3, 9, 6])
+    kept_pb = np.array([[0, 3, 1], [3, 0, 2], [1, 2, 0], [2, 1, 3], [0, 0, 1]])  # tokens kept - 1
+    w, cols = 4, np.arange(cfg.max_len)
+
+    def fed(pos_b, n_b, width):
+        """Each row's true tokens from pos_b on, junk after the first n_b."""
+        keep_bt = (cols >= pos_b[:, None]) & (cols < (pos_b + n_b)[:, None])
+        tokens_bt = jnp.where(keep_bt, true_bt, junk_bt)
+        idx_bt = pos_b[:, None] + np.arange(width)
+        return jnp.take_along_axis(tokens_bt, jnp.asarray(idx_bt), 1), jnp.asarray(idx_bt)
+
+    def check(lo_bwv, ta_bwld, pos_b, n_b):
+        for b in range(3):
+            p, n = pos_b[b], n_b[b]
+            np.testing.assert_allclose(lo_bwv[b, :n], full_btv[b, p : p + n], atol=1e-4)
+            np.testing.assert_allclose(ta_bwld[b, :n], full_taps[b, p : p + n], atol=1e-4)
+
+    # the prefill: right-padded prompts, junk past each prompt's end
+    zeros_b = np.zeros(3, int)
+    feed_bw, pos_bw = fed(zeros_b, plen_b, 10)
+    lo, ta, cache = model(feed_bw, pos_bw, model.init_cache(3))
+    check(lo, ta, zeros_b, plen_b)
+    pos_b = plen_b
+    for kept_b in kept_pb:  # pass: y0 and 3 drafts fed, y0 and kept_b drafts kept
+        feed_bw, pos_bw = fed(pos_b, kept_b + 1, w)
+        lo, ta, cache = model(feed_bw, pos_bw, cache)
+        check(lo, ta, pos_b, kept_b + 1)
+        pos_b = pos_b + kept_b + 1
+    assert len(set(pos_b.tolist())) == 3  # still ragged after the passes
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

@@ -1,9 +1,11 @@
-"""Config defaults and validation; one module per section, re-exported here.
+"""Config defaults, and `resolve`: a ConfigDict becomes a typed `Run`, once, at the edge.
 
-Experiments are `ml_collections.ConfigDict`s (see `experiments/`); modules never
-read them. At the edge, each section is converted once into a small frozen
-dataclass whose `__post_init__` validates it, so a wrong value fails before
-anything compiles, with a `ConfigError` naming the field and what is allowed.
+Experiments are `ml_collections.ConfigDict`s (see `experiments/`). `resolve`
+converts every section into a small frozen dataclass whose `__post_init__`
+validates it, checks what spans sections, and names the `program` to run:
+a wrong value fails before anything compiles, with a `ConfigError` naming the
+field and what is allowed. Library code takes the `Run` or its sections,
+never the dict; the run directory stores `Run.to_dict()`.
 """
 
 from __future__ import annotations
@@ -12,22 +14,28 @@ import dataclasses
 
 import ml_collections
 
-from mtp.config.fields import ConfigError, UserError, check
+from mtp.config.fields import check
 from mtp.config.model import DrafterConfig, ModelConfig, drafter_config, model_config
 from mtp.config.pause import PauseConfig, pause_config
 from mtp.config.rl import RLConfig, rl_config
 from mtp.config.sweep import SweepConfig, sweep_config
 from mtp.config.training import DataConfig, TrainConfig, data_config, train_config
+from mtp.errors import ConfigError, UserError
 
 __all__ = [
-    "ConfigError", "Configs", "DataConfig", "DrafterConfig", "ModelConfig", "PauseConfig",
-    "RLConfig", "SweepConfig", "TrainConfig", "UserError", "default_config", "validate",
+    "PROGRAMS", "ConfigError", "DataConfig", "DrafterConfig", "ModelConfig", "PauseConfig",
+    "RLConfig", "Run", "SweepConfig", "TrainConfig", "UserError", "default_config", "resolve",
 ]  # fmt: skip
+
+# What a config runs, and the optional sections each program needs.
+PROGRAMS = {"train": (), "rl": ("rl",), "pause": ("pause", "rl"), "sweep": ("sweep",)}
+OPTIONAL = ("rl", "pause", "sweep")
 
 
 def default_config() -> ml_collections.ConfigDict:
     """Every field with its default; experiments override a few. Locked: typos fail."""
     c = ml_collections.ConfigDict()
+    c.program = "train"
     c.seed = 0
     c.model = dataclasses.asdict(ModelConfig())
     c.drafter = dataclasses.asdict(DrafterConfig())
@@ -37,73 +45,102 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 @dataclasses.dataclass(frozen=True)
-class Configs:
-    """All sections of a config, validated together."""
+class Run:
+    """A resolved config: the program to run and every section, validated together."""
 
+    program: str
+    seed: int
     model: ModelConfig
     drafter: DrafterConfig
     data: DataConfig
     train: TrainConfig
-    seed: int
     rl: RLConfig | None = None
     sweep: SweepConfig | None = None
     pause: PauseConfig | None = None
 
+    def to_dict(self) -> dict:
+        """JSON-able: what the run directory stores and `resolve` reads back."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
-def validate(config, min_vocab: int = 262) -> Configs:
-    """Validates every section and the checks that span sections; raises ConfigError."""
-    known = {"seed", "model", "drafter", "data", "train", "rl", "pause", "decode", "sweep"}
+    def replace(self, **changes) -> Run:
+        """This run with some sections (or fields) replaced, checked again."""
+        return _checked(dataclasses.replace(self, **changes))
+
+
+def resolve(config, min_vocab: int = 262) -> Run:
+    """Validates every section of `config` (a ConfigDict or a dict) and the checks that span
+    sections; raises ConfigError naming the field."""
+    if not isinstance(config, ml_collections.ConfigDict):
+        config = ml_collections.ConfigDict(config)
+    known = {"program", "seed", "model", "drafter", "data", "train", *OPTIONAL}
     for key in config.keys():
         check(key in known, key, f"unknown section; allowed: {', '.join(sorted(known))}")
-    cs = Configs(
+    program = config.get("program", None)
+    check(
+        program in PROGRAMS,
+        "program",
+        f"{program!r} is not a program; allowed: {', '.join(PROGRAMS)} "
+        "(set c.program in the experiment's get_config)",
+    )
+    run = Run(
+        program=program,
+        seed=int(config.seed),
         model=model_config(config),
         drafter=drafter_config(config),
         data=data_config(config),
         train=train_config(config),
-        seed=int(config.seed),
         rl=rl_config(config),
         sweep=sweep_config(config),
         pause=pause_config(config),
     )
-    check(
-        cs.data.seq_len <= cs.model.max_len,
-        "data.seq_len",
-        f"{cs.data.seq_len} is above the model's maximum (model.max_len={cs.model.max_len})",
-    )
-    check(
-        cs.model.vocab_size >= min_vocab,
-        "model.vocab_size",
-        f"must be >= {min_vocab} (the tokenizer's vocabulary), got {cs.model.vocab_size}",
-    )
-    if cs.pause is not None:
-        check(cs.rl is None and cs.sweep is None, "pause", "cannot be combined with rl or sweep")
-        check(cs.model.use_urgency, "model.use_urgency", "must be True with a pause section")
-        from mtp.data.task_data import parse_task_spec  # tasks import this module
-        from mtp.data.tasks.base import MARKS_LEN
+    return _checked(run, min_vocab)
 
-        task, _ = parse_task_spec(cs.pause.task)
-        answer = task.max_answer_len + 1  # + <eos>
-        # <bos> prompt <think> thought </think>: the marks are one token each
-        head = 1 + task.max_len - MARKS_LEN - task.max_answer_len + 2
-        need = head + max(max(cs.pause.eval_ms, default=0), cs.pause.cap) + answer
+
+def _checked(run: Run, min_vocab: int = 262) -> Run:
+    needs = PROGRAMS[run.program]
+    for name in OPTIONAL:
+        present = getattr(run, name) is not None
         check(
-            cs.model.max_len >= need,
-            "model.max_len",
-            f"must be >= {need} for pause.task's prompts with max(pause.eval_ms) pauses or "
-            f"pause.cap={cs.pause.cap} pauses before the answer, got {cs.model.max_len}",
+            present == (name in needs),
+            name,
+            f"program {run.program!r} {'needs a' if name in needs else 'takes no'} {name!r} "
+            f"section (programs and their sections: "
+            + ", ".join(f"{p}: {'+'.join(s) or 'none'}" for p, s in PROGRAMS.items())
+            + ")",
         )
-    if cs.sweep is not None:
-        check(cs.rl is None, "sweep", "a sweep of RL runs is not supported; drop the rl section")
-        sp = cs.sweep
+    check(
+        run.data.seq_len <= run.model.max_len,
+        "data.seq_len",
+        f"{run.data.seq_len} is above the model's maximum (model.max_len={run.model.max_len})",
+    )
+    check(
+        run.model.vocab_size >= min_vocab,
+        "model.vocab_size",
+        f"must be >= {min_vocab} (the tokenizer's vocabulary), got {run.model.vocab_size}",
+    )
+    d = run.drafter.d_model or run.model.d_model
+    check(
+        d % run.drafter.n_heads == 0,
+        "drafter.n_heads",
+        f"must divide drafter width {d}, got {run.drafter.n_heads}",
+    )
+    if run.program == "rl":
+        check(run.rl.rollout == "think", "rl.rollout", "program 'rl' runs 'think' rollouts")
+    if run.program == "pause":
+        check(run.model.use_urgency, "model.use_urgency", "must be True for program 'pause'")
+        check(run.rl.rollout == "pause", "rl.rollout", "program 'pause' runs 'pause' rollouts")
+        check(run.rl.task == run.pause.task, "rl.task", "must equal pause.task")
+    if run.program == "sweep":
+        sp = run.sweep
         check(
-            sp.prompt_len <= cs.data.seq_len,
+            sp.prompt_len <= run.data.seq_len,
             "sweep.prompt_len",
-            f"{sp.prompt_len} is above data.seq_len={cs.data.seq_len} (prompts are held-out rows)",
+            f"{sp.prompt_len} is above data.seq_len={run.data.seq_len} (prompts are held-out rows)",
         )
         check(
-            sp.prompt_len + sp.new_tokens <= cs.model.max_len,
+            sp.prompt_len + sp.new_tokens <= run.model.max_len,
             "sweep.new_tokens",
             f"prompt_len + new_tokens = {sp.prompt_len + sp.new_tokens} is above the model's "
-            f"cache (model.max_len={cs.model.max_len})",
+            f"cache (model.max_len={run.model.max_len})",
         )
-    return cs
+    return run

@@ -1,4 +1,4 @@
-"""What every config section shares: the user-facing errors and the checks that raise them."""
+"""What every config section shares: the checks that raise `ConfigError`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,7 @@ from typing import Any
 
 import ml_collections
 
-
-class UserError(Exception):
-    """Bad input from the user (config, data, checkpoint); `mtp.run` prints it on one line."""
-
-
-class ConfigError(UserError, ValueError):
-    """A config value is wrong; the message names the field and what is allowed."""
+from mtp.errors import ConfigError
 
 
 def check(ok: bool, field: str, msg: str) -> None:
@@ -32,17 +26,3 @@ def from_dict(cls, section: str, d: Mapping[str, Any] | ml_collections.ConfigDic
         )
     d.update(extra)
     return cls(**d)
-
-
-def task_section(cls, section: str, config):
-    """Section `section` as a `cls`, None if the config has none; its `task` spec must parse."""
-    if section not in config:
-        return None
-    sc = from_dict(cls, section, config[section])
-    from mtp.data.task_data import parse_task_spec  # tasks import this module
-
-    try:
-        parse_task_spec(sc.task)
-    except ConfigError as e:
-        raise ConfigError(f"config.{section}.task: {e}") from None
-    return sc

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from mtp.config.fields import check, task_section
+from mtp.config.fields import check, from_dict
 
 RL_TRAINABLE = ("both", "drafter", "main")
 RL_ADVANTAGES = ("grpo", "rloo")
 RL_LOSSES = ("ppo", "reinforce")
 RL_THOUGHT_MODES = ("fast", "slow")
+RL_ROLLOUTS = ("think", "pause")
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """Joint RL after the supervised warm-up (`mtp.train.rl_loop`); the optional section `rl`.
+    """RL after the supervised warm-up (`mtp.programs.rl`, `mtp.rl.learner`); the section `rl`.
 
     Each entry of `trainable` is one RL run started from the warm-up checkpoint,
     in WORKDIR/rl_<entry>: 'both' (main + drafter), 'drafter' (main frozen) or
@@ -24,6 +25,7 @@ class RLConfig:
     """
 
     task: str = "addition:digits=4"  # 'NAME[:key=value,...]', as data.corpus 'task:...'
+    rollout: str = "think"  # rollout kind: 'think' (thought + answer) or 'pause' (learned pauses)
     trainable: tuple[str, ...] = ("both",)
     steps: int = 200
     prompts_per_step: int = 16
@@ -84,6 +86,7 @@ class RLConfig:
             ("advantage", RL_ADVANTAGES),
             ("loss", RL_LOSSES),
             ("thought_mode", RL_THOUGHT_MODES),
+            ("rollout", RL_ROLLOUTS),
             ("on_bad_reward", ("skip", "error")),
             ("reward", ("exact", "partial")),
         ):
@@ -100,5 +103,5 @@ class RLConfig:
 
 
 def rl_config(config) -> RLConfig | None:
-    """The `rl` section as an RLConfig, None if the config has none; checks the task spec."""
-    return task_section(RLConfig, "rl", config)
+    """The `rl` section as an RLConfig, None if the config has none."""
+    return from_dict(RLConfig, "rl", config.rl) if "rl" in config else None

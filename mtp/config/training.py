@@ -22,6 +22,9 @@ class DataConfig:
     data_dir: str = ""  # tfds data_dir ('' = tfds default)
     max_bytes: int = 0  # cap on corpus bytes read (0 = all)
     pause_rate: float = 0.0  # chance per position of inserting a <pause> (pause training)
+    pauses: int = 0  # task corpora: M ~ U{0..pauses} <pause>s before each answer
+    pause_targets: bool = False  # task corpora: those pauses are targets (learned pausing)
+    prompt_targets: bool = True  # task corpora: False masks the prompt's own targets
 
     def __post_init__(self):
         check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
@@ -37,6 +40,7 @@ class DataConfig:
             "data.pause_rate",
             f"must be in [0, 1), got {self.pause_rate}",
         )
+        check(self.pauses >= 0, "data.pauses", f"must be >= 0, got {self.pauses}")
         kinds = ("stdlib", "files:", "tfds:", "task:")
         check(
             self.corpus == "stdlib" or self.corpus.startswith(kinds[1:]),

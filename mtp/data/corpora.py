@@ -34,17 +34,14 @@ from collections.abc import Callable, Sequence
 
 import tensorflow_datasets as tfds
 
-from mtp.config import DataConfig, UserError
+from mtp.config import DataConfig
+from mtp.errors import DataError
 
 SPLITS = ("train", "eval")
 # Directories of the standard library that are not its own source.
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 # NAME[/CONFIG]:SPLIT[:FEATURE]; SPLIT may hold bracketed slices such as 'train[:10%]'.
 _TFDS_SPEC = re.compile(r"(?P<name>[^:]+):(?P<split>(?:[^:\[]|\[[^\]]*\])+)(?::(?P<feature>\w+))?")
-
-
-class DataError(UserError):
-    """The corpus cannot be read as configured; the message names the file or field."""
 
 
 @dataclasses.dataclass(frozen=True)

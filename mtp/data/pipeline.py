@@ -18,43 +18,29 @@ import numpy as np
 
 from mtp.config import DataConfig
 from mtp.data.corpora import DataError, Document, load_documents
-from mtp.data.tokenizer import PAD_ID, PAUSE_ID, ByteTokenizer
+from mtp.data.format import insert_pauses, loss_mask
+from mtp.data.task_data import task_rows
+from mtp.data.tokenizer import Tokenizer
 
 
-def token_stream(docs: list[Document], tok: ByteTokenizer) -> np.ndarray:
-    """(n,) int32: every document as <bos> bytes <eos>, concatenated."""
+def token_stream(docs: list[Document], tok: Tokenizer) -> np.ndarray:
+    """(n,) int32: every document as <bos> text <eos>, concatenated."""
+    s = tok.specials
     parts = []
     for doc in docs:
-        parts += [[tok.bos_id], tok.encode(doc.text), [tok.eos_id]]
+        parts += [[s.bos], tok.encode(doc.text), [s.eos]]
     return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
-def insert_pauses(stream: np.ndarray, rate: float, seed: int) -> np.ndarray:
-    """`stream` with a <pause> before each token with probability `rate` (seeded)."""
-    if rate <= 0:
-        return stream
-    before = np.random.default_rng(seed).random(stream.shape[0]) < rate
-    out = np.full(stream.shape[0] + before.sum(), PAUSE_ID, np.int32)
-    out[np.arange(stream.shape[0]) + np.cumsum(before)] = stream
-    return out
-
-
-def loss_mask(tokens: np.ndarray) -> np.ndarray:
-    """1.0 where the token is a real target, 0.0 at pads and pauses."""
-    return ((tokens != PAD_ID) & (tokens != PAUSE_ID)).astype(np.float32)
-
-
-def packed_rows(cfg: DataConfig, tok: ByteTokenizer, split: str) -> np.ndarray:
-    """(N, seq_len) int32 rows of the split's stream; the eval tail is padded, not dropped.
+def packed_rows(cfg: DataConfig, tok: Tokenizer, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, loss_mask), both (N, seq_len), of the split; the eval tail is padded, not dropped.
 
     Task corpora ('task:NAME...') are not packed: one example per row (`task_data`).
     """
     if cfg.corpus.startswith("task:"):
-        from mtp.data.task_data import task_rows
-
         return task_rows(cfg, tok, split)
     stream = token_stream(load_documents(cfg, split), tok)
-    stream = insert_pauses(stream, cfg.pause_rate, cfg.seed + (split == "eval"))
+    stream = insert_pauses(tok, stream, cfg.pause_rate, cfg.seed + (split == "eval"))
     t = cfg.seq_len
     if split == "train" and stream.shape[0] < t:
         raise DataError(
@@ -62,17 +48,22 @@ def packed_rows(cfg: DataConfig, tok: ByteTokenizer, split: str) -> np.ndarray:
             f"fewer than one row of data.seq_len={t}; add text or lower data.seq_len"
         )
     if split == "eval":
-        stream = np.concatenate([stream, np.full(-stream.shape[0] % t, PAD_ID, np.int32)])
+        stream = np.concatenate([stream, np.full(-stream.shape[0] % t, tok.specials.pad, np.int32)])
     n = stream.shape[0] // t
-    return stream[: n * t].reshape(n, t)
+    rows = stream[: n * t].reshape(n, t)
+    return rows, loss_mask(tok, rows)
 
 
-def _batch(rows_bt: np.ndarray) -> dict:
-    return {"tokens": rows_bt, "loss_mask": loss_mask(rows_bt)}
+def _batch(pair) -> dict:
+    return {"tokens": pair[0], "loss_mask": pair[1]}
 
 
 def train_dataset(
-    rows: np.ndarray, cfg: DataConfig, process_index: int = 0, process_count: int = 1
+    rows: np.ndarray,
+    mask: np.ndarray,
+    cfg: DataConfig,
+    process_index: int = 0,
+    process_count: int = 1,
 ):
     """Infinite grain MapDataset of this host's share of each global batch."""
     if cfg.batch_size % process_count:
@@ -80,23 +71,27 @@ def train_dataset(
             f"data.batch_size={cfg.batch_size} must be divisible by the {process_count} hosts"
         )
     ds = grain.MapDataset.range(rows.shape[0]).shuffle(seed=cfg.seed).repeat(None)
-    ds = ds[process_index::process_count].map(lambda i: rows[i])
+    ds = ds[process_index::process_count].map(lambda i: (rows[i], mask[i]))
     return ds.batch(cfg.batch_size // process_count).map(_batch)
 
 
-def train_iterator(
-    cfg: DataConfig, tok: ByteTokenizer, process_index: int = 0, process_count: int = 1
-):
+def train_iterator(cfg: DataConfig, tok: Tokenizer, process_index: int = 0, process_count: int = 1):
     """Iterator of training batches with `get_state()` / `set_state(state)` for checkpoints."""
-    return iter(train_dataset(packed_rows(cfg, tok, "train"), cfg, process_index, process_count))
+    rows, mask = packed_rows(cfg, tok, "train")
+    return iter(train_dataset(rows, mask, cfg, process_index, process_count))
 
 
-def eval_batches(cfg: DataConfig, tok: ByteTokenizer, n: int) -> list[dict]:
+def eval_batches(cfg: DataConfig, tok: Tokenizer, n: int) -> list[dict]:
     """The first `n` batches of held-out rows, the same every call (fewer if the split is short)."""
-    rows = packed_rows(cfg, tok, "eval")
+    rows, mask = packed_rows(cfg, tok, "eval")
     if rows.shape[0] == 0:
         raise DataError(f"data.corpus {cfg.corpus!r}: the eval split is empty")
     b = cfg.batch_size
     if rows.shape[0] < b:  # pad rows so every batch has the global batch shape
-        rows = np.concatenate([rows, np.full((b - rows.shape[0], cfg.seq_len), PAD_ID, np.int32)])
-    return [_batch(rows[i : i + b]) for i in range(0, min(n * b, rows.shape[0] - b + 1), b)]
+        short = b - rows.shape[0]
+        rows = np.concatenate([rows, np.full((short, cfg.seq_len), tok.specials.pad, np.int32)])
+        mask = np.concatenate([mask, np.zeros((short, cfg.seq_len), np.float32)])
+    return [
+        _batch((rows[i : i + b], mask[i : i + b]))
+        for i in range(0, min(n * b, rows.shape[0] - b + 1), b)
+    ]

@@ -1,50 +1,32 @@
-"""Decoding engine: slow, fast, speculative and think modes in one jitted loop.
+"""The decoding engine: one jitted prefill and one `lax.while_loop`, whatever the mode.
 
 One call decodes a batch of prompts to the end in two compiled calls: a
-prefill pass over the (right-padded) prompts, then a `lax.while_loop` of
-main passes over a fixed-size KV cache until every row has stopped (EOS or
-its token limit). No Python runs per token, nothing goes to the host until
+prefill pass over the (right-padded) prompts, then a `lax.while_loop` of main
+passes over a fixed-size KV cache until every row has stopped (its stop token
+or its token limit). No Python runs per token, nothing goes to the host until
 the end, and nothing recompiles as the output grows: the output buffers are
 `max_len` long and the token limit is a traced argument. The loop compiles
-once per (architecture, mode, k, sampling settings, batch), the prefill once
-per (architecture, batch, prompt width rounded up to a power of two); the
-weights are a traced argument, so new weights of the same architecture (an
-RL update, another checkpoint) reuse both.
+once per (architecture, mode, k, sampling settings, specials, batch), the
+prefill once per (architecture, batch, prompt width rounded up to a power of
+two); the weights are a traced argument, so new weights of the same
+architecture (an RL update, another checkpoint) reuse both.
 
-A pass at position t emits the main token y_0 = x_{t+1} and lets the drafter
-draft y_1..y_k after it. The modes differ in what they keep:
-
-- `slow`: y_0 only; one token fed per pass; the drafter is not run.
-- `fast`: y_0 and the k drafts, unverified; the next pass feeds all k + 1
-  tokens at once, so every pass emits exactly k + 1 tokens.
-- `speculative`: the drafts are verified by the next pass (`speculative.py`):
-  greedy output equals `slow` greedy token for token, sampled output is
-  distributed exactly as `slow` sampling (Leviathan et al. 2023).
-- `think`: `fast` while a thinking span is open (opened by the prompt or by
-  an emitted `<think>`, closed by `</think>`; drafts after a `</think>` are
-  dropped), `slow` otherwise. A pass with no row thinking feeds one token.
-
-Rows of a batch sit at their own positions; tokens written to the cache past
-a row's position (rejected drafts, prompt padding) are overwritten before
-anything reads them (see `mtp.model.transformer`), so rollback is free.
+A pass at position t emits the main token y_0 = x_{t+1} and may let the
+drafter draft y_1..y_k after it. What a pass keeps is the mode's
+(`mtp.decode.modes`): slow, fast, speculative, think, pause. Rows of a batch
+sit at their own positions; tokens written to the cache past a row's position
+(rejected drafts, prompt padding) are overwritten before anything reads them
+(see `mtp.model.transformer`), so rollback is free.
 
 Every call returns a `DecodeResult`: the tokens and, per token, the main pass
-that produced it and its offset in that pass (0: main token, j: draft j) —
-what an RL loss needs to score passes — and statistics: main passes, tokens
-per pass, the accepted-length histogram and per-offset acceptance rate
-(speculative), wall time.
-
-The pass pieces (per-mode advance, emit, the next main pass) live in
-`passes.py`, the returned `DecodeResult` in `result.py`. `urgency_b` is
-passed to every main pass (the pause-token urgency input).
-
-Not yet: draft trees (several branches per offset verified at once with a
-tree attention mask, Medusa / EAGLE-2 style): drafts are one chain.
+that produced it and its offset in that pass (what an RL loss needs to score
+passes), and statistics. `urgency_b` is passed to every main pass.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import time
 from collections.abc import Sequence
@@ -54,85 +36,116 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.config import UserError
-from mtp.data.tokenizer import EOS_ID, PAD_ID, THINK_CLOSE_ID, THINK_OPEN_ID
-from mtp.decode.passes import (
-    Carry,
-    Plan,
-    advance_plain,
-    advance_speculative,
-    at,
-    forward,
-    next_pass,
-)
+from mtp.data.tokenizer import Specials
+from mtp.decode.modes import MODES, Mode
+from mtp.decode.modes.base import Carry, Ctx, at
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
+from mtp.errors import DecodeError
 
-MODES = ("slow", "fast", "speculative", "think")
 GREEDY = Sampling()
 
 # Traces per ("prefill", batch, prompt width) and per (mode, k, batch); a test reads it.
 TRACES: collections.Counter = collections.Counter()
 
 
-class DecodeError(UserError, ValueError):
-    """Bad decoding input (prompt, mode, k, limits); the message says what is allowed."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one compiled loop, besides the shapes."""
+
+    mode: Mode
+    k: int
+    sampling: Sampling
+    specials: Specials
+    stop_id: int
 
 
-def _prefill(graphdef, state, prompt_bp, plen_b, urgency_b):
+def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b):
     """Pass 0: the right-padded prompts in one forward -> cache, logits and taps at their ends."""
-    TRACES[("prefill", *prompt_bp.shape)] += 1
+    TRACES[("prefill", *prompt_bt.shape)] += 1
     system = nnx.merge(graphdef, state)
-    b = prompt_bp.shape[0]
-    zeros_b = jnp.zeros((b,), jnp.int32)
-    cache = system.main.init_cache(b)
-    logits_bpv, taps_bpld, cache = forward(system, prompt_bp, zeros_b, cache, urgency_b)
-    return cache, at(logits_bpv, plen_b - 1), at(taps_bpld, plen_b - 1)
+    b = prompt_bt.shape[0]
+    cache = system.init_cache(b)
+    logits_btv, taps_btld, cache = system.main_pass(
+        prompt_bt, jnp.zeros((b,), jnp.int32), cache, urgency_b
+    )
+    return cache, at(logits_btv, plen_b - 1), at(taps_btld, plen_b - 1)
+
+
+def _next_pass(system, mode: Mode, c: Carry, urgency_b) -> Carry:
+    """Runs the main model on the feed; keeps what the next advance reads."""
+
+    def wide():
+        logits_bwv, taps_bwld, cache = system.main_pass(c.feed_bw, c.pos_b, c.cache, urgency_b)
+        if mode.all_logits:
+            return logits_bwv, taps_bwld, cache
+        last_b = c.nfeed_b - 1
+        return at(logits_bwv, last_b)[:, None], at(taps_bwld, last_b)[:, None], cache
+
+    def narrow():  # every running row feeds one token: a one-token pass
+        return system.main_pass(c.feed_bw[:, :1], c.pos_b, c.cache, urgency_b)
+
+    one_b = mode.narrow(c)
+    if one_b is None or c.feed_bw.shape[1] == 1:
+        logits_bwv, taps_bwld, cache = wide()
+    else:
+        logits_bwv, taps_bwld, cache = jax.lax.cond(one_b, narrow, wide)
+    running_b = ~c.done_b
+    return c._replace(
+        cache=cache,
+        logits_bwv=logits_bwv,
+        taps_bwld=taps_bwld,
+        passes_b=c.passes_b + running_b,
+        step=c.step + jnp.any(running_b),
+    )
 
 
 def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_new_b,
-          budget_b, urgency_b, key, plan: Plan):  # fmt: skip
+          urgency_b, key, plan: Plan):  # fmt: skip
     """Main passes after the prefill until every row has stopped; returns outputs and stats."""
-    b = logits_bv.shape[0]
-    TRACES[(plan.mode, plan.k, b)] += 1
+    b, v = logits_bv.shape
+    mode, k = plan.mode, plan.k
+    TRACES[(mode.name, k, b)] += 1
     system = nnx.merge(graphdef, state)
-    k, s, n = plan.k, plan.sampling, system.main.cfg.max_len
-    spec = plan.mode == "speculative"
-    w = 1 if plan.mode == "slow" else k + 1
-    w_out = w if spec else 1
+    n = system.max_len
+    w = mode.width(k)
+    w_out = w if mode.all_logits else 1
     pad = lambda x: jnp.concatenate([x[:, None], jnp.zeros((b, w_out - 1, *x.shape[1:]))], 1)
-    zeros_b = jnp.zeros((b,), jnp.int32)
+    zeros_b, zeros_bo = jnp.zeros((b,), jnp.int32), jnp.zeros((b, n), jnp.int32)
     c = Carry(
         cache=cache,
         logits_bwv=pad(logits_bv),
         taps_bwld=pad(taps_bld),
-        fresh_b=jnp.ones((b,), bool),
-        feed_bw=jnp.full((b, w), -1 if spec else 0, jnp.int32),  # -1: never accepted
+        feed_bw=jnp.full((b, w), -1 if mode.all_logits else 0, jnp.int32),  # -1: never accepted
         nfeed_b=jnp.ones((b,), jnp.int32),
         pos_b=plen_b - 1,  # as if the last prompt token had been fed alone
-        logq_bkv=jnp.zeros((b, k, logits_bv.shape[-1]) if spec and not s.greedy else (b, 1, 1)),
-        thinking_b=thinking_b,
-        think_passes_b=zeros_b,
-        out_bn4=jnp.zeros((b, n, 4), jnp.int32).at[:, :, 0].set(PAD_ID),
+        tokens_bo=jnp.full((b, n), plan.specials.pad, jnp.int32),
+        pass_bo=zeros_bo,
+        offset_bo=zeros_bo,
+        forced_bo=jnp.zeros((b, n), bool),
+        choice_bo=jnp.zeros((b, n), bool),
         nout_b=zeros_b,
+        counted_b=zeros_b,
         done_b=jnp.zeros((b,), bool),
         passes_b=jnp.ones((b,), jnp.int32),
         hist_bk=jnp.zeros((b, k + 1), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         key=key,
+        extra=mode.init(b, k, v, plan.sampling, thinking_b),
     )
-    advance = advance_speculative if spec else advance_plain
+    ctx = Ctx(system, k, plan.sampling, plan.specials, plan.stop_id, max_new_b)
 
     def body(c: Carry) -> Carry:
-        c = advance(system, plan, c, max_new_b, budget_b)
-        return next_pass(system, plan, c, urgency_b)  # after the last advance: not counted
+        c = mode.advance(ctx, c)
+        return _next_pass(system, mode, c, urgency_b)  # after the last advance: not counted
 
     c = jax.lax.while_loop(lambda c: jnp.any(~c.done_b) & (c.step <= n), body, c)
     return dict(
-        tokens=c.out_bn4[..., 0],
-        pass_id=c.out_bn4[..., 1],
-        offset=c.out_bn4[..., 2],
-        forced=c.out_bn4[..., 3].astype(bool),
+        tokens=c.tokens_bo,
+        pass_id=c.pass_bo,
+        offset=c.offset_bo,
+        forced=c.forced_bo,
+        choice=c.choice_bo,
         lengths=c.nout_b,
         passes=c.passes_b,
         hist=c.hist_bk,
@@ -149,35 +162,42 @@ def _compiled(graphdef):
     return prefill, loop
 
 
-def _thinking(prompt) -> bool:
+def _thinking(prompt, specials: Specials) -> bool:
     """Does the prompt leave a thinking span open (a <think> after the last </think>)?"""
-    opens, closes = (
-        np.flatnonzero(prompt == THINK_OPEN_ID),
-        np.flatnonzero(prompt == THINK_CLOSE_ID),
-    )
+    opens = np.flatnonzero(prompt == specials.think_open)
+    closes = np.flatnonzero(prompt == specials.think_close)
     return bool(opens.size) and (not closes.size or opens[-1] > closes[-1])
 
 
-def _prompt_width(longest: int, max_len: int) -> int:
+def prompt_width(longest: int, max_len: int) -> int:
     """Prompts are padded to a power of two (>= 8) so few widths ever compile."""
     return min(max_len, max(8, 1 << (longest - 1).bit_length()))
+
+
+def make_mode(mode: str | Mode) -> Mode:
+    """A mode object from its name (modes with options are passed as objects)."""
+    if isinstance(mode, Mode):
+        return mode
+    if mode not in MODES:
+        raise DecodeError(f"decode mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
+    return MODES[mode]()
 
 
 class Decoder:
     """Decodes batches of token prompts with one system's weights, in any mode.
 
-    >>> dec = Decoder(system)
+    >>> dec = Decoder(system, tok.specials)
     >>> res = dec.generate([ids], mode="speculative", max_new_tokens=64)
-    >>> res.texts(ByteTokenizer()), res.stats
+    >>> res.texts(tok), res.stats
     """
 
-    def __init__(self, system, *, eos_id: int = EOS_ID):
+    def __init__(self, system, specials: Specials):
         self.graphdef, self.state = nnx.split(system)
         self._prefill, self._loop = _compiled(self.graphdef)
         self.k = int(system.k)
-        self.max_len = system.main.cfg.max_len
-        self.vocab_size = system.main.cfg.vocab_size
-        self.eos_id = eos_id
+        self.max_len = system.max_len
+        self.vocab_size = system.vocab_size
+        self.specials = specials
 
     def set_weights(self, system) -> None:
         """New weights of the same architecture; reuses every compiled decoder."""
@@ -185,9 +205,7 @@ class Decoder:
         if graphdef != self.graphdef:
             raise DecodeError("set_weights: the new system's architecture differs; make a Decoder")
 
-    def _check(self, prompts, mode, max_new_tokens, k):
-        if mode not in MODES:
-            raise DecodeError(f"decode mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
+    def _rows(self, prompts, mode: Mode, max_new_tokens, k):
         if k is not None and int(k) != self.k:
             raise DecodeError(
                 f"k={k} but this checkpoint's drafter drafts k={self.k}; omit k or pass k={self.k}"
@@ -196,105 +214,97 @@ class Decoder:
             raise DecodeError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if len(prompts) == 0:
             raise DecodeError("no prompts: pass a list of at least one token sequence")
-        rows = [np.asarray(p, np.int64).reshape(-1) for p in prompts]
-        for i, row in enumerate(rows):
+        suffix = np.full(mode.prompt_pauses(), self.specials.pause, np.int64)
+        extra = mode.extra_positions(max_new_tokens)
+        rows = []
+        for i, p in enumerate(prompts):
+            row = np.asarray(p, np.int64).reshape(-1)
             if row.size == 0:
                 raise DecodeError(f"prompt {i} is empty; give at least one token (e.g. <bos>)")
             if row.min() < 0 or row.max() >= self.vocab_size:
                 raise DecodeError(
                     f"prompt {i} has token ids outside 0..{self.vocab_size - 1} (the vocabulary)"
                 )
+            row = np.concatenate([row, suffix])
             if row.size >= self.max_len:
                 raise DecodeError(
                     f"prompt {i} has {row.size} tokens; the cache holds max_len={self.max_len}, "
                     f"so prompts may have at most {self.max_len - 1}"
                 )
-            if row.size + max_new_tokens > self.max_len:
+            if row.size + max_new_tokens + extra > self.max_len:
+                what = f" + up to {extra} pauses ({mode})" if extra else ""
+                room = self.max_len - row.size  # the pauses may grow with max_new_tokens
+                fits = [n for n in range(1, room + 1) if n + mode.extra_positions(n) <= room]
                 raise DecodeError(
-                    f"prompt {i} ({row.size} tokens) + max_new_tokens={max_new_tokens} exceeds "
-                    f"the cache (max_len={self.max_len}); allowed: max_new_tokens <= "
-                    f"{self.max_len - row.size}"
+                    f"prompt {i} ({row.size} tokens) + max_new_tokens={max_new_tokens}{what} "
+                    f"exceeds the cache (max_len={self.max_len}); allowed: max_new_tokens <= "
+                    f"{max(fits, default=0)}"
                 )
+            rows.append(row)
         return rows
 
     def generate(
         self,
         prompts: Sequence[Sequence[int]] | np.ndarray,
         *,
-        mode: str = "slow",
+        mode: str | Mode = "slow",
         max_new_tokens: int = 64,
         sampling: Sampling = GREEDY,
         k: int | None = None,
         seed: int | jax.Array = 0,
-        urgency_b: jax.Array | None = None,
-        think_budget: int | Sequence[int] | None = None,
+        urgency_b=None,
+        stop_id: int | None = None,
     ) -> DecodeResult:
         """Decodes every prompt (a list of token-id sequences, ragged allowed).
 
-        sampling: greedy by default; seed: an int or a jax PRNG key. k must be
-        None or the system's k. urgency_b (B,) float: passed to every main
-        pass (the pause-token hook; the model must have `use_urgency`).
-        think_budget (think mode; an int or one per row): after that many
-        passes that emitted thinking tokens, the row's next main token is a
-        forced `</think>` (`DecodeResult.forced`) and it answers in slow mode.
+        mode: a name of `mtp.decode.modes.MODES` or a mode object (e.g.
+        `Pause("confidence", threshold=0.9)`); sampling: greedy by default;
+        seed: an int or a jax PRNG key. k must be None or the system's k.
+        urgency_b (B,) or a scalar: passed to every main pass (the model must
+        have `use_urgency`). stop_id: a row stops after emitting it (default the
+        tokenizer's eos; -1: never).
         """
-        rows = self._check(prompts, mode, max_new_tokens, k)
+        mode = make_mode(mode)
+        rows = self._rows(prompts, mode, max_new_tokens, k)
         b = len(rows)
-        if think_budget is None:
-            budget_b = np.full((b,), self.max_len + 1, np.int32)
-        else:
-            if mode != "think":
-                raise DecodeError(f"think_budget applies to mode='think' only, not {mode!r}")
-            budget_b = np.broadcast_to(np.asarray(think_budget), (b,)).astype(np.int32)
-            if (budget_b < 0).any():
-                raise DecodeError(f"think_budget must be >= 0 passes, got {think_budget!r}")
         plen = np.array([r.size for r in rows], np.int32)
-        width = _prompt_width(int(plen.max()), self.max_len)
+        width = prompt_width(int(plen.max()), self.max_len)
         # padding: any in-vocabulary id (its cache slots are overwritten before being read)
-        prompt_bp = np.zeros((b, width), np.int32)
+        prompt_bt = np.zeros((b, width), np.int32)
         for i, r in enumerate(rows):
-            prompt_bp[i, : r.size] = r
+            prompt_bt[i, : r.size] = r
         if urgency_b is not None:
             urgency_b = jnp.broadcast_to(jnp.asarray(urgency_b, jnp.float32), (b,))
         key = jax.random.key(seed) if isinstance(seed, int | np.integer) else seed
-        plan = Plan(mode=mode, k=self.k, sampling=sampling, eos_id=self.eos_id)
-        thinking_b = np.array([_thinking(r) for r in rows])
+        stop_id = self.specials.eos if stop_id is None else int(stop_id)
+        plan = Plan(mode, self.k, sampling, self.specials, stop_id)
+        thinking_b = np.array([_thinking(r, self.specials) for r in rows])
         traces = sum(TRACES.values())
         t0 = time.perf_counter()
         cache, logits_bv, taps_bld = self._prefill(
-            self.state, jnp.asarray(prompt_bp), jnp.asarray(plen), urgency_b
+            self.state, jnp.asarray(prompt_bt), jnp.asarray(plen), urgency_b
         )
         out = self._loop(
-            self.state,
-            cache,
-            logits_bv,
-            taps_bld,
-            jnp.asarray(plen),
-            jnp.asarray(thinking_b),
-            jnp.full((b,), max_new_tokens, jnp.int32),
-            jnp.asarray(budget_b),
-            urgency_b,
-            key,
-            plan=plan,
-        )
+            self.state, cache, logits_bv, taps_bld, jnp.asarray(plen), jnp.asarray(thinking_b),
+            jnp.full((b,), max_new_tokens, jnp.int32), urgency_b, key, plan=plan,
+        )  # fmt: skip
         out = jax.device_get(out)  # the one host transfer; blocks until done
         wall = time.perf_counter() - t0
+        prompt_pauses = np.full((b,), mode.prompt_pauses(), np.int32)
         return DecodeResult(
-            mode=mode,
+            mode=mode.name,
             k=self.k,
             tokens=out["tokens"],
             pass_id=out["pass_id"],
             offset=out["offset"],
             forced=out["forced"],
+            choice=out["choice"],
             lengths=out["lengths"],
-            passes=out["passes"],
+            passes=out["passes"] + prompt_pauses,
+            prompt_pauses=prompt_pauses,
             accept_hist=out["hist"].sum(0),
             batch_passes=int(out["steps"]),
             wall_s=wall,
             compiled=sum(TRACES.values()) > traces,
+            pause_id=self.specials.pause,
         )
-
-
-def generate(system, prompts, **kwargs) -> DecodeResult:
-    """One-off `Decoder(system).generate(prompts, **kwargs)`."""
-    return Decoder(system).generate(prompts, **kwargs)

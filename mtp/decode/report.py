@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtp.decode.engine import MODES, DecodeError, Decoder
+from mtp.decode.engine import Decoder
+from mtp.decode.modes import MODES
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
+from mtp.errors import DecodeError
 
 
 def _check_modes(modes: Sequence[str]) -> list[str]:
@@ -62,8 +64,8 @@ def decode_report(
         raise DecodeError("--prompt is empty; give the text to continue, e.g. --prompt='def main('")
     modes = _check_modes(modes)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode_with_specials(prompt)])
-    dec = Decoder(system, eos_id=tokenizer.eos_id)
+    ids = np.concatenate([[tokenizer.specials.bos], tokenizer.encode_with_specials(prompt)])
+    dec = Decoder(system, tokenizer.specials)
     lines = [f"prompt: {prompt!r}  (k={dec.k}, {sampling})", ""]
     rows, results = [], {}
     for mode in modes:

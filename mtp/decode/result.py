@@ -11,14 +11,15 @@ import numpy as np
 class DecodeResult:
     """Output of one batched call. Arrays are numpy; N = the model's max_len.
 
-    tokens (B, N): emitted tokens, PAD past `lengths`; pass_id (B, N): the main
-    pass that produced each token (0 = prefill pass; an accepted draft belongs
-    to the pass that drafted it); offset (B, N): 0 for a main token, j for a
-    draft at offset j; forced (B, N): the engine, not the policy, chose the
-    token (think mode's `</think>` at the pass budget; leave it out of
-    log-probs); valid (B, N): j < lengths[b]. passes (B,): main passes each row
-    ran; accept_hist (k + 1,): speculative verify passes that accepted n = 0..k
-    drafts (zeros in other modes).
+    tokens (B, O): emitted tokens, pad past `lengths` (pause mode: pauses and
+    answer tokens in decision order); pass_id (B, O): the main pass that
+    produced each token (0 = prefill pass; an accepted draft belongs to the
+    pass that drafted it); offset (B, O): 0 for a main token, j for a draft at
+    offset j; forced (B, O): the engine, not the policy, chose the token (leave
+    it out of log-probs); choice (B, O): pause mode, the policy could have
+    paused there; valid (B, O): j < lengths[b]. passes (B,): main passes each
+    row ran (pauses in the prompt count one each); accept_hist (K + 1,):
+    speculative verify passes that accepted n = 0..K drafts (zeros otherwise).
     """
 
     mode: str
@@ -32,7 +33,10 @@ class DecodeResult:
     batch_passes: int  # loop iterations, prefill included (rows share them)
     wall_s: float
     compiled: bool  # this call traced and compiled a new decoder (wall_s includes it)
-    forced: np.ndarray | None = None
+    forced: np.ndarray
+    choice: np.ndarray
+    prompt_pauses: np.ndarray  # (B,) pauses appended to each prompt (fixed pause policy)
+    pause_id: int
 
     @property
     def valid(self) -> np.ndarray:
@@ -40,6 +44,16 @@ class DecodeResult:
 
     def row(self, b: int) -> np.ndarray:
         return self.tokens[b, : self.lengths[b]]
+
+    def answer_row(self, b: int) -> np.ndarray:
+        """Row b without its pauses."""
+        row = self.row(b)
+        return row[row != self.pause_id]
+
+    @property
+    def pauses(self) -> np.ndarray:
+        """(B,) pauses each row spent: decoded ones plus those in the prompt."""
+        return ((self.tokens == self.pause_id) & self.valid).sum(1) + self.prompt_pauses
 
     def texts(self, tokenizer, skip_special: bool = False) -> list[str]:
         return [tokenizer.decode(self.row(b), skip_special) for b in range(len(self.lengths))]
@@ -60,8 +74,12 @@ class DecodeResult:
             tokens_per_s=tokens / self.wall_s if self.wall_s > 0 else float("nan"),
             compiled=self.compiled,
         )
-        if self.mode == "think" and self.forced is not None:
-            out["forced_closes"] = int((self.forced & self.valid).sum())
+        if self.forced.any():
+            out["forced"] = int((self.forced & self.valid).sum())
+        if self.mode == "pause":
+            answer = tokens - int(self.pauses.sum()) + int(self.prompt_pauses.sum())
+            out["pauses"] = float(self.pauses.mean())
+            out["tokens_per_pass"] = answer / max(passes, 1)
         if self.mode == "speculative":
             n_k = np.arange(self.k + 1)
             out["accept_hist"] = self.accept_hist.tolist()

@@ -3,7 +3,7 @@ r"""The pause-token report: accuracy against pauses, adaptive vs fixed, urgency,
     python -m mtp.evals.pause_report --workdir=runs/pause     # again, from a finished run
 
 Decodes `pause.eval_prompts` held-out problems greedily with each model of a
-pause run (`mtp.train.pause`) and writes WORKDIR/pause_report.{md,json}:
+pause run (`mtp.programs.pause`) and writes WORKDIR/pause_report.{md,json}:
 
 1. accuracy against M fixed pauses for the plain and the pause-trained model;
 2. the confidence (or entropy) rule at each threshold, and the learned model
@@ -22,43 +22,47 @@ from pathlib import Path
 import numpy as np
 
 from mtp import checkpoint as ckpt
-from mtp.config import validate
+from mtp.config import Run
+from mtp.data.format import answer_text, encode_prompt
 from mtp.data.task_data import parse_task_spec
-from mtp.data.tokenizer import ByteTokenizer
-from mtp.decode.pause import PauseDecoder, PausePolicy
+from mtp.data.tokenizer import Tokenizer, tokenizer_of
+from mtp.decode.engine import Decoder
+from mtp.decode.modes import Pause
 from mtp.metrics import format_table
-from mtp.train.pause_data import prompt_head
-from mtp.train.pause_rl import answer_text
+from mtp.rl.learner import load_rl_system
 
 
 class PauseAccuracy:
     """Evaluator: greedy decodes of held-out problems under one pause policy.
 
-    `run(decoder, policy, urgency)` yields accuracy, mean pauses, mean main
+    `run(system, policy, urgency)` yields accuracy, mean pauses, mean main
     passes per answer and answer tokens per pass.
     """
 
-    def __init__(self, task, n: int, batch_size: int = 128):
-        self.task, self.tok = task, ByteTokenizer()
+    def __init__(self, task, tok: Tokenizer, n: int, batch_size: int = 128):
+        self.task, self.tok = task, tok
         self.examples = task.examples("eval", n)
-        self.heads = [prompt_head(self.tok, ex.prompt, ex.thought) for ex in self.examples]
+        self.heads = [encode_prompt(tok, ex.prompt, ex.thought) for ex in self.examples]
         self.batch_size = batch_size
 
-    def run(self, dec: PauseDecoder, policy: PausePolicy, urgency: float = 0.0):
+    def run(self, system, policy: Pause, urgency: float = 0.0):
+        dec = Decoder(system, self.tok.specials)
         scores, pauses, passes, answer = [], [], [], []
         bs = self.batch_size
         for i in range(0, len(self.heads), bs):
             chunk = self.heads[i : i + bs]
             padded = chunk + [chunk[-1]] * (bs - len(chunk))  # one shape: one compile
             res = dec.generate(
-                padded, policy, max_new_tokens=self.task.max_answer_len + 1, urgency_b=urgency
-            )
+                padded, mode=policy, max_new_tokens=self.task.max_answer_len + 1,
+                urgency_b=urgency,
+            )  # fmt: skip
             for j in range(len(chunk)):
                 ex = self.examples[i + j]
-                scores.append(self.task.score(ex.prompt, answer_text(self.tok, res.row(j))))
-            pauses.append(res.pauses[: len(chunk)])
-            passes.append(res.passes[: len(chunk)])
-            answer.append(res.lengths[: len(chunk)])
+                scores.append(self.task.score(ex.prompt, answer_text(self.tok, res.answer_row(j))))
+            n = len(chunk)
+            pauses.append(res.pauses[:n])
+            passes.append(res.passes[:n])
+            answer.append(res.lengths[:n] - res.pauses[:n] + res.prompt_pauses[:n])
         pauses, passes, answer = (np.concatenate(x) for x in (pauses, passes, answer))
         yield "accuracy", float(np.mean(scores))
         yield "pauses", float(pauses.mean())
@@ -73,7 +77,8 @@ def _best_fixed(fixed: dict, budget: float):
 
 
 def findings(fixed: dict, adaptive: list[dict]) -> list[str]:
-    """The report's answers to the issue's questions, computed from its own numbers."""
+    """The report's answers (do pauses help, does a rule beat fixed M, does urgency cut
+    pauses), computed from its own numbers."""
     lines = []
     for name, label in (("paused", "pause-trained"), ("plain", "plain")):
         acc = fixed[name]
@@ -102,36 +107,40 @@ def findings(fixed: dict, adaptive: list[dict]) -> list[str]:
     return lines
 
 
-def _engine_tokens_per_pass(system, head) -> dict:
+def _engine_tokens_per_pass(system, tok: Tokenizer, head) -> dict:
     """fast and slow tokens per main pass, measured by the decoding engine on one prompt.
 
     EOS is not a stop token here (an answer is a token or two, and a pass cut
     short by EOS would understate fast mode), so each mode fills 8 passes.
     """
-    from mtp.decode.engine import Decoder  # the engine is heavy; import on use
-
-    dec = Decoder(system, eos_id=-1)
+    dec = Decoder(system, tok.specials)
     n = 8 * (dec.k + 1)
     return {
-        mode: dec.generate([head], mode=mode, max_new_tokens=n).stats["tokens_per_pass"]
+        mode: dec.generate([head], mode=mode, max_new_tokens=n, stop_id=-1).stats["tokens_per_pass"]
         for mode in ("slow", "fast")
     }
 
 
-def write_report(config, workdir) -> dict:
+def load_systems(workdir) -> dict:
+    """The three models of a pause run directory, by name."""
+    workdir = Path(workdir)
+    out = {name: ckpt.load_system(workdir / name)[0] for name in ("plain", "paused")}
+    out["learned"] = load_rl_system(workdir / "learned", workdir / "learned_emit", "both")[0]
+    return out
+
+
+def write_report(run: Run, workdir, tok: Tokenizer) -> dict:
     """Decodes with every model of the run and writes pause_report.{md,json}; returns the rows."""
-    cs = validate(config)
-    pc, workdir = cs.pause, Path(workdir)
+    pc, workdir = run.pause, Path(workdir)
     task, _ = parse_task_spec(pc.task)
-    ev = PauseAccuracy(task, pc.eval_prompts)
-    decs = {name: PauseDecoder(ckpt.load_system(workdir / name)[0])
-            for name in ("plain", "paused", "learned")}  # fmt: skip
+    ev = PauseAccuracy(task, tok, pc.eval_prompts)
+    decs = load_systems(workdir)
     out = {"task": pc.task, "eval_prompts": pc.eval_prompts, "fixed": {}, "adaptive": []}
     fixed_rows, fixed = [], {"plain": {}, "paused": {}}
     for m in pc.eval_ms:
         row = [m]
         for name in ("plain", "paused"):
-            r = dict(ev.run(decs[name], PausePolicy("fixed", m=m)))
+            r = dict(ev.run(decs[name], Pause("fixed", m=m)))
             fixed[name][m] = r["accuracy"]
             out["fixed"].setdefault(name, {})[m] = r
             row.append(r["accuracy"])
@@ -149,15 +158,14 @@ def write_report(config, workdir) -> dict:
 
     for thr in pc.thresholds:
         add(f"{pc.rule} < {thr}" if pc.rule == "confidence" else f"entropy > {thr}", "paused",
-            PausePolicy(pc.rule, threshold=thr, cap=pc.cap))  # fmt: skip
+            Pause(pc.rule, threshold=thr, cap=pc.cap))  # fmt: skip
     for u in (0.0, 1.0):
-        add(f"learned, urgency {u:g}", "learned", PausePolicy("learned", cap=pc.cap), u)
+        add(f"learned, urgency {u:g}", "learned", Pause("learned", cap=pc.cap), u)
 
-    system = ckpt.load_system(workdir / "paused")[0]
-    tpp = _engine_tokens_per_pass(system, ev.heads[0])
+    tpp = _engine_tokens_per_pass(decs["paused"], tok, ev.heads[0])
     tpp_rows = []
     if "fast" in tpp:
-        tpp_rows.append([f"fast (1 + k, k={cs.drafter.k})", tpp["fast"]])
+        tpp_rows.append([f"fast (1 + k, k={run.drafter.k})", tpp["fast"]])
     if "slow" in tpp:
         tpp_rows.append(["slow (1)", tpp["slow"]])
     for m in pc.eval_ms:
@@ -197,7 +205,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="The report of a finished pause run.")
     parser.add_argument("--workdir", required=True)
     workdir = parser.parse_args(argv).workdir
-    write_report(ckpt.read_config(workdir), workdir)
+    run = ckpt.read_run(workdir)
+    write_report(run, workdir, tokenizer_of(run))
 
 
 if __name__ == "__main__":

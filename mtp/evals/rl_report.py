@@ -2,7 +2,7 @@ r"""Accuracy against main passes on held-out problems: slow vs fast, before and 
 
     python -m mtp.evals.rl_report --workdir=runs/rl_arith [--n=256] [--budgets=2,4,8,0]
 
-For a pipeline run directory (`mtp.train.rl_loop`), decodes `n` held-out
+For a pipeline run directory (`mtp.programs.rl`), decodes `n` held-out
 problems of the run's task greedily with each system at each thought budget
 (main passes allowed for the thought; 0 = no budget), the answer always in
 slow mode:
@@ -19,7 +19,7 @@ the thought and, in fast mode, the share of answers whose every draft is the
 main model's own greedy token with the accuracy of those and of the rest
 (fast mode loses to slow where drafts and main disagree), and a plot of
 accuracy against main passes. It ends with the
-issue's check: fast after joint RL within 5 points of slow (no budget) while
+check of the aim: fast after joint RL within 5 points of slow (no budget) while
 spending at most 40% of its passes, and ahead of drafter-only RL and of the
 supervised drafter at the same budget.
 """
@@ -32,11 +32,12 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from mtp import checkpoint as ckpt
-from mtp.config import UserError, validate
 from mtp.data.task_data import parse_task_spec
+from mtp.data.tokenizer import tokenizer_of
+from mtp.errors import UserError
 from mtp.evals.task_accuracy import TaskAccuracy
 from mtp.metrics import format_table
-from mtp.train.rl_rollout import ThinkRollout
+from mtp.rl.learner import load_rl_system
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline run directory (warmup/, rl_*/).")
 _N = flags.DEFINE_integer("n", 256, "Held-out problems.")
@@ -46,8 +47,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Problems decoded per call.")
 
 def systems(workdir: Path):
     """(name, thought mode, loader) for every system the run directory holds."""
-    from mtp.train.rl_loop import load_rl_system
-
     warm = lambda: ckpt.load_system(workdir / "warmup")[0]
     out = [("slow", "slow", warm), ("fast/supervised", "fast", warm)]
     for arm in ("drafter", "main", "both"):
@@ -60,23 +59,20 @@ def systems(workdir: Path):
 
 def measure(workdir, n: int, budgets: list[int], batch_size: int = 64, log=print) -> list[dict]:
     workdir = Path(workdir)
-    cs = validate(ckpt.read_config(workdir))
+    cs = ckpt.read_run(workdir)
     if cs.rl is None:
         raise UserError(f"{workdir}: the run's config has no 'rl' section")
     task, _ = parse_task_spec(cs.rl.task)
-    rows, roll = [], None
+    tok = tokenizer_of(cs)
+    rows = []
     for name, mode, load in systems(workdir):
         system = load()
-        if roll is None:
-            roll = ThinkRollout(system)
-        else:
-            roll.set_weights(system)
         for budget in budgets:
             ev = TaskAccuracy(
-                task, n, thought_mode=mode, think_budget=budget,
+                task, tok, n, thought_mode=mode, think_budget=budget,
                 answer_max_tokens=cs.rl.answer_max_tokens, batch_size=batch_size,
             )  # fmt: skip
-            r = dict(ev.run(roll))
+            r = dict(ev.run(system))
             rows.append({"system": name, "budget": budget} | r)
             log(f"{name:18s} budget {budget or 'none':>4}: accuracy {r['accuracy']:.3f}, "
                 f"passes {r['passes']:.1f}")  # fmt: skip
@@ -84,7 +80,8 @@ def measure(workdir, n: int, budgets: list[int], batch_size: int = 64, log=print
 
 
 def check(rows: list[dict], k: int) -> list[str]:
-    """The issue's aim, stated with the measured numbers (met or not)."""
+    """The aim (fast after joint RL within 5 points of slow at <= 40% of its passes), stated
+    with the measured numbers (met or not)."""
     get = lambda s, b: next((r for r in rows if r["system"] == s and r["budget"] == b), None)
     slow = get("slow", 0)
     lines = []
@@ -146,7 +143,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def report(workdir, n: int = 256, budgets=(0,), batch_size: int = 64) -> str:
     workdir = Path(workdir)
-    cs = validate(ckpt.read_config(workdir))
+    cs = ckpt.read_run(workdir)
     budgets = [int(b) for b in budgets]
     rows = measure(workdir, n, budgets, batch_size)
     table = format_table(

@@ -1,12 +1,42 @@
-"""Task accuracy against main passes: greedy think-mode decoding of held-out problems."""
+"""Task accuracy against main passes: greedy think-then-answer decoding of held-out problems."""
 
 from __future__ import annotations
 
-import numpy as np
+import functools
 
+import jax
+import numpy as np
+from flax import nnx
+
+from mtp.data.format import answer_text, encode_prompt
 from mtp.data.tasks import Task
-from mtp.decode.sampling import Sampling
-from mtp.train.rl_rollout import ThinkRollout, score_rollouts
+from mtp.data.tokenizer import Tokenizer
+from mtp.decode.engine import Decoder
+from mtp.decode.thinking import Thought, think_then_answer
+
+
+@functools.lru_cache(maxsize=8)
+def _greedy_fn(graphdef):
+    return jax.jit(lambda state, tokens_bt: nnx.merge(graphdef, state)(tokens_bt)[0].argmax(-1))
+
+
+def drafts_agree(system, th: Thought, pad: int) -> np.ndarray:
+    """(B,) bool: every draft of the thought is the main model's own greedy token in its context
+    (what speculative decoding would accept: fast mode wrote what slow mode would have).
+    True for a thought with no drafts. One teacher-forced forward of the batch."""
+    rows = [np.concatenate([h, t]) for h, t in zip(th.heads, th.thoughts, strict=True)]
+    t = -(-max(r.size for r in rows) // 32) * 32  # few shapes: few compiles
+    tokens_bt = np.full((len(rows), t), pad, np.int32)
+    drafted_bt = np.zeros((len(rows), t), bool)
+    for i, (r, h) in enumerate(zip(rows, th.heads, strict=True)):
+        n = int(th.thought.lengths[i])
+        tokens_bt[i, : r.size] = r
+        drafted_bt[i, h.size : h.size + n] = th.thought.offset[i, :n] > 0
+    graphdef, state = nnx.split(system)
+    greedy_bt = np.asarray(_greedy_fn(graphdef)(state, tokens_bt))  # choice after position t
+    agree_bt = np.ones_like(drafted_bt)
+    agree_bt[:, 1:] = tokens_bt[:, 1:] == greedy_bt[:, :-1]
+    return (agree_bt | ~drafted_bt).all(1)
 
 
 class TaskAccuracy:
@@ -22,6 +52,7 @@ class TaskAccuracy:
     def __init__(
         self,
         task: Task,
+        tok: Tokenizer,
         n: int,
         *,
         thought_mode: str = "fast",
@@ -29,38 +60,45 @@ class TaskAccuracy:
         answer_max_tokens: int = 16,
         batch_size: int = 64,
     ):
-        self.task = task
+        self.task, self.tok = task, tok
         self.prompts = [ex.prompt for ex in task.examples("eval", n)]
         self.kw = dict(
             thought_mode=thought_mode, think_budget=think_budget,
-            answer_max_tokens=answer_max_tokens, sampling=Sampling(),
+            answer_max_tokens=answer_max_tokens,
         )  # fmt: skip
         self.batch_size = min(batch_size, n)
         self.fast = thought_mode == "fast"
 
-    def run(self, roll: ThinkRollout):
+    def run(self, system):
+        dec = Decoder(system, self.tok.specials)
         scores, passes, thought, generated, forced, agree = [], [], [], [], [], []
         bs = self.batch_size
         for i in range(0, len(self.prompts), bs):
             chunk = self.prompts[i : i + bs]
             padded = chunk + [chunk[-1]] * (bs - len(chunk))
-            ro = score_rollouts(roll(padded, **self.kw), self.task.score)
+            th = think_then_answer(dec, [encode_prompt(self.tok, p) for p in padded], **self.kw)
             n = len(chunk)
-            scores.append(np.nan_to_num(ro.scores[:n]))  # a verifier failure counts as wrong
-            passes.append(ro.passes[:n])
-            thought.append(ro.thought_passes[:n])
-            generated.append(ro.generated[:n])
-            forced.append(ro.forced_close[:n])
+            for j, p in enumerate(chunk):
+                try:
+                    s = float(self.task.score(p, answer_text(self.tok, th.answer.row(j))))
+                except Exception:  # noqa: BLE001 - a verifier failure counts as wrong
+                    s = 0.0
+                scores.append(s if np.isfinite(s) else 0.0)
+            passes.append(th.passes[:n])
+            thought.append(th.thought.passes[:n])
+            generated.append((th.thought.lengths + th.answer.lengths)[:n])
+            forced.append(th.forced[:n])
             if self.fast:
-                agree.append(roll.drafts_agree(ro)[:n])
+                agree.append(drafts_agree(system, th, self.tok.specials.pad)[:n])
         cat = np.concatenate
-        yield "accuracy", float(cat(scores).mean())
+        scores = np.asarray(scores)
+        yield "accuracy", float(scores.mean())
         yield "passes", float(cat(passes).mean())
         yield "thought_passes", float(cat(thought).mean())
         yield "tokens_per_pass", float(cat(generated).sum() / max(cat(passes).sum(), 1))
         yield "forced_close", float(cat(forced).mean())
         if self.fast:
-            agree, scores = cat(agree), cat(scores)
+            agree = cat(agree)
             share = lambda x: float(x.mean()) if x.size else float("nan")
             yield "drafts_agree", share(agree)
             yield "accuracy_if_agree", share(scores[agree])

@@ -4,7 +4,7 @@ r"""Where greedy thoughts first depart from the task's worked thought, and who w
     python -m mtp.evals.thought_errors --workdir=runs/rl_mult/rl_both
 
 `workdir` is a warm-up or an RL arm directory of a pipeline run
-(`mtp.train.rl_loop`); the task is the run's `rl.task`. Decodes `n` held-out
+(`mtp.programs.rl`); the task is the run's `rl.task`. Decodes `n` held-out
 problems greedily (thought in `mode`, no budget, answer in slow mode) and, for
 each thought that is not the task's worked thought token for token, finds the
 first wrong token: the offset of the pass slot that emitted it (0: the main
@@ -24,12 +24,15 @@ from pathlib import Path
 import numpy as np
 
 from mtp import checkpoint as ckpt
-from mtp.config import UserError, validate
+from mtp.data.format import answer_text, encode_prompt
 from mtp.data.task_data import parse_task_spec
 from mtp.data.tasks import Example, Task
-from mtp.data.tokenizer import THINK_CLOSE_ID
+from mtp.data.tokenizer import Tokenizer, tokenizer_of
+from mtp.decode.engine import Decoder
+from mtp.decode.thinking import Thought, think_then_answer
+from mtp.errors import UserError
 from mtp.metrics import format_table
-from mtp.train.rl_rollout import ThinkRollout, prompt_ids, score_rollouts
+from mtp.rl.learner import load_rl_system
 
 
 @dataclasses.dataclass
@@ -42,25 +45,24 @@ class ThoughtErrors:
     by_step: collections.Counter  # 1-based step of the thought it falls in (-1: after it)
 
 
-def first_errors(roll: ThinkRollout, task: Task, examples: list[Example], mode: str):
-    """ThoughtErrors of greedy `mode` thoughts of `examples` against their worked thoughts."""
-    ro = roll([ex.prompt for ex in examples], thought_mode=mode,
-              answer_max_tokens=task.max_answer_len + 1)  # fmt: skip
-    ro = score_rollouts(ro, task.score)
-    scores = np.nan_to_num(ro.scores)
-    exact = np.zeros(len(examples), bool)
+def first_errors(th: Thought, tok: Tokenizer, task: Task, examples: list[Example]):
+    """ThoughtErrors of the thoughts in `th` (of `examples`) against their worked thoughts."""
+    close = tok.specials.think_close
+    scores, exact = np.zeros(len(examples)), np.zeros(len(examples), bool)
     by_offset, by_step = collections.Counter(), collections.Counter()
     for i, ex in enumerate(examples):
-        p = prompt_ids(roll.tok, ex.prompt).size
-        want = np.append(roll.tok.encode(ex.thought), THINK_CLOSE_ID)
-        got = ro.tokens[i, p : p + want.size]
+        scores[i] = task.score(ex.prompt, answer_text(tok, th.answer.row(i)))
+        want = np.append(tok.encode(ex.thought), close)
+        n1 = int(th.thought.lengths[i])
+        got = np.concatenate([th.thoughts[i], th.answer.row(i)])[: want.size]
+        offset = np.concatenate([th.thought.offset[i, :n1], np.zeros(got.size, np.int32)])
         wrong = np.flatnonzero(got != want[: got.size])
         if not wrong.size and got.size == want.size:
             exact[i] = True
             continue
         j = int(wrong[0]) if wrong.size else got.size  # the row ran out: cut by the cache
-        if p + j < ro.offset.shape[1]:
-            by_offset[int(ro.offset[i, p + j])] += 1
+        if j < offset.size:
+            by_offset[int(offset[j])] += 1
         by_step[ex.thought[:j].count(" ") + 1 if j < len(ex.thought) else -1] += 1
     share = lambda x: float(x.mean()) if x.size else float("nan")
     return ThoughtErrors(
@@ -69,23 +71,29 @@ def first_errors(roll: ThinkRollout, task: Task, examples: list[Example], mode: 
     )  # fmt: skip
 
 
-def load(workdir: Path):
-    """(system, task) of a warm-up or RL arm directory."""
-    from mtp.train.rl_loop import load_rl_system
+def greedy_thoughts(system, tok: Tokenizer, task: Task, examples: list[Example], mode: str):
+    """Greedy thoughts in `mode` (no budget) and slow answers of `examples`."""
+    heads = [encode_prompt(tok, ex.prompt) for ex in examples]
+    dec = Decoder(system, tok.specials)
+    return think_then_answer(dec, heads, thought_mode=mode,
+                             answer_max_tokens=task.max_answer_len + 1)  # fmt: skip
 
-    cs = validate(ckpt.read_config(workdir))
+
+def load(workdir: Path):
+    """(system, task, tokenizer) of a warm-up or RL arm directory."""
+    cs = ckpt.read_run(workdir)
     if cs.rl is None:
         raise UserError(f"{workdir}: the run's config has no 'rl' section (no task to check)")
     arm = workdir.name.startswith("rl_")
     system = load_rl_system(workdir)[0] if arm else ckpt.load_system(workdir)[0]
-    return system, parse_task_spec(cs.rl.task)[0]
+    return system, parse_task_spec(cs.rl.task)[0], tokenizer_of(cs)
 
 
 def report(workdir, mode: str = "fast", n: int = 512) -> str:
     workdir = Path(workdir)
-    system, task = load(workdir)
+    system, task, tok = load(workdir)
     examples = task.examples("eval", n)
-    e = first_errors(ThinkRollout(system), task, examples, mode)
+    e = first_errors(greedy_thoughts(system, tok, task, examples, mode), tok, task, examples)
     counts = {ex.thought.count(" ") + 1 for ex in examples}  # steps per thought
     of = f" of {counts.pop()}" if len(counts) == 1 else ""  # "2 of 3" where all have 3
     wrong = e.n - e.exact

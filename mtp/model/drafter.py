@@ -1,19 +1,30 @@
 """Drafters: read the main model's taps at position t and draft y_1..y_k.
 
-Every kind maps `(taps_btld, inputs_btk) -> logits_btkv`, where
-`inputs_btk[..., j]` is the token emitted at draft step j (y_0 is the main
-token) and `logits_btkv[..., j, :]` scores y_{j+1}. Logits at step j see only
-`inputs[..., :j+1]` (causal over draft steps) and the tap at t (causal over
-positions), so teacher forcing over a whole sequence needs no Python loop over
-positions. Kinds, chosen by name from `DRAFTERS`:
+Every kind provides two views of the same function:
+
+- `__call__(taps_btld, inputs_btk) -> logits_btkv`, teacher-forced (training):
+  `inputs_btk[..., j]` is the token emitted at draft step j (y_0 is the main
+  token) and `logits_btkv[..., j, :]` scores y_{j+1}. Logits at step j see only
+  `inputs[..., :j+1]` (causal over draft steps) and the tap at t (causal over
+  positions), so teacher forcing over a whole sequence needs no Python loop over
+  positions.
+- `start(taps_bld) -> state` and `step(state, y_b, j) -> (state, logits_bv)`,
+  incremental (decoding): step j reads y_j and scores y_{j+1} from cached
+  state, so drafting k tokens costs k step evaluations, not k^2. `j` may be
+  traced. `draft` runs the steps in one `fori_loop` for every kind.
+
+Kinds, registered by name in `DRAFTERS` (the names `DrafterConfig` accepts are
+`DRAFTER_KINDS`; both must list the same kinds):
 
 - `transformer` (EAGLE-style, default): small causal transformer over the k
   draft steps; step j's input is the fused tap, the embedding of y_j and a
   learned embedding of j. (RoPE alone cannot tell steps apart when tokens
   repeat: equal inputs give equal values, so "=1" and "=11" would draft alike.)
+  Incremental: one new position per step, with a k-slot KV cache per block.
 - `medusa`: k independent residual-MLP heads on the tap (Cai et al. 2024).
+  Incremental: all k heads at `start` (they ignore the drafted tokens).
 - `rnn`: a GRU over draft steps started from the tap (ReDrafter-style,
-  Cheng et al. 2024).
+  Cheng et al. 2024). Incremental: one GRU step per draft step.
 """
 
 from __future__ import annotations
@@ -26,7 +37,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp.config import DrafterConfig, ModelConfig
+from mtp.config.model import DRAFTER_KINDS
 from mtp.model.transformer import Block
+
+Choose = Callable[[jax.Array, jax.Array], jax.Array]  # (logits_bv, j) -> y_b
 
 
 class TapFusion(nnx.Module):
@@ -42,7 +56,7 @@ class TapFusion(nnx.Module):
 
 
 class DrafterBase(nnx.Module):
-    """Shared parts: tap fusion, output head, and autoregressive drafting."""
+    """Shared parts: tap fusion, output head, and drafting through `start` / `step`."""
 
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
         self.k = cfg.k
@@ -51,27 +65,60 @@ class DrafterBase(nnx.Module):
         self.out_norm = nnx.RMSNorm(self.d, epsilon=main.norm_eps, rngs=rngs)
         self.head = nnx.Linear(self.d, main.vocab_size, use_bias=False, rngs=rngs)
 
-    def draft(
-        self, taps_bld, y0_b, choose: Callable[[jax.Array, int], jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
-        """Drafts k tokens after y0 for one position per row.
+    def __call__(self, taps_btld, inputs_btk):
+        """Teacher-forced draft logits (B, T, k, V) for taps (B, T, L, D), inputs (B, T, k)."""
+        raise NotImplementedError
 
-        `choose(logits_bv, j)` picks y_{j+1} (greedy or sampled). Unrolled over
-        the k steps (k is small); returns tokens (B, k) and logits (B, k, V).
+    def start(self, taps_bld):
+        """Drafting state for one position per row, from its taps (B, L, D)."""
+        raise NotImplementedError
+
+    def step(self, state, y_b, j):
+        """Draft step j: reads y_j (B,), returns the new state and logits (B, V) of y_{j+1}."""
+        raise NotImplementedError
+
+    def draft(self, taps_bld, y0_b, choose: Choose) -> tuple[jax.Array, jax.Array]:
+        """Drafts k tokens after y0 (B,) for one position per row.
+
+        `choose(logits_bv, j)` picks y_{j+1} (greedy or sampled), which the
+        next step reads. The steps run in a `fori_loop`, so one step compiles,
+        however large k is. Returns tokens (B, k) and logits (B, k, V).
         """
         b = y0_b.shape[0]
-        inputs_bk = jnp.zeros((b, self.k), jnp.int32).at[:, 0].set(y0_b)
-        tokens, logits = [], []
-        for j in range(self.k):
-            logits_bv = self(taps_bld[:, None], inputs_bk[:, None])[:, 0, j]
+
+        def body(j, carry):
+            state, y_b, tokens_bk, logits_bkv = carry
+            state, logits_bv = self.step(state, y_b, j)
             y_b = choose(logits_bv, j)
-            tokens.append(y_b)
-            logits.append(logits_bv)
-            if j + 1 < self.k:
-                inputs_bk = inputs_bk.at[:, j + 1].set(y_b)
-        return jnp.stack(tokens, 1), jnp.stack(logits, 1)
+            return state, y_b, tokens_bk.at[:, j].set(y_b), logits_bkv.at[:, j].set(logits_bv)
+
+        v = self.head.out_features
+        init = (
+            self.start(taps_bld),
+            y0_b,
+            jnp.zeros((b, self.k), jnp.int32),
+            jnp.zeros((b, self.k, v), jnp.float32),
+        )
+        _, _, tokens_bk, logits_bkv = jax.lax.fori_loop(0, self.k, body, init)
+        return tokens_bk, logits_bkv
 
 
+DRAFTERS: dict[str, type[DrafterBase]] = {}
+
+
+def register(kind: str):
+    """Class decorator: makes the class the drafter of `kind`, a name in `DRAFTER_KINDS`."""
+    if kind not in DRAFTER_KINDS:
+        raise ValueError(f"drafter kind {kind!r} is not in DRAFTER_KINDS={DRAFTER_KINDS}")
+
+    def add(cls: type[DrafterBase]) -> type[DrafterBase]:
+        DRAFTERS[kind] = cls
+        return cls
+
+    return add
+
+
+@register("transformer")
 class TransformerDrafter(DrafterBase):
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, main, rngs=rngs)
@@ -99,7 +146,26 @@ class TransformerDrafter(DrafterBase):
             x_nkd, _ = block(x_nkd, step_nk)
         return self.head(self.out_norm(x_nkd)).reshape(b, t, k, -1)  # (B, T, k, V)
 
+    def start(self, taps_bld):
+        """The fused tap (B, 1, d) and an empty k-slot KV cache per block."""
+        b = taps_bld.shape[0]
+        acfg = self.blocks[0].attn.cfg
+        shape = (b, self.k, acfg.n_kv_heads, acfg.head_dim)
+        caches = tuple({"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in self.blocks)
+        return self.fuse(taps_bld[:, None]), caches
 
+    def step(self, state, y_b, j):
+        h_b1d, caches = state
+        slot_b1 = jnp.full((y_b.shape[0], 1), j, jnp.int32)
+        x_b1d = self.step_inputs(h_b1d, y_b[:, None], slot_b1)
+        new = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x_b1d, cache = block(x_b1d, slot_b1, cache)
+            new.append(cache)
+        return (h_b1d, tuple(new)), self.head(self.out_norm(x_b1d))[:, 0]
+
+
+@register("medusa")
 class MedusaDrafter(DrafterBase):
     """k residual-MLP heads; ignores the drafted tokens (each offset guessed from h_t alone)."""
 
@@ -115,7 +181,16 @@ class MedusaDrafter(DrafterBase):
         )
         return self.head(self.out_norm(x_btkd))  # (B, T, k, V)
 
+    def start(self, taps_bld):
+        """Every head's logits (B, k, V) at once."""
+        b = taps_bld.shape[0]
+        return self(taps_bld[:, None], jnp.zeros((b, 1, self.k), jnp.int32))[:, 0]
 
+    def step(self, state, y_b, j):
+        return state, state[:, j]
+
+
+@register("rnn")
 class RNNDrafter(DrafterBase):
     """GRU over draft steps: state from h_t, input at step j the embedding of y_j."""
 
@@ -135,12 +210,23 @@ class RNNDrafter(DrafterBase):
         x_btkd = jnp.stack(outs, 1).reshape(b, t, k, self.d)
         return self.head(self.out_norm(x_btkd))  # (B, T, k, V)
 
+    def start(self, taps_bld):
+        """The GRU state (B, d) from the fused tap."""
+        return jnp.tanh(self.fuse(taps_bld[:, None]))[:, 0]
 
-DRAFTERS: dict[str, type[DrafterBase]] = {
-    "transformer": TransformerDrafter,
-    "medusa": MedusaDrafter,
-    "rnn": RNNDrafter,
-}
+    def step(self, state, y_b, j):
+        s_bd, o_bd = self.cell(state, self.embed(y_b))
+        return s_bd, self.head(self.out_norm(o_bd))
+
+
+def _check_registry() -> None:
+    """Every kind the config accepts has a drafter (run at import)."""
+    missing = [kind for kind in DRAFTER_KINDS if kind not in DRAFTERS]
+    if missing:
+        raise ImportError(f"DRAFTER_KINDS lists {missing}, but no drafter is registered for them")
+
+
+_check_registry()
 
 
 def make_drafter(cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs) -> DrafterBase:

@@ -5,6 +5,10 @@ y_j = x_{t+1+j}, j = 1..k. The training forward scores all positions at once
 with teacher forcing: the drafter at t is fed the true x_{t+1..t+k}, so
 draft logits at (t, j) depend only on tokens x_{<=t+j} and never on their own
 target x_{t+1+j}.
+
+Decoding goes through the same object: `init_cache` and `main_pass` run the
+main model incrementally, `draft` the drafter; nothing outside reads
+`system.main` or `system.drafter`.
 """
 
 from __future__ import annotations
@@ -33,8 +37,43 @@ class MTPSystem(nnx.Module):
         self.detach = drafter.detach
         self.pad_id = pad_id
 
+    @property
+    def max_len(self) -> int:
+        """Longest sequence the main model (and its KV cache) supports."""
+        return self.main.cfg.max_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.main.cfg.vocab_size
+
+    @property
+    def use_urgency(self) -> bool:
+        """Does the main model take an urgency input (`urgency_b`)?"""
+        return self.main.cfg.use_urgency
+
+    def set_detach(self, flag: bool) -> None:
+        """Stop (True) or pass (False) the drafter's gradient into the main model via the taps."""
+        self.detach = bool(flag)
+
     def taps_for_drafter(self, taps_btld):
         return jax.lax.stop_gradient(taps_btld) if self.detach else taps_btld
+
+    def init_cache(self, batch: int):
+        """Empty main-model KV cache for `batch` rows of up to `max_len` tokens."""
+        return self.main.init_cache(batch)
+
+    def main_pass(self, tokens_bw, pos_b, cache, urgency_b=None):
+        """The main model over W tokens per row at positions pos_b[:, None] + 0..W-1, with the
+        KV cache. Returns logits (B, W, V), taps (B, W, L, D) as the drafter reads them (the
+        detach rule applied) and the cache."""
+        pos_bw = pos_b[:, None] + jnp.arange(tokens_bw.shape[1])
+        logits_bwv, taps_bwld, cache = self.main(tokens_bw, pos_bw, cache, urgency_b=urgency_b)
+        return logits_bwv, self.taps_for_drafter(taps_bwld), cache
+
+    def draft(self, taps_bld, y0_b, choose):
+        """Drafts k tokens after y0 (B,) from taps (B, L, D) given by `main_pass`:
+        tokens (B, k) and logits (B, k, V); `choose(logits_bv, j)` picks each."""
+        return self.drafter.draft(taps_bld, y0_b, choose)
 
     def __call__(self, tokens_bt, urgency_b=None):
         """Teacher-forced forward: main logits (B, T, V) and draft logits (B, T, k, V)."""

@@ -6,7 +6,7 @@ learned registers. `__call__` returns logits, the hidden states of the tapped
 blocks (what the drafter eavesdrops on) and, when given one, the updated KV
 cache.
 
-KV cache: one `{'k', 'v'}` pair per layer, each `(B, S, K, H)` with
+KV cache: one `{'k', 'v'}` pair per layer, each `(B, S, G, H)` (G key/value heads) with
 `S = n_registers + max_len` slots. Token at logical position `p` lives in slot
 `n_registers + p`; a query at slot `q` attends to every slot `<= q`, so rows of
 a batch may sit at different positions and stale slots past a row's position
@@ -50,22 +50,22 @@ class Attention(nnx.Module):
         cfg = self.cfg
         b, t, _ = x_btd.shape
         q_btnh = self.q(x_btd).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k_btkh, v_btkh = jnp.split(
+        k_btgh, v_btgh = jnp.split(
             self.kv(x_btd).reshape(b, t, 2 * cfg.n_kv_heads, cfg.head_dim), 2, axis=2
         )
         q_btnh = rope(q_btnh, slot_bt, cfg.rope_base)
-        k_btkh = rope(k_btkh, slot_bt, cfg.rope_base)
+        k_btgh = rope(k_btgh, slot_bt, cfg.rope_base)
         if cache is None:  # training / full forward: plain causal attention
-            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, is_causal=True)
+            out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
         else:  # write the new keys at their slots, attend to every slot <= own slot
             rows_b1 = jnp.arange(b)[:, None]
-            k_bskh = cache["k"].at[rows_b1, slot_bt].set(k_btkh.astype(cache["k"].dtype))
-            v_bskh = cache["v"].at[rows_b1, slot_bt].set(v_btkh.astype(cache["v"].dtype))
-            cache = {"k": k_bskh, "v": v_bskh}
-            s = k_bskh.shape[1]
+            k_bsgh = cache["k"].at[rows_b1, slot_bt].set(k_btgh.astype(cache["k"].dtype))
+            v_bsgh = cache["v"].at[rows_b1, slot_bt].set(v_btgh.astype(cache["v"].dtype))
+            cache = {"k": k_bsgh, "v": v_bsgh}
+            s = k_bsgh.shape[1]
             mask_b1ts = jnp.arange(s)[None, None, None, :] <= slot_bt[:, None, :, None]
             out_btnh = jax.nn.dot_product_attention(
-                q_btnh, k_bskh.astype(q_btnh.dtype), v_bskh.astype(q_btnh.dtype), mask=mask_b1ts
+                q_btnh, k_bsgh.astype(q_btnh.dtype), v_bsgh.astype(q_btnh.dtype), mask=mask_b1ts
             )
         return self.o(out_btnh.reshape(b, t, -1)), cache
 

@@ -20,11 +20,13 @@ import json
 import time
 from pathlib import Path
 
-import ml_collections
-
-from mtp.config import SweepConfig, UserError, validate
+from mtp.checkpoint import load_system
+from mtp.config import Run, SweepConfig
+from mtp.data.tokenizer import Tokenizer
 from mtp.metrics import is_main_process
+from mtp.sweeps.speedup import held_out_prompts, measure_speedup
 from mtp.sweeps.summary import collect
+from mtp.train.supervised import train_and_evaluate
 
 MANIFEST = "sweep.json"
 
@@ -54,14 +56,10 @@ def selected(sc: SweepConfig) -> list[Member]:
     return [m for m in ms if m.name == sc.only]
 
 
-def member_config(config, m: Member) -> ml_collections.ConfigDict:
-    """The config of one member: everything but `sweep`, with drafter.k and drafter.kind set."""
-    d = config.to_dict()
-    d.pop("sweep", None)
-    c = ml_collections.ConfigDict(d)
-    c.drafter.k = m.k
-    c.drafter.kind = m.kind
-    return c
+def member_run(run: Run, m: Member) -> Run:
+    """The run of one member: program 'train', no sweep, drafter.k and drafter.kind set."""
+    drafter = dataclasses.replace(run.drafter, k=m.k, kind=m.kind)
+    return run.replace(program="train", sweep=None, drafter=drafter)
 
 
 def is_finished(run_dir: Path, steps: int) -> bool:
@@ -69,7 +67,7 @@ def is_finished(run_dir: Path, steps: int) -> bool:
     return path.exists() and json.loads(path.read_text()).get("step", -1) >= steps
 
 
-def write_manifest(config, workdir: Path, sc: SweepConfig) -> None:
+def write_manifest(run: Run, workdir: Path, sc: SweepConfig) -> None:
     """WORKDIR/sweep.json: the members of every launch so far (a sweep can grow) and the config."""
     path = workdir / MANIFEST
     old = json.loads(path.read_text())["members"] if path.exists() else []
@@ -77,7 +75,7 @@ def write_manifest(config, workdir: Path, sc: SweepConfig) -> None:
     names = {m["name"] for m in old}
     manifest = {
         "members": old + [m for m in new if m["name"] not in names],
-        "config": json.loads(config.to_json_best_effort()),
+        "config": run.to_dict(),
     }
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = workdir / f"{MANIFEST}.tmp{time.time_ns()}"
@@ -85,17 +83,14 @@ def write_manifest(config, workdir: Path, sc: SweepConfig) -> None:
     tmp.rename(workdir / MANIFEST)  # atomic, so hosts launched together do not clash
 
 
-def measure(member_cfg, run_dir: Path, sc: SweepConfig, log=print) -> dict | None:
+def measure(member: Run, run_dir: Path, sc: SweepConfig, tok: Tokenizer, log=print) -> dict | None:
     """Decodes held-out prompts slow vs speculative; writes RUN_DIR/speedup.json."""
-    from mtp.checkpoint import load_system
-    from mtp.sweeps.speedup import held_out_prompts, measure_speedup
-
-    prompts = held_out_prompts(member_cfg, sc.speedup_prompts, sc.prompt_len)
+    prompts = held_out_prompts(member, tok, sc.speedup_prompts, sc.prompt_len)
     if not prompts:
         log(f"sweep: {run_dir.name}: no held-out row has {sc.prompt_len} tokens; no speedup")
         return None
     system, _ = load_system(run_dir)
-    result = measure_speedup(system, prompts, sc)
+    result = measure_speedup(system, tok, prompts, sc)
     if is_main_process():
         (run_dir / "speedup.json").write_text(json.dumps(result, indent=2))
     log(
@@ -105,40 +100,35 @@ def measure(member_cfg, run_dir: Path, sc: SweepConfig, log=print) -> dict | Non
     return result
 
 
-def run_member(config, workdir: Path, m: Member, sc: SweepConfig, log=print) -> bool:
+def run_member(run: Run, workdir: Path, m: Member, tok: Tokenizer, log=print) -> bool:
     """Trains (or resumes, or skips) one member, then measures its speedup once.
 
     Returns False if training stopped before its last step (SIGTERM): resume later.
     """
-    from mtp.train.loop import train_and_evaluate
-
-    mc = member_config(config, m)
-    run_dir, steps = workdir / m.name, validate(mc).train.steps
+    sc, member = run.sweep, member_run(run, m)
+    run_dir, steps = workdir / m.name, member.train.steps
     if is_finished(run_dir, steps):
         log(f"sweep: {m.name}: finished, skipped")
     else:
-        train_and_evaluate(mc, run_dir)
+        train_and_evaluate(member, run_dir, tok)
         if not is_finished(run_dir, steps):
             return False
     if sc.speedup_prompts and not (run_dir / "speedup.json").exists():
-        measure(mc, run_dir, sc, log)
+        measure(member, run_dir, sc, tok, log)
     return True
 
 
-def run_sweep(config, workdir, log=print) -> str:
+def run_sweep(run: Run, workdir, tok: Tokenizer, log=print) -> str:
     """Runs the selected members in sequence, then writes and returns the summary table."""
-    cs = validate(config)
-    if cs.sweep is None:
-        raise UserError("the config has no sweep section (e.g. experiments/sweep_k.py)")
-    sc, workdir = cs.sweep, Path(workdir)
-    for m in members(sc):  # every member's config must be valid before the first one trains
-        validate(member_config(config, m))
+    sc, workdir = run.sweep, Path(workdir)
+    for m in members(sc):  # every member's run must be valid before the first one trains
+        member_run(run, m)
     if is_main_process():
-        write_manifest(config, workdir, sc)
+        write_manifest(run, workdir, sc)
     todo = selected(sc)
     for i, m in enumerate(todo):
         log(f"sweep: {m.name} ({i + 1}/{len(todo)}) in {workdir / m.name}")
-        if not run_member(config, workdir, m, sc, log):
+        if not run_member(run, workdir, m, tok, log):
             log(f"sweep: stopped during {m.name}; run the same command to resume")
             break
     return collect(workdir)

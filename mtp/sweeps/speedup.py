@@ -12,27 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from mtp.config import SweepConfig, validate
+from mtp.config import Run, SweepConfig
 from mtp.data.pipeline import packed_rows
-from mtp.data.tokenizer import PAD_ID, ByteTokenizer
+from mtp.data.tokenizer import Tokenizer
+from mtp.decode.engine import Decoder
 
 
-def held_out_prompts(config, n: int, prompt_len: int) -> list[np.ndarray]:
+def held_out_prompts(run: Run, tok: Tokenizer, n: int, prompt_len: int) -> list[np.ndarray]:
     """`n` prompts of `prompt_len` tokens from held-out rows without padding."""
-    cs = validate(config)
-    rows = packed_rows(cs.data, ByteTokenizer(), "eval")[:, :prompt_len]
-    rows = rows[(rows != PAD_ID).all(1)]
+    rows = packed_rows(run.data, tok, "eval")[0][:, :prompt_len]
+    rows = rows[(rows != tok.specials.pad).all(1)]
     if rows.shape[0] == 0:
         return []
     idx = np.linspace(0, rows.shape[0] - 1, min(n, rows.shape[0])).round().astype(int)
     return [rows[i] for i in idx]
 
 
-def measure_speedup(system, prompts: list[np.ndarray], sc: SweepConfig) -> dict:
+def measure_speedup(system, tok: Tokenizer, prompts: list[np.ndarray], sc: SweepConfig) -> dict:
     """Tokens/s, tokens per pass and mean accepted drafts of both modes, and their ratio."""
-    from mtp.decode.engine import Decoder  # the engine is heavy; import on use
-
-    dec = Decoder(system)
+    dec = Decoder(system, tok.specials)
     kw = dict(max_new_tokens=sc.new_tokens)
     for mode in ("slow", "speculative"):  # compile both before timing
         dec.generate([prompts[0]], mode=mode, **kw)

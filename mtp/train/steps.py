@@ -3,7 +3,7 @@
 The train state is `nnx.split((system, optimizer))`: a graphdef (static) and
 a state pytree (arrays). Steps are `(state, batch) -> (state, metrics)`, no
 I/O inside; metrics are a flat dict of arrays. `jax.jit` over split/merge
-costs ~1 ms of Python per call (graph-mode `nnx.jit` ~4 ms, STACK-NOTES).
+costs ~1 ms of Python per call (graph-mode `nnx.jit` ~4 ms, measured on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mtp.config import Configs
-from mtp.data.tokenizer import PAD_ID
+from mtp.config import Run
+from mtp.data.tokenizer import Tokenizer
 from mtp.model.system import MTPSystem
 from mtp.train.losses import draft_accuracy, offset_weights, supervised_loss
 
@@ -35,19 +36,19 @@ def make_optimizer(tc) -> optax.GradientTransformation:
     )
 
 
-def make_system(cs: Configs, seed: int | None = None) -> MTPSystem:
-    seed = cs.seed if seed is None else seed
-    return MTPSystem(cs.model, cs.drafter, pad_id=PAD_ID, rngs=nnx.Rngs(seed))
+def make_system(run: Run, tok: Tokenizer, seed: int | None = None) -> MTPSystem:
+    seed = run.seed if seed is None else seed
+    return MTPSystem(run.model, run.drafter, pad_id=tok.specials.pad, rngs=nnx.Rngs(seed))
 
 
-def make_system_and_optimizer(cs: Configs):
-    system = make_system(cs)
-    return system, nnx.Optimizer(system, make_optimizer(cs.train), wrt=nnx.Param)
+def make_system_and_optimizer(run: Run, tok: Tokenizer):
+    system = make_system(run, tok)
+    return system, nnx.Optimizer(system, make_optimizer(run.train), wrt=nnx.Param)
 
 
-def init_train_state(cs: Configs, abstract: bool = False):
+def init_train_state(run: Run, tok: Tokenizer, abstract: bool = False):
     """(graphdef, state) of (system, optimizer); ShapeDtypeStructs only if `abstract`."""
-    build = functools.partial(make_system_and_optimizer, cs)
+    build = functools.partial(make_system_and_optimizer, run, tok)
     return nnx.split(nnx.eval_shape(build) if abstract else build())
 
 
@@ -93,6 +94,29 @@ def eval_step(graphdef, state, batch, *, tc):
     metrics.update(draft_accuracy(logits, draft, batch["tokens"], batch["loss_mask"]))
     metrics["targets"] = batch["loss_mask"][:, 1:].sum()
     return _flatten(metrics)
+
+
+@jax.jit
+def first_nonfinite(first, step, metrics):
+    """The record of the first step whose loss or grad norm is NaN/Inf: `{'step', **metrics}`.
+
+    `first` is the record so far (None before any step; 'step' 0 while none was bad);
+    `step` and `metrics` are this step's. Stays on device: the loop reads it only
+    where it syncs anyway, so a bad step between two reads is still named.
+    """
+    if first is None:
+        first = {"step": jnp.zeros((), jnp.int32)} | jax.tree.map(jnp.zeros_like, metrics)
+    bad = ~(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]))
+    take = (first["step"] == 0) & bad
+    now = {"step": jnp.asarray(step, jnp.int32)} | metrics
+    return jax.tree.map(lambda old, new: jnp.where(take, new, old), first, now)
+
+
+@jax.jit
+def all_finite(state) -> jax.Array:
+    """True if every float array of `state` (parameters, optimizer moments) is finite."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def jit_steps(graphdef, tc, state_sharding=None, batch_sharding=None):

@@ -2,7 +2,7 @@
 
     task = make_task("addition", digits=8)
     ex = task.example(seed=0)           # Example(prompt, thought, answer)
-    text = render(ex)                   # prompt<think>thought</think>answer
+    text = mtp.data.format.render(ex)   # prompt<think>thought</think>answer
     reward = task.score(ex.prompt, "123")
     train = task.examples("train", 1000)
 
@@ -15,7 +15,7 @@ import dataclasses
 
 from mtp.config import ConfigError
 from mtp.data.tasks.addition import Addition
-from mtp.data.tasks.base import SPLITS, Example, Task, render, split_of
+from mtp.data.tasks.base import SPLITS, Example, Task, split_of
 from mtp.data.tasks.lookup import Lookup
 from mtp.data.tasks.multiplication import Multiplication
 from mtp.data.tasks.parity import Parity
@@ -40,4 +40,4 @@ def make_task(name: str, **difficulty: int) -> Task:
     return cls(**difficulty)
 
 
-__all__ = ["SPLITS", "TASKS", "Example", "Task", "make_task", "render", "split_of"]
+__all__ = ["SPLITS", "TASKS", "Example", "Task", "make_task", "split_of"]

@@ -21,7 +21,8 @@ import dataclasses
 import random
 import re
 
-from mtp.data.tasks.base import Example, Task, check_range, render
+from mtp.data.format import render
+from mtp.data.tasks.base import Example, Task, check_range
 
 _PROMPT = re.compile(r"([0-9]+)\+([0-9]+)=")
 

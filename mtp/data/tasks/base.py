@@ -5,7 +5,7 @@ draws one `Example(prompt, thought, answer)`, deterministic by seed; `score`
 re-derives the truth from the prompt alone, so the same object serves
 supervised data, RL rewards and evaluation.
 
-Training text (`render`) is `prompt + "<think>" + thought + "</think>" + answer`;
+Training text (`mtp.data.format.render`) is `prompt + "<think>" + thought + "</think>" + answer`;
 the model then emits "<eos>". Texts are ASCII, so characters are bytes; the
 tokenizer reads each special string as one token, so `len(render(ex))` (and
 `task.max_len`) bound the token count.
@@ -24,8 +24,6 @@ from typing import ClassVar, Literal
 
 from mtp.config import ConfigError
 
-THINK, END_THINK = "<think>", "</think>"
-MARKS_LEN = len(THINK) + len(END_THINK)  # bytes `render` adds around the thought
 SPLITS = ("train", "eval")
 EVAL_PERCENT = 10  # share of the problem space held out for evaluation
 Split = Literal["train", "eval"]
@@ -36,11 +34,6 @@ class Example:
     prompt: str
     thought: str
     answer: str
-
-
-def render(ex: Example) -> str:
-    """The training text; the model ends it with "<eos>"."""
-    return f"{ex.prompt}{THINK}{ex.thought}{END_THINK}{ex.answer}"
 
 
 def split_of(prompt: str) -> Split:

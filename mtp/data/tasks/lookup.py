@@ -19,7 +19,8 @@ import random
 import re
 import string
 
-from mtp.data.tasks.base import Example, Task, check_range, render
+from mtp.data.format import render
+from mtp.data.tasks.base import Example, Task, check_range
 
 _PROMPT = re.compile(r"((?:[a-z]{2} )*[a-z]{2}): ([0-9]+) hops from ([a-z])\?")
 

@@ -17,8 +17,9 @@ import dataclasses
 import random
 import re
 
+from mtp.data.format import render
 from mtp.data.tasks.addition import draw
-from mtp.data.tasks.base import Example, Task, check_range, render
+from mtp.data.tasks.base import Example, Task, check_range
 
 _PROMPT = re.compile(r"([0-9]+)\*([0-9]+)=")
 

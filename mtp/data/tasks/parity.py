@@ -17,7 +17,8 @@ import dataclasses
 import itertools
 import random
 
-from mtp.data.tasks.base import Example, Task, check_range, render
+from mtp.data.format import render
+from mtp.data.tasks.base import Example, Task, check_range
 
 GROUP = 8
 

@@ -16,7 +16,8 @@ import dataclasses
 import random
 import re
 
-from mtp.data.tasks.base import MARKS_LEN, Example, Task, check_range
+from mtp.data.format import MARKS_LEN
+from mtp.data.tasks.base import Example, Task, check_range
 
 _PROMPT = re.compile(r"([0-9]+) primes>([0-9]+), sum of digit sums mod ([0-9]+)\?")
 

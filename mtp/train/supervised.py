@@ -1,36 +1,47 @@
-"""`train_and_evaluate(config, workdir)`: the supervised loop, resumable from its workdir.
+"""`train_and_evaluate(run, workdir)`: the one supervised loop, resumable from its workdir.
+
+It serves the main job, the RL warm-up and the pause phases (a phase is the
+run with its `data` / `train` sections replaced, started from another run's
+weights with `init_from`), so each gets resume, evaluation and sharding.
 
 Order matters for "damages nothing": the config, the data and the run
 directory's compatibility are all checked before anything is written. Then:
 restore the latest checkpoint (state + data iterator) if there is one, train,
 evaluate every `eval_every` steps, save every `checkpoint_every` steps, on
-SIGTERM save and return, on a NaN/Inf loss stop with the step and keep the
-last good checkpoint.
+SIGTERM save and return. Every step's loss and grad norm are checked on
+device (`first_nonfinite`), read at log and checkpoint steps, and the
+parameters are checked before each save: a NaN/Inf stops the run naming the
+first bad step, its last good checkpoint kept. A damaged newest checkpoint is
+set aside with a warning and the run resumes from the newest intact one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import time
 from pathlib import Path
 
 import jax
+import numpy as np
+from flax import nnx
 
 from mtp import checkpoint as ckpt
-from mtp.config import UserError, validate
+from mtp.config import Run
 from mtp.data.pipeline import eval_batches, train_iterator
-from mtp.data.tokenizer import ByteTokenizer
-from mtp.evals.lm import LMEvaluator
+from mtp.data.tokenizer import Tokenizer
+from mtp.errors import NonFiniteLoss
 from mtp.metrics import MetricWriter, format_table, is_main_process, progress
 from mtp.sharding import batch_sharding, global_batch, host_slice, make_mesh, state_shardings
-from mtp.train.steps import init_train_state, jit_steps
-
-
-class NonFiniteLoss(UserError):
-    """The loss became NaN or Inf; the run stops, its last good checkpoint kept."""
+from mtp.train.lm_eval import LMEvaluator
+from mtp.train.steps import (
+    all_finite,
+    first_nonfinite,
+    init_train_state,
+    jit_steps,
+    make_optimizer,
+)
 
 
 @contextlib.contextmanager
@@ -53,15 +64,29 @@ def sigterm_flag():
             signal.signal(signal.SIGTERM, previous)
 
 
-def _check_finite(step: int, metrics: dict) -> None:
-    loss = float(metrics["loss"])
-    if not math.isfinite(loss):
-        parts = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
+def kept(mngr) -> str:
+    """Which checkpoint a stopped run keeps, for its message."""
+    step = mngr.latest_step()
+    return f"checkpoint step {step} kept" if step else "no checkpoint written yet"
+
+
+def check_finite(first, mngr, state=None, step: int = 0) -> None:
+    """NonFiniteLoss naming the first step whose loss or grad norm was NaN/Inf (`first`, from
+    `first_nonfinite`), or, given `state`, that its parameters are NaN/Inf after `step`."""
+    bad = jax.device_get(first)
+    if bad["step"]:
+        parts = {k: float(v) for k, v in bad.items() if k.startswith("loss")}
+        what = "loss" if not np.isfinite(bad["loss"]) else "grad_norm"
         cause = ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-        grad_norm = float(metrics["grad_norm"])
         raise NonFiniteLoss(
-            f"loss is {loss} at step {step} ({cause}, grad_norm={grad_norm:.4g}); "
-            "stopped, last good checkpoint kept. Lower train.lr or raise train.warmup_steps"
+            f"{what} is {float(bad[what])} at step {int(bad['step'])} ({cause}, "
+            f"grad_norm={float(bad['grad_norm']):.4g}); stopped, {kept(mngr)}. "
+            "Lower train.lr or raise train.warmup_steps"
+        )
+    if state is not None and not bool(all_finite(state)):
+        raise NonFiniteLoss(
+            f"parameters are NaN/Inf after the update of step {step} (its loss was finite); "
+            f"stopped, {kept(mngr)}. Lower train.lr or train.grad_clip"
         )
 
 
@@ -81,35 +106,42 @@ def write_report(workdir, step: int, results: dict) -> str:
     return text
 
 
-def train_and_evaluate(config, workdir) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the final evaluation."""
-    cs = validate(config)
+def train_and_evaluate(run: Run, workdir, tok: Tokenizer, *, init_from=None) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the final evaluation.
+
+    init_from: a run directory whose trained system starts this one (fresh optimizer).
+    """
+    cs = run
     workdir = Path(workdir)
-    ckpt.check_compatible(config, workdir)
-    tok = ByteTokenizer()
+    ckpt.check_compatible(run, workdir)
     train_it = train_iterator(
         cs.data, tok, process_index=jax.process_index(), process_count=jax.process_count()
     )
     held_out = eval_batches(cs.data, tok, cs.train.eval_batches)
     if is_main_process():
-        ckpt.write_config(config, workdir)
+        ckpt.write_run(run, workdir)
 
     mesh = make_mesh()
-    graphdef, abstract_state = init_train_state(cs, abstract=True)
+    graphdef, abstract_state = init_train_state(cs, tok, abstract=True)
     shardings = state_shardings(abstract_state, mesh, cs.train.sharding)
     train_step, eval_step = jit_steps(graphdef, cs.train, shardings, batch_sharding(mesh))
     mngr = ckpt.manager(workdir, cs.train.keep_checkpoints)
-    step = mngr.latest_step() or 0
+    step, state, data_state = ckpt.restore_latest(mngr, ckpt.abstract(abstract_state, shardings))
     if step:
-        state, data_state = ckpt.restore(mngr, step, ckpt.abstract(abstract_state, shardings))
         train_it.set_state(data_state)
+        if is_main_process():
+            print(f"resuming {workdir} from step {step} of {cs.train.steps}", flush=True)
+    elif init_from is not None:  # a warm start: the trained system, a fresh optimizer
+        system, _ = ckpt.load_system(init_from)
+        optimizer = nnx.Optimizer(system, make_optimizer(run.train), wrt=nnx.Param)
+        state = jax.device_put(nnx.state((system, optimizer)), shardings)
     else:
-        state = jax.jit(lambda: init_train_state(cs)[1], out_shardings=shardings)()
+        state = jax.jit(lambda: init_train_state(cs, tok)[1], out_shardings=shardings)()
 
     evaluator = LMEvaluator(lambda s, b: eval_step(s, global_batch(host_slice(b), mesh)), held_out)
     writer = MetricWriter(workdir)
     tokens_per_step = cs.data.batch_size * cs.data.seq_len
-    results = {}
+    results, first_bad = {}, None
     try:
         with sigterm_flag() as preempted, progress(cs.train.steps, initial=step) as bar:
             t0, t0_step = time.perf_counter(), step
@@ -117,14 +149,15 @@ def train_and_evaluate(config, workdir) -> dict:
             while step < cs.train.steps:
                 state, metrics = train_step(state, global_batch(next(train_it), mesh))
                 step += 1
+                first_bad = first_nonfinite(first_bad, step, metrics)
                 bar.update(1)
                 if step == t0_step + 1 and t0_step == start:  # exclude compile time from tok/s
                     jax.block_until_ready(metrics)
                     t0, t0_step = time.perf_counter(), step
                 last = step == cs.train.steps
                 if step % cs.train.log_every == 0 or last:
+                    check_finite(first_bad, mngr)
                     m = jax.device_get(metrics)
-                    _check_finite(step, m)
                     dt = time.perf_counter() - t0
                     m["tokens_per_s"] = tokens_per_step * (step - t0_step) / max(dt, 1e-9)
                     t0, t0_step = time.perf_counter(), step
@@ -135,7 +168,7 @@ def train_and_evaluate(config, workdir) -> dict:
                         tok_pass=f"{1 + m['accepted_len']:.2f}",
                     )
                 if step % cs.train.checkpoint_every == 0 or last or preempted["set"]:
-                    _check_finite(step, jax.device_get(metrics))
+                    check_finite(first_bad, mngr, state, step)
                     ckpt.save(mngr, step, state, train_it.get_state(), force=preempted["set"])
                 if step % cs.train.eval_every == 0 or last:
                     results = evaluate(evaluator, state, step, writer)

@@ -1,0 +1,14 @@
+"""Decoding modes by name; each is a frozen dataclass behind the protocol of `base.Mode`."""
+
+from __future__ import annotations
+
+from mtp.decode.modes.base import Mode
+from mtp.decode.modes.fast import Fast
+from mtp.decode.modes.pause import Pause
+from mtp.decode.modes.slow import Slow
+from mtp.decode.modes.speculative import Speculative
+from mtp.decode.modes.think import Think
+
+MODES: dict[str, type[Mode]] = {m.name: m for m in (Slow, Fast, Speculative, Think, Pause)}
+
+__all__ = ["MODES", "Fast", "Mode", "Pause", "Slow", "Speculative", "Think"]

@@ -1,0 +1,30 @@
+"""What `python -m mtp.run` runs: one function per program, by the config's `program`.
+
+    run_program(resolve(config), workdir)
+
+`train`: the supervised loop; `rl`: warm-up then RL arms; `pause`: the pause
+phases and their report; `sweep`: one training run per drafter kind and k.
+"""
+
+from __future__ import annotations
+
+from mtp.config import Run
+from mtp.data.task_data import check_tasks
+from mtp.data.tokenizer import tokenizer_of
+from mtp.programs.pause import run_pause
+from mtp.programs.rl import run_rl
+from mtp.sweeps import run_sweep
+from mtp.train.supervised import train_and_evaluate
+
+PROGRAMS = {
+    "train": train_and_evaluate,
+    "rl": run_rl,
+    "pause": run_pause,
+    "sweep": run_sweep,
+}
+
+
+def run_program(run: Run, workdir):
+    """Checks what needs the run's tasks, then runs its program in `workdir`."""
+    check_tasks(run)
+    return PROGRAMS[run.program](run, workdir, tokenizer_of(run))

@@ -1,0 +1,316 @@
+"""Rollout kinds behind one protocol, their rewards, and the RL batch they make.
+
+A rollout kind is called on the problems of a step (`Example`s, each repeated
+`group_size` times in a row) and returns `Rollouts`: teacher-forcing rows with
+the mask of what the policy chose, the answers, and each rollout's `cost`
+(what `rl.pass_price` prices). It also names `token_logprob`, the log-prob of
+the tokens where its policy chose something other than the token itself (None:
+the token's own log-prob), and keeps its decoder's weights current
+(`set_weights`). Kinds, by name in `ROLLOUTS`:
+
+- `think`: `<bos> P <think>`, a thought in `rl.thought_mode` within
+  `rl.think_budget` passes, `</think>`, an answer in slow mode
+  (`mtp.decode.thinking`); cost: main passes.
+- `pause`: `<bos> P <think> thought </think>` with the worked thought given,
+  then the answer with the `learned` pause policy: the model decides pass by
+  pass whether to spend a `<pause>`, decisions sampled at `rl.temperature`,
+  the answer greedy. Half the groups run at urgency 0, half at urgency 1 (the
+  scalar the model embeds, `model.use_urgency`); cost: urgency x pauses, so a
+  pause is free at urgency 0 and priced at urgency 1.
+
+A verifier that raises, or a non-finite score, makes a rollout bad (`bad`,
+`errors` says why); the learner drops its group or stops (`rl.on_bad_reward`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtp.config import RLConfig
+from mtp.data.format import answer_text, encode_prompt
+from mtp.data.tokenizer import Tokenizer
+from mtp.decode.engine import Decoder
+from mtp.decode.modes import Pause
+from mtp.decode.sampling import Sampling
+from mtp.decode.thinking import think_then_answer
+from mtp.rl.objectives import token_stats
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """B rollouts as teacher-forcing rows (see `mtp.rl.objectives` for the batch fields)."""
+
+    tokens: np.ndarray  # (B, T) int32
+    offset: np.ndarray  # (B, T) int32
+    pass_: np.ndarray  # (B, T) int32: pass index within the row
+    mask: np.ndarray  # (B, T) float32: 1 where the policy chose the token
+    prompts: list[str]
+    answers: list[str]
+    passes: np.ndarray  # (B,) main passes: thought + answer
+    thought_passes: np.ndarray  # (B,)
+    generated: np.ndarray  # (B,) tokens the policy emitted (thought + answer)
+    forced_close: np.ndarray  # (B,) bool: the thought hit its budget
+    cost: np.ndarray  # (B,) what rl.pass_price prices
+    urgency: np.ndarray | None = None  # (B,) the urgency input, if the kind sets one
+    pauses: np.ndarray | None = None  # (B,) pauses spent, pause rollouts
+    scores: np.ndarray = None  # (B,) verifier scores (NaN where bad)
+    rewards: np.ndarray = None  # (B,) score - price * cost (NaN where bad)
+    bad: np.ndarray = None  # (B,) bool
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    def select(self, rows: np.ndarray) -> Rollouts:
+        """The rollouts at `rows` (int indices), in that order."""
+        pick = lambda x: x[rows] if isinstance(x, np.ndarray) else x
+        out = {f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["prompts"] = [self.prompts[i] for i in rows]
+        out["answers"] = [self.answers[i] for i in rows]
+        return Rollouts(**out)
+
+    def batch(self, adv_b: np.ndarray, keep_b: np.ndarray) -> dict:
+        """The RL batch; rows not in `keep_b` are masked out entirely."""
+        b, t = self.tokens.shape
+        out = dict(
+            tokens=self.tokens,
+            offset=self.offset,
+            pass_=self.pass_,
+            mask=self.mask * keep_b[:, None].astype(np.float32),
+            adv=np.where(keep_b, adv_b, 0.0).astype(np.float32),
+            old_lp=np.zeros((b, t), np.float32),
+            ref_lp=np.zeros((b, t), np.float32),
+        )
+        if self.urgency is not None:
+            out["urgency"] = self.urgency.astype(np.float32)
+        return out
+
+    def stats(self) -> dict:
+        good = ~self.bad if self.bad is not None else np.ones(len(self.prompts), bool)
+        n = max(int(good.sum()), 1)
+        mean = lambda x: float(np.where(good, x, 0).sum() / n)
+        out = {
+            "reward": mean(np.nan_to_num(self.rewards)) if self.rewards is not None else 0.0,
+            "accuracy": mean(np.nan_to_num(self.scores)) if self.scores is not None else 0.0,
+            "passes": float(self.passes.mean()),
+            "thought_passes": float(self.thought_passes.mean()),
+            "tokens_per_pass": float(self.generated.sum() / max(self.passes.sum(), 1)),
+            "forced_close": float(self.forced_close.mean()),
+            "bad_rollouts": float((~good).sum()),
+        }
+        if self.urgency is not None and self.pauses is not None:
+            for u in (0, 1):
+                at_u = self.urgency == u
+                if at_u.any():
+                    out[f"pauses_u{u}"] = float(self.pauses[at_u].mean())
+                    if self.scores is not None:
+                        out[f"accuracy_u{u}"] = float(np.nan_to_num(self.scores[at_u]).mean())
+        return out
+
+
+def _rows(heads, parts, offsets, passes, masks, length_multiple: int, pad: int, max_len: int):
+    """Teacher-forcing rows: each head followed by its parts, with per-part offsets,
+    pass indices and masks (numpy, (B, T), T rounded up so few shapes compile)."""
+    lengths = [h.size + sum(p.size for p in ps) for h, ps in zip(heads, parts, strict=True)]
+    t = min(max_len, -(-max(lengths) // length_multiple) * length_multiple)
+    b = len(heads)
+    tokens = np.full((b, t), pad, np.int32)
+    offset, pass_ = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+    mask = np.zeros((b, t), np.float32)
+    for i, h in enumerate(heads):
+        tokens[i, : h.size] = h
+        at = h.size
+        for part, off, ps, m in zip(parts[i], offsets[i], passes[i], masks[i], strict=True):
+            end = at + part.size
+            tokens[i, at:end], offset[i, at:end], pass_[i, at:end] = part, off, ps
+            mask[i, at:end] = m
+            at = end
+    return tokens, offset, pass_, mask
+
+
+class ThinkRollout:
+    """Think-mode rollouts of one system (module docstring); `set_weights` after each update."""
+
+    name = "think"
+    token_logprob = None
+
+    def __init__(self, system, tok: Tokenizer, rc: RLConfig):
+        self.tok, self.rc = tok, rc
+        self.dec = Decoder(system, tok.specials)
+        self.k = self.dec.k
+        self._agree = jax.jit(functools.partial(_agreement, self.dec.graphdef))
+
+    def set_weights(self, system) -> None:
+        self.dec.set_weights(system)
+
+    def drafts_agree(self, ro: Rollouts) -> np.ndarray:
+        """(B,) bool: every drafted token of the rollout is the main model's own greedy choice
+        in its context (what speculative decoding would accept): where fast mode wrote exactly
+        what slow mode would have. True for a rollout with no drafts."""
+        agree_bt = np.asarray(self._agree(self.dec.state, ro.tokens, ro.offset))
+        drafted_bt = (ro.mask > 0) & (ro.offset > 0)
+        return (agree_bt | ~drafted_bt).all(1)
+
+    def __call__(
+        self,
+        problems: Sequence,
+        *,
+        group_size: int = 1,
+        thought_mode: str | None = None,
+        sampling: Sampling | None = None,
+        seed: int | jax.Array = 0,
+    ) -> Rollouts:
+        """Rollouts of `problems` (anything with `.prompt`); `thought_mode` defaults to the
+        config's, `sampling` to the config's temperature."""
+        rc, tok = self.rc, self.tok
+        prompts = [p.prompt for p in problems]
+        heads = [encode_prompt(tok, p) for p in prompts]
+        th = think_then_answer(
+            self.dec, heads, thought_mode=thought_mode or rc.thought_mode,
+            think_budget=rc.think_budget, answer_max_tokens=rc.answer_max_tokens,
+            sampling=sampling or Sampling(temperature=rc.temperature), seed=seed,
+        )  # fmt: skip
+        r1, r2 = th.thought, th.answer
+        b = len(heads)
+        n1 = [int(x) for x in r1.lengths]
+        n2 = [int(x) for x in r2.lengths]
+        parts = [(th.thoughts[i], r2.tokens[i, : n2[i]]) for i in range(b)]
+        offsets = [(_fit(r1.offset[i, : n1[i]], th.thoughts[i].size), 0) for i in range(b)]
+        passes = [
+            (
+                _fit(r1.pass_id[i, : n1[i]], th.thoughts[i].size),
+                r1.passes[i] + r2.pass_id[i, : n2[i]],
+            )
+            for i in range(b)
+        ]
+        masks = [(_fit(np.ones(n1[i]), th.thoughts[i].size), 1.0) for i in range(b)]
+        tokens, offset, pass_, mask = _rows(
+            heads, parts, offsets, passes, masks, 32, tok.specials.pad, self.dec.max_len
+        )
+        return Rollouts(
+            tokens=tokens, offset=offset, pass_=pass_, mask=mask, prompts=prompts,
+            answers=[answer_text(tok, r2.row(i)) for i in range(b)],
+            passes=th.passes, thought_passes=r1.passes.astype(np.int32),
+            generated=(r1.lengths + r2.lengths).astype(np.int32), forced_close=th.forced,
+            cost=th.passes.astype(np.float64),
+        )  # fmt: skip
+
+
+def _fit(x: np.ndarray, n: int) -> np.ndarray:
+    """x cut or zero-padded to length n (a forced </think> gets offset, pass and mask 0)."""
+    return np.concatenate([x[:n], np.zeros(max(n - x.size, 0), x.dtype)])
+
+
+def _agreement(graphdef, state, tokens_bt, offset_bt):
+    batch = {"tokens": tokens_bt, "offset": offset_bt}
+    return token_stats(nnx.merge(graphdef, state), batch)[2]
+
+
+def pause_decision_logprob(logits_btv, batch, lp_bt, temperature: float):
+    """Where the policy chose only whether to pause (`batch['decision']`), the log-prob of
+    that decision: log p(<pause>) or log(1 - p(<pause>)) under softmax(logits / T), both
+    differentiated through the pause logit only (the others' log-sum-exp is held fixed), so
+    a decision's advantage moves how readily the model pauses, not which answer token it
+    ranks first (the answer was not sampled). Elsewhere `lp_bt` as given."""
+    pause_id = int(batch["pause_id"])
+    z_btv = logits_btv / temperature
+    rest_bt = jax.lax.stop_gradient(jax.nn.logsumexp(z_btv.at[..., pause_id].set(-jnp.inf), -1))
+    d_bt = z_btv[..., pause_id] - rest_bt  # log-odds of pausing
+    dec_bt = jnp.where(
+        batch["tokens"] == pause_id, jax.nn.log_sigmoid(d_bt), jax.nn.log_sigmoid(-d_bt)
+    )
+    return jnp.where(batch["decision"] > 0, dec_bt, lp_bt)
+
+
+class PauseRollout:
+    """Learned-pause rollouts of one system (module docstring)."""
+
+    name = "pause"
+
+    def __init__(self, system, tok: Tokenizer, rc: RLConfig, *, cap: int, max_answer: int):
+        self.tok, self.rc = tok, rc
+        self.dec = Decoder(system, tok.specials)
+        self.policy = Pause("learned", cap=cap, temperature=rc.temperature)
+        self.max_answer = max_answer
+        self.token_logprob = functools.partial(_pause_logprob, pause_id=tok.specials.pause)
+
+    def set_weights(self, system) -> None:
+        self.dec.set_weights(system)
+
+    def __call__(self, problems: Sequence, *, group_size: int = 1, seed=0) -> Rollouts:
+        tok = self.tok
+        b = len(problems)
+        heads = [encode_prompt(tok, p.prompt, p.thought) for p in problems]
+        urgency_b = ((np.arange(b) // group_size) % 2).astype(np.float32)  # alternate groups
+        res = self.dec.generate(
+            heads, mode=self.policy, max_new_tokens=self.max_answer, sampling=Sampling(),
+            urgency_b=urgency_b, seed=seed,
+        )  # fmt: skip
+        n = [int(x) for x in res.lengths]
+        parts = [(res.tokens[i, : n[i]],) for i in range(b)]
+        tokens, offset, _, mask = _rows(
+            heads, parts, [(0,)] * b, [(0,)] * b, [(res.choice[i, : n[i]],) for i in range(b)],
+            16, tok.specials.pad, self.dec.max_len,
+        )  # fmt: skip
+        t = tokens.shape[1]
+        pauses = res.pauses.astype(np.float64)
+        answers = [answer_text(tok, res.answer_row(i)) for i in range(b)]
+        return Rollouts(
+            tokens=tokens, offset=offset, mask=mask, prompts=[p.prompt for p in problems],
+            pass_=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),  # each decision
+            answers=answers, passes=res.passes.astype(np.int32),
+            thought_passes=np.zeros(b, np.int32), generated=res.lengths.astype(np.int32),
+            forced_close=np.zeros(b, bool), cost=urgency_b * pauses, urgency=urgency_b,
+            pauses=pauses,
+        )  # fmt: skip
+
+
+def _pause_logprob(logits_btv, batch, lp_bt, temperature, *, pause_id):
+    """pause_decision_logprob where every masked token was a pause decision."""
+    return pause_decision_logprob(
+        logits_btv, batch | {"decision": batch["mask"], "pause_id": pause_id}, lp_bt, temperature
+    )
+
+
+ROLLOUTS: dict[str, type] = {"think": ThinkRollout, "pause": PauseRollout}
+
+
+def score_rollouts(
+    ro: Rollouts,
+    score: Callable[[str, str], float],
+    pass_price: float = 0.0,
+    credit: Callable[[str, str], float] | None = None,
+) -> Rollouts:
+    """Fills scores, rewards, bad and errors; never raises for a bad verifier result.
+
+    The reward is `credit(prompt, answer)` (e.g. partial credit) if given, else the
+    score, minus `pass_price` times the rollout's cost; `scores` stay the verifier's own.
+    """
+    b = len(ro.prompts)
+    scores, credits = np.full(b, np.nan), np.full(b, np.nan)
+    bad = np.zeros(b, bool)
+    for i, (p, a) in enumerate(zip(ro.prompts, ro.answers, strict=True)):
+        try:
+            s = float(score(p, a))
+            c = float(credit(p, a)) if credit else s
+        except Exception as e:  # noqa: BLE001 - any verifier failure is reported, not fatal
+            bad[i] = True
+            ro.errors.append(
+                f"verifier raised {type(e).__name__}: {e} (prompt {p!r}, answer {a!r})"
+            )
+            continue
+        if not (math.isfinite(s) and math.isfinite(c)):
+            bad[i] = True
+            got = f"{s}" if credit is None else f"{s}, credit {c}"
+            ro.errors.append(f"verifier returned {got} (prompt {p!r}, answer {a!r})")
+            continue
+        scores[i], credits[i] = s, c
+    ro.scores = scores
+    ro.rewards = credits - pass_price * ro.cost
+    ro.bad = bad
+    return ro

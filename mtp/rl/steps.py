@@ -1,0 +1,84 @@
+"""Pure RL steps, jitted in one place: the update of (system, optimizer) and the reference.
+
+The train state is `nnx.split((system, optimizer))`; `rl_step` is
+`(state, batch, first_epoch) -> (state, metrics, lp_bt)` with the state
+donated. Only the `rl.trainable` part of the system gets gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mtp.config import RLConfig
+from mtp.rl.objectives import TokenLogprob, rl_loss, token_stats
+
+TRAINABLE = {
+    "both": nnx.Param,
+    "drafter": nnx.All(nnx.Param, nnx.PathContains("drafter")),
+    "main": nnx.All(nnx.Param, nnx.PathContains("main")),
+}
+
+
+def make_rl_optimizer(rc: RLConfig) -> optax.GradientTransformation:
+    warm = max(rc.warmup_steps, 1)
+    schedule = lambda count: rc.lr * jnp.minimum(1.0, (count + 1) / warm)  # first step > 0
+    return optax.chain(
+        optax.clip_by_global_norm(rc.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=rc.weight_decay),
+    )
+
+
+def rl_optimizer(system, rc: RLConfig, trainable: str) -> nnx.Optimizer:
+    """AdamW over the `trainable` part only ('both', 'drafter', 'main')."""
+    return nnx.Optimizer(system, make_rl_optimizer(rc), wrt=TRAINABLE[trainable])
+
+
+def rl_grads(system, batch, rc: RLConfig, trainable: str, first_epoch=True, token_logprob=None):
+    """(loss, (metrics, lp_bt)), grads w.r.t. the trainable parameters only."""
+    grad_fn = nnx.value_and_grad(
+        rl_loss, argnums=nnx.DiffState(0, TRAINABLE[trainable]), has_aux=True
+    )
+    return grad_fn(system, batch, rc, first_epoch, token_logprob)
+
+
+def rl_step(
+    graphdef, state, batch, first_epoch, *, rc: RLConfig, trainable: str,
+    token_logprob: TokenLogprob | None = None,
+):  # fmt: skip
+    """One update of (system, optimizer). Returns (state, metrics, lp_bt before the update)."""
+    system, optimizer = nnx.merge(graphdef, state)
+    (_, (metrics, lp_bt)), grads = rl_grads(
+        system, batch, rc, trainable, first_epoch, token_logprob
+    )
+    metrics["grad_norm"] = optax.global_norm(grads)
+    optimizer.update(system, grads)
+    return nnx.state((system, optimizer)), metrics, lp_bt
+
+
+def reference_logprobs(graphdef, state, batch, *, temperature: float, teacher: bool = False):
+    """Per-token log-probs (B, T) under a frozen system (the KL reference), and with `teacher`
+    its main model's log-distribution (B, T, V) for each token (the distillation teacher)."""
+    system = nnx.merge(graphdef, state)
+    lp_bt, _, _, _, teacher_btv = token_stats(system, batch, temperature)
+    return lp_bt, (teacher_btv if teacher else None)
+
+
+def jit_rl_steps(graphdef, ref_graphdef, rc: RLConfig, trainable: str, token_logprob=None):
+    """Jitted (rl_step, reference_logprobs); the train state is donated."""
+    step = jax.jit(
+        functools.partial(
+            rl_step, graphdef, rc=rc, trainable=trainable, token_logprob=token_logprob
+        ),
+        donate_argnums=0,
+    )
+    ref = jax.jit(
+        functools.partial(
+            reference_logprobs, ref_graphdef, temperature=rc.temperature, teacher=rc.distill > 0
+        )
+    )
+    return step, ref

@@ -1,0 +1,193 @@
+"""Runs that go wrong: NaN/Inf on any update, a damaged newest checkpoint, resume lines."""
+
+import itertools
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from mtp import checkpoint as ckpt
+from mtp.config import validate
+from mtp.errors import DamagedCheckpoint, NonFiniteLoss, UserError
+from mtp.metrics import read_csv
+from mtp.train import loop, rl_loop
+from mtp.train.steps import init_train_state
+from tests.test_rl_loop import _tiny_config as rl_config
+from tests.test_train import tiny_config
+
+
+def _poison(tree):
+    """`tree` with every float array NaN."""
+    nan = lambda x: x * jnp.nan if jnp.issubdtype(x.dtype, jnp.inexact) else x
+    return jax.tree.map(nan, tree)
+
+
+def _finite(tree) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return all(bool(jnp.isfinite(x).all()) for x in leaves)
+
+
+def _restored(workdir, config, step):
+    _, abstract_state = init_train_state(validate(config), abstract=True)
+    mngr = ckpt.manager(workdir)
+    state, _ = ckpt.restore(mngr, step, abstract_state)
+    mngr.close()
+    return state
+
+
+@pytest.mark.parametrize(
+    "what, message, logged",
+    [
+        ("loss", r"loss is nan at step 5 .*checkpoint step 3 kept", [2, 4]),
+        ("params", r"parameters are NaN/Inf after the update of step 6 .*step 3 kept", [2, 4, 6]),
+    ],
+)
+def test_a_nonfinite_update_between_checks_stops_the_run_before_it_is_saved(
+    tmp_path, monkeypatch, what, message, logged
+):
+    """Logged every 2 steps, saved every 3: the loss is NaN from step 5 on (a step that neither
+    logs nor saves), or the update of step 6 (its loss finite) leaves NaN parameters. Either
+    stops the run at the next check, naming the first bad step: nothing after step 3 is
+    saved, and the NaN loss stops the run at the log of step 6, before its row is written."""
+    make_steps = loop.jit_steps
+
+    def diverging_steps(*args, **kwargs):
+        train_step, eval_step = make_steps(*args, **kwargs)
+        calls = itertools.count(1)
+
+        def step(state, batch):
+            state, metrics = train_step(state, batch)
+            n = next(calls)
+            if what == "loss" and n >= 5:
+                metrics = metrics | {"loss": metrics["loss"] * jnp.nan}
+            if what == "params" and n == 6:
+                state = _poison(state)
+            return state, metrics
+
+        return step, eval_step
+
+    monkeypatch.setattr(loop, "jit_steps", diverging_steps)
+    c = tiny_config(**{"train.log_every": 2, "train.checkpoint_every": 3, "train.eval_every": 9,
+                       "train.steps": 9})  # fmt: skip
+    with pytest.raises(NonFiniteLoss, match=message) as e:
+        loop.train_and_evaluate(c, tmp_path)
+    assert "\n" not in str(e.value)
+    assert [r["step"] for r in read_csv(tmp_path, "train")] == logged
+    mngr = ckpt.manager(tmp_path)
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [3]
+    assert _finite(_restored(tmp_path, c, 3))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 6-step run with checkpoints at steps 3 and 6, and its config."""
+    workdir = tmp_path_factory.mktemp("trained")
+    c = tiny_config(**{"train.steps": 6, "train.checkpoint_every": 3, "train.eval_every": 6})
+    loop.train_and_evaluate(c, workdir)
+    return workdir, c
+
+
+def _damage(workdir, how: str):
+    """Damages the largest array file of the newest step (6) as `how`; returns its path."""
+    files = (workdir / "checkpoints" / "6" / "state").rglob("d/*")
+    path = max(files, key=lambda p: p.stat().st_size)
+    if how == "truncated":  # a copy cut short (disk full, interrupted rsync)
+        with path.open("r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    elif how == "deleted":
+        path.unlink()
+    else:  # garbled: the size is right, every byte wrong
+        path.write_bytes(b"\xff" * path.stat().st_size)
+    return path
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted", "garbled"])
+def test_decode_names_the_damaged_file_and_the_step_to_fall_back_to(tmp_path, trained, how):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    path = _damage(workdir, how)
+    with pytest.raises(DamagedCheckpoint) as e:
+        ckpt.load_system(workdir)
+    text = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in text
+    assert text.startswith(f"checkpoint step 6 is damaged: {path}: ")
+    assert {"truncated": "truncated", "deleted": "missing", "garbled": "unreadable"}[how] in text
+    assert text.endswith(f"delete {workdir / 'checkpoints' / '6'} to load step 3")
+    assert _finite(ckpt.load_system(workdir, step=3)[0])  # the older step is untouched
+
+
+def test_training_resumes_from_the_newest_intact_step(tmp_path, trained, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained[0], workdir)
+    intact = json.loads((workdir / "eval_report.json").read_text())
+    path = _damage(workdir, "truncated")
+    capsys.readouterr()
+    results = loop.train_and_evaluate(trained[1], workdir)
+    out = capsys.readouterr()
+    warning = [line for line in out.err.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and f"checkpoint step 6 is damaged: {path}: truncated" in warning[0]
+    assert f"moved it to {workdir / 'checkpoints_damaged' / '6'}" in warning[0]
+    assert f"resuming {workdir} from step 3 of 6" in out.out
+    assert (workdir / "checkpoints_damaged" / "6" / "state").is_dir()  # kept for a look
+    assert ckpt.manager(workdir).all_steps() == [3, 6]  # step 6 saved again, whole
+    assert ckpt.damage(workdir / "checkpoints" / "6") is None
+    assert results["main_loss"] == pytest.approx(intact["main_loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def rl_run(tmp_path_factory):
+    """A warm-up and one RL step of it (checkpointed), the RL config asking for 3 steps."""
+    root = tmp_path_factory.mktemp("rl")
+    c = rl_config(root)
+    c.rl.update(steps=1, eval_every=100)
+    loop.train_and_evaluate(c, root / "warmup")
+    rl_loop.train_rl(c, root / "rl_both", root / "warmup", "both")
+    c.rl.steps = 3
+    return root, c
+
+
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("loss", r"rl loss is nan at step 2, PPO epoch 2 of 2 .*checkpoint step 1 kept"),
+        ("params", r"rl parameters are NaN/Inf after step 2 .*checkpoint step 1 kept"),
+    ],
+)
+def test_rl_stops_when_a_later_ppo_epoch_diverges_and_keeps_a_finite_checkpoint(
+    tmp_path, rl_run, monkeypatch, capsys, what, message
+):
+    """Step 2 (a checkpoint step) of a resumed RL run: its second PPO epoch's loss is NaN,
+    or that epoch's update (its loss finite) leaves NaN parameters."""
+    root, c = rl_run
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    make_steps = rl_loop.jit_rl_steps
+
+    def diverging_steps(*args, **kwargs):
+        rl_step, reference = make_steps(*args, **kwargs)
+        calls = itertools.count()
+
+        def step(state, batch, first_epoch):
+            state, metrics, lp = rl_step(state, batch, first_epoch)
+            if next(calls) == 1:  # step 2, epoch 2
+                if what == "loss":
+                    metrics = metrics | {"loss": metrics["loss"] * jnp.nan}
+                else:
+                    state = _poison(state)
+            return state, metrics, lp
+
+        return step, reference
+
+    monkeypatch.setattr(rl_loop, "jit_rl_steps", diverging_steps)
+    capsys.readouterr()
+    with pytest.raises(NonFiniteLoss, match=message):
+        rl_loop.train_rl(c, tmp_path / "rl_both", tmp_path / "warmup", "both")
+    assert f"resuming {tmp_path / 'rl_both'} from step 1 of 3" in capsys.readouterr().out
+    mngr = ckpt.manager(tmp_path / "rl_both")
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [1]
+    system, _ = rl_loop.load_rl_system(tmp_path / "rl_both", tmp_path / "warmup")
+    assert _finite(nnx.state(system))
