@@ -36,6 +36,9 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy (--mode=decode
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest tokens; 0 = all.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = all.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=decode.")
+_THINK_BUDGET = flags.DEFINE_integer(
+    "think_budget", 0, "--mode=decode: think mode thinks within N main passes, then answers."
+)
 
 
 def _config():
@@ -77,6 +80,7 @@ def _decode():
             top_k=_TOP_K.value,
             top_p=_TOP_P.value,
             seed=_SEED.value,
+            think_budget=_THINK_BUDGET.value,
         )
     )
 

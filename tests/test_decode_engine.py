@@ -13,12 +13,13 @@ import verify_rules
 from flax import nnx
 from scipy import stats
 
-import mtp.decode.engine as engine
 from mtp.config import DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.engine import TRACES, Decoder
 from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.speculative import verify_sampled
+from mtp.decode.thinking import think_then_answer
+from mtp.errors import DecodeError
 from mtp.model.system import MTPSystem, shifted
 
 TOK = ByteTokenizer()
@@ -42,7 +43,7 @@ def _ids(texts):
 
 def _system(kind="transformer", k=4, seed=0, main=MAIN):
     return MTPSystem(
-        main, DrafterConfig(kind=kind, k=k, n_heads=4), pad_id=256, rngs=nnx.Rngs(seed)
+        main, DrafterConfig(kind=kind, k=k, n_heads=4), pad_id=S.pad, rngs=nnx.Rngs(seed)
     )
 
 
@@ -102,10 +103,10 @@ def _slow_reference(kind, trained):
     return Decoder(system, S).generate(_ids(PROMPTS), mode="slow", max_new_tokens=40)
 
 
-def _accepted_vs_teacher_forced(system, prompt, res, b):
-    """Per verify pass of row b: (drafts the engine accepted, drafts a greedy drafter accepts
-    when drafting after the same main token from the teacher-forced forward at the right
-    position), where the pass's decision is clear of float ties.
+def _accepted_vs_teacher_forced(system, prompts, res):
+    """Per verify pass: (drafts the engine accepted, drafts a greedy drafter accepts when
+    drafting after the same main token from the teacher-forced forward at the right
+    position), for passes whose decision is clear of float ties.
 
     In the output a main token (offset 0) at sequence position t + 1 is followed by the
     drafts its pass accepted, then the next main token. Those drafts were drafted from the
@@ -113,21 +114,23 @@ def _accepted_vs_teacher_forced(system, prompt, res, b):
     while they do, they are the teacher-forced inputs, so the teacher-forced draft logits
     at t decide how many are accepted.
     """
-    seq = np.concatenate([prompt, res.row(b)])
-    _, draft_tkv = system(jnp.asarray(seq)[None])
-    draft_tkv = np.asarray(draft_tkv[0])
-    top2_tk2 = np.sort(draft_tkv, -1)[..., -2:]
-    clear_tk = top2_tk2[..., 1] - top2_tk2[..., 0] > 1e-4
+    seqs = [np.concatenate([p, res.row(b)]) for b, p in enumerate(prompts)]
+    width = max(len(q) for q in seqs)
+    padded = np.stack([np.pad(q, (0, width - len(q)), constant_values=S.pad) for q in seqs])
+    _, draft_btkv = system(jnp.asarray(padded))  # causal: the padding changes nothing used
+    draft_btkv = np.asarray(draft_btkv)
+    top2_btk2 = np.sort(draft_btkv, -1)[..., -2:]
+    clear_btk = top2_btk2[..., 1] - top2_btk2[..., 0] > 1e-4
     k, out = system.k, []
-    mains = np.flatnonzero(res.offset[b, : res.lengths[b]] == 0)
-    for i, nxt in zip(mains[:-1], mains[1:], strict=True):  # a pass that emitted a main token
-        t = len(prompt) + i - 1
-        follow = seq[t + 2 : t + 2 + k]
-        match = draft_tkv[t, : len(follow)].argmax(-1) == follow
-        n = int(np.cumprod(match).sum())
-        if clear_tk[t, : min(n + 1, k)].all():
-            out.append((nxt - i - 1, n))
-    return out
+    for b, (prompt, seq) in enumerate(zip(prompts, seqs, strict=True)):
+        mains = np.flatnonzero(res.offset[b, : res.lengths[b]] == 0)
+        for i, nxt in zip(mains[:-1], mains[1:], strict=True):  # passes that emitted a main
+            t = len(prompt) + i - 1
+            follow = seq[t + 2 : t + 2 + k]
+            n = int(np.cumprod(draft_btkv[b, t, : len(follow)].argmax(-1) == follow).sum())
+            if clear_btk[b, t, : min(n + 1, k)].all():
+                out.append((nxt - i - 1, n))
+    return np.array(out).T
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -148,11 +151,9 @@ def test_speculative_greedy_equals_slow(kind, k):
         assert st["tokens_per_pass"] == pytest.approx(1 + st["mean_accepted"], rel=0.25)
         assert sum(st["accept_hist"]) == spec.passes.sum() - len(PROMPTS)  # prefill verifies none
         system = _with_k(_trained(kind) if trained else _system(kind), kind, k)
-        pairs = [p for b, prompt in enumerate(_ids(PROMPTS))
-                 for p in _accepted_vs_teacher_forced(system, prompt, spec, b)]  # fmt: skip
-        engine_n, teacher_n = np.array(pairs).T
+        engine_n, teacher_n = _accepted_vs_teacher_forced(system, _ids(PROMPTS), spec)
         np.testing.assert_array_equal(engine_n, teacher_n)
-        assert len(pairs) > 0.9 * (spec.passes.sum() - 2 * len(PROMPTS))  # few ties left out
+        assert len(engine_n) > 0.9 * (spec.passes.sum() - 2 * len(PROMPTS))  # few ties left out
         if trained:  # the test exercises accepted drafts and rows stopping at EOS
             assert st["mean_accepted"] > 0.8 * k, st  # 0.94 k to k with the right taps
             assert (teacher_n > 0).mean() > 0.8
@@ -357,21 +358,19 @@ def test_urgency_reaches_every_main_pass():
 
 
 def test_think_budget_forces_the_close_then_answers_slow():
-    """After `think_budget` thinking passes the next main token is a forced, flagged </think>."""
+    """After `think_budget` fast passes the thought gets a forced </think>; the answer is
+    what slow decoding gives after it."""
     dec = Decoder(_trained("transformer"), S)
-    prompt = _ids(["<bos>q"])
-    free = dec.generate(prompt, mode="think", max_new_tokens=60)
-    res = dec.generate(prompt, mode="think", max_new_tokens=60, think_budget=2)
-    assert not free.forced.any() and free.stats["forced_closes"] == 0
-    toks, n = res.row(0), res.lengths[0]
-    close = int(np.flatnonzero(toks == S.think_close)[0])
-    assert res.forced[0, :n].tolist() == [i == close for i in range(n)]
-    assert res.stats["forced_closes"] == 1
-    assert len(set(res.pass_id[0, :close].tolist())) == 2  # two thinking passes
-    assert close < int(np.flatnonzero(free.row(0) == S.think_close)[0])  # cut short
-    np.testing.assert_array_equal(toks[:close], free.row(0)[:close])
-    prefix = np.concatenate([prompt[0], toks[: close + 1]])
-    slow = dec.generate([prefix], mode="slow", max_new_tokens=60 - close - 1)
-    np.testing.assert_array_equal(slow.row(0), toks[close + 1 :])
-    with pytest.raises(engine.DecodeError, match="think_budget applies to mode='think'"):
-        dec.generate(prompt, mode="fast", think_budget=2)
+    head = _ids(["<bos>q<think>"])
+    free = think_then_answer(dec, head, thought_mode="fast", answer_max_tokens=8)
+    th = think_then_answer(dec, head, thought_mode="fast", think_budget=2, answer_max_tokens=8)
+    assert not free.forced[0] and th.forced[0]
+    thought, width = th.thoughts[0], dec.k + 1
+    assert thought.size == 2 * width + 1 and thought[-1] == S.think_close
+    assert len(set(th.thought.pass_id[0, : 2 * width].tolist())) == 2  # two thinking passes
+    assert free.thoughts[0].size > thought.size  # cut short
+    np.testing.assert_array_equal(thought[:-1], free.thoughts[0][: 2 * width])
+    slow = dec.generate([np.concatenate([head[0], thought])], mode="slow", max_new_tokens=8)
+    np.testing.assert_array_equal(slow.row(0), th.answer.row(0))
+    with pytest.raises(DecodeError, match="think_budget must be >= 0"):
+        think_then_answer(dec, head, think_budget=-1)

@@ -18,6 +18,15 @@ def _system():
     return MTPSystem(MAIN, DrafterConfig(k=2, n_heads=4), pad_id=TOK.specials.pad, rngs=nnx.Rngs(0))
 
 
+def test_think_budget_row_thinks_within_the_budget_then_answers():
+    """--think_budget: the think row is think_then_answer's thought (forced close at the budget)
+    and answer; with budget 1 on an untrained model the close is forced after one fast pass."""
+    out = decode_report(_system(), TOK, "ab", ["think"], max_new_tokens=4, think_budget=1)
+    head = next(line for line in out.splitlines() if line.startswith("### think"))
+    k = 2  # the drafter's k in _system: one fast pass writes k + 1 tokens
+    assert f"budget 1 passes: {k + 1} thought tokens, forced </think>" in head
+
+
 def test_decode_report_prints_every_mode_and_a_table():
     modes = ["slow", "speculative", "fast", "think"]
     out = decode_report(_system(), TOK, "ab<think>c", modes, max_new_tokens=8, temperature=0.0)

@@ -124,8 +124,8 @@ def test_fine_tuning_rows_append_m_masked_pauses_before_the_answer():
 )  # fmt: skip
 def test_pauses_never_appear_in_returned_text_and_the_cap_holds(policy):
     dec = Decoder(_system(pause_lover=policy.kind == "learned"), S)
-    heads = [_head("ab ba: 1 hops from a?"), _head("x")]
-    res = dec.generate(heads, mode=policy, max_new_tokens=4)
+    prompt_ids = [_head("ab ba: 1 hops from a?"), _head("x")]
+    res = dec.generate(prompt_ids, mode=policy, max_new_tokens=4)
     for b in range(2):
         answer = res.answer_row(b)
         assert S.pause not in answer and answer.size >= 1
@@ -207,8 +207,8 @@ def test_bad_pause_input_is_a_clear_error():
 def test_pause_rl_loss_sees_the_urgency_input():
     system = _system()
     system.main.urgency[...] = jnp.ones((MAIN.d_model,))
-    rc = RLConfig(loss="reinforce", temperature=1.0, rollout="pause")
-    roll = PauseRollout(system, TOK, rc, cap=2, max_answer=3)
+    rl_config = RLConfig(loss="reinforce", temperature=1.0, rollout="pause")
+    roll = PauseRollout(system, TOK, rl_config, cap=2, max_answer=3)
     ro = roll([Example("ab ba: 1 hops from a?", "", "b")] * 2, group_size=1, seed=0)
     assert ro.urgency.tolist() == [0.0, 1.0]  # groups alternate between urgency 0 and 1
     np.testing.assert_array_equal(ro.cost, ro.urgency * ro.pauses)  # a pause costs at 1 only
@@ -216,7 +216,7 @@ def test_pause_rl_loss_sees_the_urgency_input():
     for u in (0.0, 1.0):  # the same rollouts, only the urgency input differs
         batch = ro.batch(np.array([1.0, 0.5]), np.ones(2, bool))
         batch = jax.tree.map(jnp.asarray, batch | {"urgency": np.full(2, u, np.float32)})
-        losses.append(float(rl_loss(system, batch, rc, True, roll.token_logprob)[0]))
+        losses.append(float(rl_loss(system, batch, rl_config, True, roll.token_logprob)[0]))
     assert losses[0] != pytest.approx(losses[1])
     assert batch["mask"].sum() > 0
     assert S.think_close in np.asarray(batch["tokens"][0])

@@ -1,5 +1,6 @@
 """Runs that go wrong: NaN/Inf on any update, a damaged newest checkpoint, resume lines."""
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -10,13 +11,17 @@ import pytest
 from flax import nnx
 
 from mtp import checkpoint as ckpt
-from mtp.config import validate
+from mtp.config import RLConfig, resolve
+from mtp.data.tokenizer import ByteTokenizer
 from mtp.errors import DamagedCheckpoint, NonFiniteLoss, UserError
 from mtp.metrics import read_csv
-from mtp.train import loop, rl_loop
+from mtp.programs import rl as rl_program
+from mtp.rl import learner
+from mtp.train import supervised
 from mtp.train.steps import init_train_state
-from tests.test_rl_loop import _tiny_config as rl_config
 from tests.test_train import tiny_config
+
+TOK = ByteTokenizer()
 
 
 def _poison(tree):
@@ -30,8 +35,22 @@ def _finite(tree) -> bool:
     return all(bool(jnp.isfinite(x).all()) for x in leaves)
 
 
+def rl_config():
+    """tiny_config as program 'rl': a 4-step warm-up on 2-digit addition, then RL steps of two
+    groups of two think rollouts, a checkpoint every step, two PPO epochs each."""
+    c = tiny_config(**{"data.corpus": "task:addition:digits=2,n=200", "train.steps": 4,
+                       "train.warmup_steps": 1, "train.log_every": 2, "train.eval_every": 4,
+                       "train.eval_batches": 1, "train.checkpoint_every": 4})  # fmt: skip
+    c.program = "rl"
+    c.rl = dataclasses.asdict(RLConfig())
+    c.rl.update(task="addition:digits=2", trainable=("both",), steps=1, prompts_per_step=2,
+                group_size=2, think_budget=3, answer_max_tokens=4, ppo_epochs=2, log_every=1,
+                eval_every=100, eval_prompts=4, checkpoint_every=1)  # fmt: skip
+    return c
+
+
 def _restored(workdir, config, step):
-    _, abstract_state = init_train_state(validate(config), abstract=True)
+    _, abstract_state = init_train_state(resolve(config), TOK, abstract=True)
     mngr = ckpt.manager(workdir)
     state, _ = ckpt.restore(mngr, step, abstract_state)
     mngr.close()
@@ -52,7 +71,7 @@ def test_a_nonfinite_update_between_checks_stops_the_run_before_it_is_saved(
     logs nor saves), or the update of step 6 (its loss finite) leaves NaN parameters. Either
     stops the run at the next check, naming the first bad step: nothing after step 3 is
     saved, and the NaN loss stops the run at the log of step 6, before its row is written."""
-    make_steps = loop.jit_steps
+    make_steps = supervised.jit_steps
 
     def diverging_steps(*args, **kwargs):
         train_step, eval_step = make_steps(*args, **kwargs)
@@ -69,11 +88,11 @@ def test_a_nonfinite_update_between_checks_stops_the_run_before_it_is_saved(
 
         return step, eval_step
 
-    monkeypatch.setattr(loop, "jit_steps", diverging_steps)
+    monkeypatch.setattr(supervised, "jit_steps", diverging_steps)
     c = tiny_config(**{"train.log_every": 2, "train.checkpoint_every": 3, "train.eval_every": 9,
                        "train.steps": 9})  # fmt: skip
     with pytest.raises(NonFiniteLoss, match=message) as e:
-        loop.train_and_evaluate(c, tmp_path)
+        supervised.train_and_evaluate(resolve(c), tmp_path, TOK)
     assert "\n" not in str(e.value)
     assert [r["step"] for r in read_csv(tmp_path, "train")] == logged
     mngr = ckpt.manager(tmp_path)
@@ -87,7 +106,7 @@ def trained(tmp_path_factory):
     """A finished 6-step run with checkpoints at steps 3 and 6, and its config."""
     workdir = tmp_path_factory.mktemp("trained")
     c = tiny_config(**{"train.steps": 6, "train.checkpoint_every": 3, "train.eval_every": 6})
-    loop.train_and_evaluate(c, workdir)
+    supervised.train_and_evaluate(resolve(c), workdir, TOK)
     return workdir, c
 
 
@@ -126,7 +145,7 @@ def test_training_resumes_from_the_newest_intact_step(tmp_path, trained, capsys)
     intact = json.loads((workdir / "eval_report.json").read_text())
     path = _damage(workdir, "truncated")
     capsys.readouterr()
-    results = loop.train_and_evaluate(trained[1], workdir)
+    results = supervised.train_and_evaluate(resolve(trained[1]), workdir, TOK)
     out = capsys.readouterr()
     warning = [line for line in out.err.splitlines() if line.startswith("warning: ")]
     assert len(warning) == 1 and f"checkpoint step 6 is damaged: {path}: truncated" in warning[0]
@@ -142,12 +161,12 @@ def test_training_resumes_from_the_newest_intact_step(tmp_path, trained, capsys)
 def rl_run(tmp_path_factory):
     """A warm-up and one RL step of it (checkpointed), the RL config asking for 3 steps."""
     root = tmp_path_factory.mktemp("rl")
-    c = rl_config(root)
-    c.rl.update(steps=1, eval_every=100)
-    loop.train_and_evaluate(c, root / "warmup")
-    rl_loop.train_rl(c, root / "rl_both", root / "warmup", "both")
+    c = rl_config()
+    run = resolve(c)
+    supervised.train_and_evaluate(run, root / "warmup", TOK)
+    rl_program.train_arm(run, root / "rl_both", root / "warmup", "both", TOK)
     c.rl.steps = 3
-    return root, c
+    return root, resolve(c)
 
 
 @pytest.mark.parametrize(
@@ -162,9 +181,9 @@ def test_rl_stops_when_a_later_ppo_epoch_diverges_and_keeps_a_finite_checkpoint(
 ):
     """Step 2 (a checkpoint step) of a resumed RL run: its second PPO epoch's loss is NaN,
     or that epoch's update (its loss finite) leaves NaN parameters."""
-    root, c = rl_run
+    root, run = rl_run
     shutil.copytree(root, tmp_path, dirs_exist_ok=True)
-    make_steps = rl_loop.jit_rl_steps
+    make_steps = learner.jit_rl_steps
 
     def diverging_steps(*args, **kwargs):
         rl_step, reference = make_steps(*args, **kwargs)
@@ -181,13 +200,13 @@ def test_rl_stops_when_a_later_ppo_epoch_diverges_and_keeps_a_finite_checkpoint(
 
         return step, reference
 
-    monkeypatch.setattr(rl_loop, "jit_rl_steps", diverging_steps)
+    monkeypatch.setattr(learner, "jit_rl_steps", diverging_steps)
     capsys.readouterr()
     with pytest.raises(NonFiniteLoss, match=message):
-        rl_loop.train_rl(c, tmp_path / "rl_both", tmp_path / "warmup", "both")
+        rl_program.train_arm(run, tmp_path / "rl_both", tmp_path / "warmup", "both", TOK)
     assert f"resuming {tmp_path / 'rl_both'} from step 1 of 3" in capsys.readouterr().out
     mngr = ckpt.manager(tmp_path / "rl_both")
     mngr.wait_until_finished()
     assert mngr.all_steps() == [1]
-    system, _ = rl_loop.load_rl_system(tmp_path / "rl_both", tmp_path / "warmup")
+    system, _ = learner.load_rl_system(tmp_path / "rl_both", tmp_path / "warmup")
     assert _finite(nnx.state(system))

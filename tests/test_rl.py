@@ -123,7 +123,7 @@ def test_grpo_and_rloo_values():
 def test_ppo_ratio_is_one_on_first_epoch_then_moves():
     system, batch = _system(), _rollouts()
     graphdef, state = nnx.split((system, steps.rl_optimizer(system, RC, "both")))
-    step = jax.jit(lambda s, b, f: steps.rl_step(graphdef, s, b, f, rc=RC, trainable="both"))
+    step = jax.jit(lambda s, b, f: steps.rl_step(graphdef, s, b, f, rl_config=RC, trainable="both"))
     state, m0, lp = step(state, batch, True)
     assert float(m0["ratio"]) == 1.0 and float(m0["ratio_max"]) == 1.0
     assert float(m0["clip_frac"]) == 0.0
@@ -134,8 +134,8 @@ def test_ppo_ratio_is_one_on_first_epoch_then_moves():
 def test_first_epoch_ppo_gradient_equals_reinforce():
     batch = _rollouts()
     (_, _), g_ppo = steps.rl_grads(_system(), batch, RC, "both")
-    rc = dataclasses.replace(RC, loss="reinforce")
-    (_, _), g_re = steps.rl_grads(_system(), batch, rc, "both")
+    rl_config = dataclasses.replace(RC, loss="reinforce")
+    (_, _), g_re = steps.rl_grads(_system(), batch, rl_config, "both")
     for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g_ppo)),
                     jax.tree.leaves(nnx.to_pure_dict(g_re)), strict=True):  # fmt: skip
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -201,11 +201,11 @@ def test_kl_to_reference_is_zero_for_the_same_policy_and_penalised_otherwise():
     system, batch = _system(), _rollouts()
     graphdef, state = nnx.split(system)
     lp, _ = steps.reference_logprobs(graphdef, state, batch, temperature=T)  # the frozen copy's
-    rc = dataclasses.replace(RC, kl_coef=0.5)
-    loss, (m, _) = objectives.rl_loss(system, batch | {"ref_lp": lp}, rc, True)
+    rl_config = dataclasses.replace(RC, kl_coef=0.5)
+    loss, (m, _) = objectives.rl_loss(system, batch | {"ref_lp": lp}, rl_config, True)
     assert abs(float(m["kl_ref"])) < 1e-6
     # a reference 0.3 nats less likely on every token: d = -0.3, exp(d) - d - 1 per token
-    loss2, (m2, _) = objectives.rl_loss(system, batch | {"ref_lp": lp - 0.3}, rc, True)
+    loss2, (m2, _) = objectives.rl_loss(system, batch | {"ref_lp": lp - 0.3}, rl_config, True)
     assert float(m2["kl_ref"]) == pytest.approx(np.exp(-0.3) + 0.3 - 1, rel=1e-3)
     assert float(loss2) == pytest.approx(float(loss) + 0.5 * float(m2["kl_ref"]), rel=1e-5)
 
@@ -228,8 +228,8 @@ def _teacher(system, batch):
 def test_distill_is_kl_from_frozen_main_to_drafter_at_drafted_tokens():
     system, batch = _system(), _rollouts()
     _, teacher = _teacher(_system(seed=1), batch)
-    rc = dataclasses.replace(RC, distill=0.5)
-    loss, (m, _) = objectives.rl_loss(system, batch | {"teacher": teacher}, rc, True)
+    rl_config = dataclasses.replace(RC, distill=0.5)
+    loss, (m, _) = objectives.rl_loss(system, batch | {"teacher": teacher}, rl_config, True)
     main_btv, draft_btkv = system(batch["tokens"])
     draft_lp = np.asarray(jax.nn.log_softmax(draft_btkv / T, -1))
     t = np.asarray(teacher)
@@ -247,7 +247,7 @@ def test_distill_is_kl_from_frozen_main_to_drafter_at_drafted_tokens():
     assert float(loss) == pytest.approx(float(loss0) + 0.5 * float(m["distill_kl"]), rel=1e-5)
     # a teacher equal to the drafter's own distributions: zero
     own = objectives.token_dists(main_btv, draft_btkv, batch["offset"], T)[0]
-    _, (m_self, _) = objectives.rl_loss(system, batch | {"teacher": own}, rc, True)
+    _, (m_self, _) = objectives.rl_loss(system, batch | {"teacher": own}, rl_config, True)
     assert abs(float(m_self["distill_kl"])) < 1e-5
 
 
@@ -255,9 +255,9 @@ def test_distill_gradient_reaches_main_model_through_the_taps():
     """With no advantage at all, distillation alone trains the drafter and, via h_t, main."""
     batch = _rollouts()
     batch = batch | {"adv": jnp.zeros_like(batch["adv"]), "teacher": _teacher(_system(1), batch)[1]}
-    rc = dataclasses.replace(RC, distill=1.0)
-    main, drafter = _grad_norms(steps.rl_grads(_system(), batch, rc, "both")[1])
+    rl_config = dataclasses.replace(RC, distill=1.0)
+    main, drafter = _grad_norms(steps.rl_grads(_system(), batch, rl_config, "both")[1])
     assert main > 1e-6 and drafter > 1e-6
-    main, drafter = _grad_norms(steps.rl_grads(_system(detach=True), batch, rc, "both")[1])
+    main, drafter = _grad_norms(steps.rl_grads(_system(detach=True), batch, rl_config, "both")[1])
     assert main == 0.0 and drafter > 1e-6
     assert _grad_norms(steps.rl_grads(_system(), batch, RC, "both")[1]) == (0.0, 0.0)  # no distill

@@ -40,11 +40,13 @@ PROBLEMS = [Example(p, "", "") for p in PROMPTS]
 GREEDY = Sampling()
 
 
-def think_rollout(system, think_budget=3, rc=None):
-    """Think rollouts of `system` (`rc`'s, default RLConfig()): thoughts within `think_budget`
-    passes, answers of up to 4 tokens."""
-    rc = dataclasses.replace(rc or RLConfig(), think_budget=think_budget, answer_max_tokens=4)
-    return ThinkRollout(system, TOK, rc)
+def think_rollout(system, think_budget=3, rl_config=None):
+    """Think rollouts of `system` (`rl_config`'s, default RLConfig()): thoughts within
+    `think_budget` passes, answers of up to 4 tokens."""
+    rl_config = dataclasses.replace(
+        rl_config or RLConfig(), think_budget=think_budget, answer_max_tokens=4
+    )
+    return ThinkRollout(system, TOK, rl_config)
 
 
 @pytest.fixture(scope="module")
@@ -216,11 +218,11 @@ def test_rl_steps_raise_the_reward_of_a_toy_objective(roll):
     """
     system, _ = roll
     system = nnx.clone(system)
-    rc = RLConfig(lr=1e-2, warmup_steps=1, ppo_epochs=2, group_size=4)
-    graphdef, state = nnx.split((system, rl_optimizer(system, rc, "both")))
+    rl_config = RLConfig(lr=1e-2, warmup_steps=1, ppo_epochs=2, group_size=4)
+    graphdef, state = nnx.split((system, rl_optimizer(system, rl_config, "both")))
     state = jax.tree.map(jnp.copy, state)  # donated below: keep the module fixture's arrays
-    step, _ = jit_rl_steps(graphdef, nnx.graphdef(system), rc, "both")
-    r = think_rollout(system, rc=rc)
+    step, _ = jit_rl_steps(graphdef, nnx.graphdef(system), rl_config, "both")
+    r = think_rollout(system, rl_config=rl_config)
     problems = PROBLEMS * 2  # two groups of four
 
     def reward(ro):

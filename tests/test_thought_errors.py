@@ -32,12 +32,12 @@ def _result(rows, offsets):
 def scripted(prompts, thoughts, answers):
     """Stands in for `think_then_answer`: the given thoughts as fast-mode rows (passes of
     K + 1: offsets 0, 1, .., K from the first generated token), then the given answers."""
-    heads = [encode_prompt(TOK, p) for p in prompts]
+    prompt_ids = [encode_prompt(TOK, p) for p in prompts]
     rows = [np.append(TOK.encode(t), S.think_close).astype(np.int32) for t in thoughts]
     thought = _result(rows, [np.arange(r.size) % (K + 1) for r in rows])
     ans = [np.append(TOK.encode(a), S.eos).astype(np.int32) for a in answers]
     answer = _result(ans, [np.zeros(a.size, np.int32) for a in ans])
-    return Thought(heads, rows, np.zeros(len(rows), bool), thought, answer)
+    return Thought(prompt_ids, rows, np.zeros(len(rows), bool), thought, answer)
 
 
 def test_first_wrong_token_offset_and_step():

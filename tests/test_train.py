@@ -1,4 +1,4 @@
-"""Config validation, losses per drafter kind, checkpoints, and train_and_evaluate end to end."""
+"""Config resolution, checkpoints, and train_and_evaluate end to end."""
 
 import json
 
@@ -9,10 +9,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mtp import checkpoint as ckpt
-from mtp.config import ConfigError, UserError, default_config, validate
+from mtp.config import ConfigError, UserError, default_config, resolve
+from mtp.data.task_data import check_tasks
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.errors import NonFiniteLoss
 from mtp.metrics import compare_runs, read_csv
-from mtp.train.loop import NonFiniteLoss, train_and_evaluate
+from mtp.train import supervised
 from mtp.train.steps import init_train_state, jit_steps
+
+TOK = ByteTokenizer()
 
 
 def tiny_config(**overrides):
@@ -29,6 +34,11 @@ def tiny_config(**overrides):
     return c
 
 
+def train_and_evaluate(config, workdir):
+    """The supervised program on `config` (a ConfigDict) in `workdir`."""
+    return supervised.train_and_evaluate(resolve(config), workdir, TOK)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -42,7 +52,7 @@ def tiny_config(**overrides):
 )
 def test_bad_values_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message) as e:
-        validate(tiny_config(**{field: value}))
+        resolve(tiny_config(**{field: value}))
     assert "\n" not in str(e.value)
 
 
@@ -51,7 +61,7 @@ def test_unknown_field_is_named_with_the_allowed_ones():
     c.model.unlock()
     c.model.d_modle = 3
     with pytest.raises(ConfigError, match="model.d_modle: unknown field; allowed: .*d_model"):
-        validate(c)
+        resolve(c)
 
 
 def test_every_experiment_config_validates():
@@ -65,7 +75,7 @@ def test_every_experiment_config_validates():
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         for arg in (None, *getattr(module, "VARIANTS", ())):  # every documented variant too
-            validate(module.get_config(arg))
+            check_tasks(resolve(module.get_config(arg)))
 
 
 def _fixed_batch(seq_len=32, batch=4):
@@ -75,22 +85,22 @@ def _fixed_batch(seq_len=32, batch=4):
 
 
 def test_checkpoint_round_trip(tmp_path):
-    cs = validate(tiny_config())
-    graphdef, state = init_train_state(cs)
-    train_step, _ = jit_steps(graphdef, cs.train)
+    run = resolve(tiny_config())
+    graphdef, state = init_train_state(run, TOK)
+    train_step, _ = jit_steps(graphdef, run.train)
     state, _ = train_step(state, _fixed_batch())
     expected = jax.tree.map(np.asarray, state)
     mngr = ckpt.manager(tmp_path, keep=2)
     ckpt.save(mngr, 1, state, {"next_index": 7})
     mngr.wait_until_finished()
-    _, abstract_state = init_train_state(cs, abstract=True)
+    _, abstract_state = init_train_state(run, TOK, abstract=True)
     restored, data_state = ckpt.restore(mngr, 1, abstract_state)
     mngr.close()
     assert data_state == {"next_index": 7}
     jax.tree.map(np.testing.assert_array_equal, expected, jax.tree.map(np.asarray, restored))
     # a differently shaped model cannot restore it, with a one-line error
-    other = validate(tiny_config(**{"model.d_model": 64}))
-    _, wrong = init_train_state(other, abstract=True)
+    other = resolve(tiny_config(**{"model.d_model": 64}))
+    _, wrong = init_train_state(other, TOK, abstract=True)
     with pytest.raises(UserError, match="does not fit this config") as e:
         ckpt.restore(ocp.CheckpointManager(tmp_path / "checkpoints"), 1, wrong)
     assert "\n" not in str(e.value)
@@ -134,6 +144,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     bad_step = int(str(e.value).split("at step ")[1].split()[0])
     mngr = ckpt.manager(tmp_path)
     assert 0 < max(mngr.all_steps()) < bad_step
-    _, abstract_state = init_train_state(validate(c), abstract=True)
+    _, abstract_state = init_train_state(resolve(c), TOK, abstract=True)
     good, _ = ckpt.restore(mngr, max(mngr.all_steps()), abstract_state)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(good))

@@ -56,16 +56,16 @@ def check_tasks(run: Run) -> None:
             except ConfigError as e:
                 raise ConfigError(f"config.{field}: {e}") from None
     if run.pause is not None:
-        pc = run.pause
-        task, _ = parse_task_spec(pc.task)
+        pause = run.pause
+        task, _ = parse_task_spec(pause.task)
         answer = task.max_answer_len + 1  # + <eos>
         # <bos> prompt <think> thought </think>: the marks are one token each
         head = 1 + task.max_len - MARKS_LEN - task.max_answer_len + 2
-        need = head + max(max(pc.eval_ms, default=0), pc.cap) + answer
+        need = head + max(max(pause.eval_ms, default=0), pause.cap) + answer
         if run.model.max_len < need:
             raise ConfigError(
                 f"config.model.max_len: must be >= {need} for pause.task's prompts with "
-                f"max(pause.eval_ms) pauses or pause.cap={pc.cap} pauses before the answer, "
+                f"max(pause.eval_ms) pauses or pause.cap={pause.cap} pauses before the answer, "
                 f"got {run.model.max_len}"
             )
 

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mtp.data.format import encode_prompt
 from mtp.decode.engine import Decoder
 from mtp.decode.modes import MODES
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
+from mtp.decode.thinking import think_then_answer
 from mtp.errors import DecodeError
 
 
@@ -53,12 +55,15 @@ def decode_report(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    think_budget: int = 0,
 ) -> str:
     """Decodes `<bos> prompt` in each mode; returns the texts and a markdown table.
 
     Special strings in the prompt ("<think>") become their tokens, so a prompt
-    can open a thinking span. Raises DecodeError (a UserError) on an empty
-    prompt, an unknown mode or a prompt that does not fit the cache.
+    can open a thinking span. With `think_budget` > 0, the `think` row is a
+    thought (fast, from `<bos> prompt <think>`) within that many main passes,
+    then a slow answer (`think_then_answer`). Raises DecodeError (a UserError) on
+    an empty prompt, an unknown mode or a prompt that does not fit the cache.
     """
     if not prompt:
         raise DecodeError("--prompt is empty; give the text to continue, e.g. --prompt='def main('")
@@ -69,6 +74,21 @@ def decode_report(
     lines = [f"prompt: {prompt!r}  (k={dec.k}, {sampling})", ""]
     rows, results = [], {}
     for mode in modes:
+        if mode == "think" and think_budget:
+            th = think_then_answer(
+                dec, [encode_prompt(tokenizer, prompt)], think_budget=think_budget,
+                answer_max_tokens=max_new_tokens, sampling=sampling, seed=seed,
+            )  # fmt: skip
+            text = tokenizer.decode(np.concatenate([th.thoughts[0], th.answer.row(0)]), False)
+            how = "forced" if th.forced[0] else "chosen"
+            n = th.thoughts[0].size - 1
+            lines += [
+                f"### think, budget {think_budget} passes: {n} thought tokens, {how} </think>, "
+                f"{int(th.passes[0])} main passes",
+                prompt + "<think>" + text,
+                "",
+            ]
+            continue
         kw = dict(mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
         first = dec.generate([ids], **kw)
         res = dec.generate([ids], **kw) if first.compiled else first  # timed warm

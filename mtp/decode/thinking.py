@@ -33,10 +33,10 @@ from mtp.errors import DecodeError
 
 @dataclasses.dataclass
 class Thought:
-    """A batch's thoughts and answers. heads[b]: the prompt ids; thoughts[b]: the thought's
+    """A batch's thoughts and answers. prompt_ids[b]: the prompt ids; thoughts[b]: the thought's
     ids ending with </think>; forced (B,): that </think> was forced by the budget."""
 
-    heads: list[np.ndarray]
+    prompt_ids: list[np.ndarray]
     thoughts: list[np.ndarray]
     forced: np.ndarray
     thought: DecodeResult  # the thought call (stopped at </think>)
@@ -50,7 +50,7 @@ class Thought:
 
 def think_then_answer(
     dec: Decoder,
-    heads: Sequence[np.ndarray],
+    prompt_ids: Sequence[np.ndarray],
     *,
     thought_mode: str | Mode = "fast",
     think_budget: int = 0,
@@ -64,8 +64,8 @@ def think_then_answer(
     thought_mode, answer_mode = make_mode(thought_mode), make_mode(answer_mode)
     if think_budget < 0:
         raise DecodeError(f"think_budget must be >= 0 passes, got {think_budget!r}")
-    heads = [np.asarray(h, np.int32) for h in heads]
-    longest = max(h.size for h in heads)
+    prompt_ids = [np.asarray(h, np.int32) for h in prompt_ids]
+    longest = max(h.size for h in prompt_ids)
     answer_room = (
         answer_max_tokens
         + answer_mode.extra_positions(answer_max_tokens)
@@ -82,17 +82,17 @@ def think_then_answer(
     key1, key2 = jax.random.split(jax.random.key(seed) if isinstance(seed, int) else seed)
     close = dec.specials.think_close
     r1 = dec.generate(
-        heads, mode=thought_mode, max_new_tokens=limit, sampling=sampling, seed=key1,
+        prompt_ids, mode=thought_mode, max_new_tokens=limit, sampling=sampling, seed=key1,
         urgency_b=urgency_b, stop_id=close,
     )  # fmt: skip
-    thoughts, forced = [], np.zeros(len(heads), bool)
-    for i in range(len(heads)):
+    thoughts, forced = [], np.zeros(len(prompt_ids), bool)
+    for i in range(len(prompt_ids)):
         row = r1.row(i)
         forced[i] = row.size == 0 or row[-1] != close
         thoughts.append(np.append(row, close).astype(np.int32) if forced[i] else row)
     r2 = dec.generate(
-        [np.concatenate([h, t]) for h, t in zip(heads, thoughts, strict=True)],
+        [np.concatenate([h, t]) for h, t in zip(prompt_ids, thoughts, strict=True)],
         mode=answer_mode, max_new_tokens=answer_max_tokens, sampling=sampling, seed=key2,
         urgency_b=urgency_b,
     )  # fmt: skip
-    return Thought(heads, thoughts, forced, r1, r2)
+    return Thought(prompt_ids, thoughts, forced, r1, r2)

@@ -42,15 +42,15 @@ class PauseAccuracy:
     def __init__(self, task, tok: Tokenizer, n: int, batch_size: int = 128):
         self.task, self.tok = task, tok
         self.examples = task.examples("eval", n)
-        self.heads = [encode_prompt(tok, ex.prompt, ex.thought) for ex in self.examples]
+        self.prompt_ids = [encode_prompt(tok, ex.prompt, ex.thought) for ex in self.examples]
         self.batch_size = batch_size
 
     def run(self, system, policy: Pause, urgency: float = 0.0):
         dec = Decoder(system, self.tok.specials)
         scores, pauses, passes, answer = [], [], [], []
         bs = self.batch_size
-        for i in range(0, len(self.heads), bs):
-            chunk = self.heads[i : i + bs]
+        for i in range(0, len(self.prompt_ids), bs):
+            chunk = self.prompt_ids[i : i + bs]
             padded = chunk + [chunk[-1]] * (bs - len(chunk))  # one shape: one compile
             res = dec.generate(
                 padded, mode=policy, max_new_tokens=self.task.max_answer_len + 1,
@@ -131,13 +131,13 @@ def load_systems(workdir) -> dict:
 
 def write_report(run: Run, workdir, tok: Tokenizer) -> dict:
     """Decodes with every model of the run and writes pause_report.{md,json}; returns the rows."""
-    pc, workdir = run.pause, Path(workdir)
-    task, _ = parse_task_spec(pc.task)
-    ev = PauseAccuracy(task, tok, pc.eval_prompts)
+    pause, workdir = run.pause, Path(workdir)
+    task, _ = parse_task_spec(pause.task)
+    ev = PauseAccuracy(task, tok, pause.eval_prompts)
     decs = load_systems(workdir)
-    out = {"task": pc.task, "eval_prompts": pc.eval_prompts, "fixed": {}, "adaptive": []}
+    out = {"task": pause.task, "eval_prompts": pause.eval_prompts, "fixed": {}, "adaptive": []}
     fixed_rows, fixed = [], {"plain": {}, "paused": {}}
-    for m in pc.eval_ms:
+    for m in pause.eval_ms:
         row = [m]
         for name in ("plain", "paused"):
             r = dict(ev.run(decs[name], Pause("fixed", m=m)))
@@ -156,26 +156,26 @@ def write_report(run: Run, workdir, tok: Tokenizer) -> dict:
         adaptive_rows.append([label, model, r["accuracy"], r["pauses"], r["passes"],
                               "-" if best is None else f"M={best[0]}: {best[1]:.3f}"])  # fmt: skip
 
-    for thr in pc.thresholds:
-        add(f"{pc.rule} < {thr}" if pc.rule == "confidence" else f"entropy > {thr}", "paused",
-            Pause(pc.rule, threshold=thr, cap=pc.cap))  # fmt: skip
+    for thr in pause.thresholds:
+        add(f"{pause.rule} < {thr}" if pause.rule == "confidence" else f"entropy > {thr}", "paused",
+            Pause(pause.rule, threshold=thr, cap=pause.cap))  # fmt: skip
     for u in (0.0, 1.0):
-        add(f"learned, urgency {u:g}", "learned", Pause("learned", cap=pc.cap), u)
+        add(f"learned, urgency {u:g}", "learned", Pause("learned", cap=pause.cap), u)
 
-    tpp = _engine_tokens_per_pass(decs["paused"], tok, ev.heads[0])
+    tpp = _engine_tokens_per_pass(decs["paused"], tok, ev.prompt_ids[0])
     tpp_rows = []
     if "fast" in tpp:
         tpp_rows.append([f"fast (1 + k, k={run.drafter.k})", tpp["fast"]])
     if "slow" in tpp:
         tpp_rows.append(["slow (1)", tpp["slow"]])
-    for m in pc.eval_ms:
+    for m in pause.eval_ms:
         tpp_rows.append([f"paused, M={m} (1 / (1 + M) per answer token)",
                          out["fixed"]["paused"][m]["tokens_per_pass"]])  # fmt: skip
     out["tokens_per_pass"] = {r[0]: r[1] for r in tpp_rows}
     out["findings"] = findings(fixed, out["adaptive"])
 
     text = (
-        f"# Pause tokens on `{pc.task}` ({pc.eval_prompts} held-out problems, greedy)\n\n"
+        f"# Pause tokens on `{pause.task}` ({pause.eval_prompts} held-out problems, greedy)\n\n"
         "## Accuracy against M fixed pauses before the answer\n\n"
         + format_table(fixed_rows, ["M", "plain model", "pause-trained", "tokens / pass"])
         + "\n\n## Adaptive pausing against fixed M (pause-trained model)\n\n"

@@ -59,18 +59,18 @@ def systems(workdir: Path):
 
 def measure(workdir, n: int, budgets: list[int], batch_size: int = 64, log=print) -> list[dict]:
     workdir = Path(workdir)
-    cs = ckpt.read_run(workdir)
-    if cs.rl is None:
+    run = ckpt.read_run(workdir)
+    if run.rl is None:
         raise UserError(f"{workdir}: the run's config has no 'rl' section")
-    task, _ = parse_task_spec(cs.rl.task)
-    tok = tokenizer_of(cs)
+    task, _ = parse_task_spec(run.rl.task)
+    tok = tokenizer_of(run)
     rows = []
     for name, mode, load in systems(workdir):
         system = load()
         for budget in budgets:
             ev = TaskAccuracy(
                 task, tok, n, thought_mode=mode, think_budget=budget,
-                answer_max_tokens=cs.rl.answer_max_tokens, batch_size=batch_size,
+                answer_max_tokens=run.rl.answer_max_tokens, batch_size=batch_size,
             )  # fmt: skip
             r = dict(ev.run(system))
             rows.append({"system": name, "budget": budget} | r)
@@ -143,7 +143,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def report(workdir, n: int = 256, budgets=(0,), batch_size: int = 64) -> str:
     workdir = Path(workdir)
-    cs = ckpt.read_run(workdir)
+    run = ckpt.read_run(workdir)
     budgets = [int(b) for b in budgets]
     rows = measure(workdir, n, budgets, batch_size)
     table = format_table(
@@ -153,8 +153,8 @@ def report(workdir, n: int = 256, budgets=(0,), batch_size: int = 64) -> str:
         ["system", "thought budget", "accuracy", "main passes", "thought passes", "tokens/pass",
          "budget hit", "drafts = main's", "acc. if so", "acc. if not"],
     )  # fmt: skip
-    title = f"{cs.rl.task}, k={cs.drafter.k}, {n} held-out problems, greedy"
-    text = f"## RL report: {title}\n\n{table}\n\n" + "\n".join(check(rows, cs.drafter.k)) + "\n"
+    title = f"{run.rl.task}, k={run.drafter.k}, {n} held-out problems, greedy"
+    text = f"## RL report: {title}\n\n{table}\n\n" + "\n".join(check(rows, run.drafter.k)) + "\n"
     (workdir / "rl_report.md").write_text(text)
     (workdir / "rl_report.json").write_text(json.dumps(rows, indent=2))
     plot(rows, workdir / "rl_report.png", title)

@@ -24,11 +24,11 @@ def drafts_agree(system, th: Thought, pad: int) -> np.ndarray:
     """(B,) bool: every draft of the thought is the main model's own greedy token in its context
     (what speculative decoding would accept: fast mode wrote what slow mode would have).
     True for a thought with no drafts. One teacher-forced forward of the batch."""
-    rows = [np.concatenate([h, t]) for h, t in zip(th.heads, th.thoughts, strict=True)]
+    rows = [np.concatenate([h, t]) for h, t in zip(th.prompt_ids, th.thoughts, strict=True)]
     t = -(-max(r.size for r in rows) // 32) * 32  # few shapes: few compiles
     tokens_bt = np.full((len(rows), t), pad, np.int32)
     drafted_bt = np.zeros((len(rows), t), bool)
-    for i, (r, h) in enumerate(zip(rows, th.heads, strict=True)):
+    for i, (r, h) in enumerate(zip(rows, th.prompt_ids, strict=True)):
         n = int(th.thought.lengths[i])
         tokens_bt[i, : r.size] = r
         drafted_bt[i, h.size : h.size + n] = th.thought.offset[i, :n] > 0

@@ -73,20 +73,20 @@ def first_errors(th: Thought, tok: Tokenizer, task: Task, examples: list[Example
 
 def greedy_thoughts(system, tok: Tokenizer, task: Task, examples: list[Example], mode: str):
     """Greedy thoughts in `mode` (no budget) and slow answers of `examples`."""
-    heads = [encode_prompt(tok, ex.prompt) for ex in examples]
+    prompt_ids = [encode_prompt(tok, ex.prompt) for ex in examples]
     dec = Decoder(system, tok.specials)
-    return think_then_answer(dec, heads, thought_mode=mode,
+    return think_then_answer(dec, prompt_ids, thought_mode=mode,
                              answer_max_tokens=task.max_answer_len + 1)  # fmt: skip
 
 
 def load(workdir: Path):
     """(system, task, tokenizer) of a warm-up or RL arm directory."""
-    cs = ckpt.read_run(workdir)
-    if cs.rl is None:
+    run = ckpt.read_run(workdir)
+    if run.rl is None:
         raise UserError(f"{workdir}: the run's config has no 'rl' section (no task to check)")
     arm = workdir.name.startswith("rl_")
     system = load_rl_system(workdir)[0] if arm else ckpt.load_system(workdir)[0]
-    return system, parse_task_spec(cs.rl.task)[0], tokenizer_of(cs)
+    return system, parse_task_spec(run.rl.task)[0], tokenizer_of(run)
 
 
 def report(workdir, mode: str = "fast", n: int = 512) -> str:

@@ -66,14 +66,14 @@ def learned_evaluator(run: Run, tok: Tokenizer):
 
 def run_pause(run: Run, workdir, tok: Tokenizer) -> dict:
     """All phases (skipping finished ones), then the report; returns its rows."""
-    pc, workdir = run.pause, Path(workdir)
+    pause, workdir = run.pause, Path(workdir)
     ckpt.check_compatible(run, workdir)
     ckpt.write_run(run, workdir)
-    task, _ = parse_task_spec(pc.task)
-    steps, emit_steps = run.train.steps, max(pc.emit_steps, 1)
+    task, _ = parse_task_spec(pause.task)
+    steps, emit_steps = run.train.steps, max(pause.emit_steps, 1)
     plain = phase_run(run, pauses=0, targets=False, steps=steps)
-    paused = phase_run(run, pauses=pc.max_pauses, targets=False, steps=steps)
-    emit = phase_run(run, pauses=pc.max_pauses, targets=True, steps=emit_steps)
+    paused = phase_run(run, pauses=pause.max_pauses, targets=False, steps=steps)
+    emit = phase_run(run, pauses=pause.max_pauses, targets=True, steps=emit_steps)
     dirs = {name: workdir / name for name in ("plain", "paused", "learned_emit", "learned")}
 
     def learn():
@@ -81,7 +81,7 @@ def run_pause(run: Run, workdir, tok: Tokenizer) -> dict:
         return train_rl(
             run, dirs["learned"], system, "both",
             make_rollout=lambda s: PauseRollout(
-                s, tok, run.rl, cap=pc.cap, max_answer=task.max_answer_len + 1
+                s, tok, run.rl, cap=pause.cap, max_answer=task.max_answer_len + 1
             ),
             task=task, evaluate=learned_evaluator(run, tok), name="learned",
         )  # fmt: skip

@@ -28,12 +28,12 @@ from mtp.train.supervised import train_and_evaluate
 
 def evaluator(run: Run, tok: Tokenizer, thought_mode: str | None = None):
     """The greedy held-out evaluation of an RL run: system -> {metric: value}."""
-    rc = run.rl
-    task, _ = parse_task_spec(rc.task)
+    rl_config = run.rl
+    task, _ = parse_task_spec(rl_config.task)
     ev = TaskAccuracy(
-        task, tok, rc.eval_prompts, thought_mode=thought_mode or rc.thought_mode,
-        think_budget=rc.think_budget, answer_max_tokens=rc.answer_max_tokens,
-        batch_size=rc.prompts_per_step * rc.group_size,
+        task, tok, rl_config.eval_prompts, thought_mode=thought_mode or rl_config.thought_mode,
+        think_budget=rl_config.think_budget, answer_max_tokens=rl_config.answer_max_tokens,
+        batch_size=rl_config.prompts_per_step * rl_config.group_size,
     )  # fmt: skip
     return lambda system: dict(ev.run(system))
 
@@ -81,21 +81,21 @@ def run_rl(run: Run, workdir, tok: Tokenizer) -> dict:
 
 def summarize(run: Run, workdir, tok: Tokenizer) -> dict:
     """Greedy held-out accuracy and passes of the warm-up (slow and fast) and every RL run."""
-    rc = run.rl
+    rl_config = run.rl
     workdir = Path(workdir)
     warm_system, _ = ckpt.load_system(workdir / "warmup")
     rows, out = [], {}
     for mode in ("slow", "fast"):
         out[f"warmup_{mode}"] = evaluator(run, tok, mode)(warm_system)
-    for trainable in rc.trainable:
+    for trainable in rl_config.trainable:
         system, _ = load_rl_system(workdir / f"rl_{trainable}", workdir / "warmup")
         out[f"rl_{trainable}"] = evaluator(run, tok)(system)
     for name, r in out.items():
         rows.append([name, r["accuracy"], r["passes"], r["thought_passes"], r["tokens_per_pass"]])
     table = format_table(rows, ["system", "accuracy", "passes", "thought passes", "tokens/pass"])
     text = (
-        f"## RL summary: {rc.task}, {rc.eval_prompts} held-out problems, greedy, "
-        f"think budget {rc.think_budget or 'none'}\n\n{table}\n"
+        f"## RL summary: {rl_config.task}, {rl_config.eval_prompts} held-out problems, greedy, "
+        f"think budget {rl_config.think_budget or 'none'}\n\n{table}\n"
     )
     if is_main_process():
         print(text)

@@ -85,7 +85,7 @@ def train_rl(
     make_rollout(system) -> a rollout kind; evaluate(system) -> {metric: value},
     run every `rl.eval_every` steps and at the end. Returns the final evaluation.
     """
-    rc = run.rl
+    rl_config = run.rl
     name = name or f"rl_{trainable}"
     workdir = Path(workdir)
     ckpt.check_compatible(run, workdir)
@@ -93,58 +93,62 @@ def train_rl(
         ckpt.write_run(run, workdir)
     ref_graphdef, ref_state = nnx.split(init_system)
     ref_state = jax.tree.map(jnp.copy, ref_state)  # the train state below is donated
-    graphdef, state = nnx.split((init_system, rl_optimizer(init_system, rc, trainable)))
-    mngr = ckpt.manager(workdir, rc.keep_checkpoints)
+    graphdef, state = nnx.split((init_system, rl_optimizer(init_system, rl_config, trainable)))
+    mngr = ckpt.manager(workdir, rl_config.keep_checkpoints)
     log = lambda msg: is_main_process() and print(msg, flush=True)
     step, restored, info = ckpt.restore_latest(mngr, ckpt.abstract(state))
     if step:
         state = restored
-        log(f"resuming {workdir} from step {step} of {rc.steps}")
+        log(f"resuming {workdir} from step {step} of {rl_config.steps}")
     else:
         info = {"step": 0, "skipped_steps": 0, "bad_rollouts": 0}
     roll = make_rollout(nnx.merge(graphdef, state)[0])
-    rl_step, ref_logprobs = jit_rl_steps(graphdef, ref_graphdef, rc, trainable, roll.token_logprob)
+    rl_step, ref_logprobs = jit_rl_steps(
+        graphdef, ref_graphdef, rl_config, trainable, roll.token_logprob
+    )
     writer = MetricWriter(workdir)
     key = jax.random.key(run.seed)
-    n_prompts, g = rc.prompts_per_step, rc.group_size
+    n_prompts, g = rl_config.prompts_per_step, rl_config.group_size
     acc_m: dict[str, float] = {}
     acc_n, skipped_in_row, results = 0, 0, {}
     # train problems not yet solved by every rollout
     hard = [Example(*p) for p in info.get("hard", [])]
-    credit = task.partial_score if rc.reward == "partial" else None  # reward, if not score
+    credit = task.partial_score if rl_config.reward == "partial" else None  # reward, if not score
     system_now = lambda: nnx.merge(graphdef, state)[0]
     try:
-        with sigterm_flag() as preempted, progress(rc.steps, step, name) as bar:
+        with sigterm_flag() as preempted, progress(rl_config.steps, step, name) as bar:
             t0 = time.perf_counter()
-            while step < rc.steps:
+            while step < rl_config.steps:
                 roll.set_weights(system_now())
-                n_draw = n_prompts * rc.oversample
-                problems = step_problems(task, step, n_draw, hard, round(rc.replay * n_draw))
+                n_draw = n_prompts * rl_config.oversample
+                problems = step_problems(task, step, n_draw, hard, round(rl_config.replay * n_draw))
                 ro = roll(
                     [p for p in problems for _ in range(g)], group_size=g,
                     seed=jax.random.fold_in(key, step),
                 )  # fmt: skip
-                ro = score_rollouts(ro, task.score, rc.pass_price, credit)
+                ro = score_rollouts(ro, task.score, rl_config.pass_price, credit)
                 spread = np.nan_to_num(ro.rewards).reshape(-1, g).std(1) > 0
                 stats = ro.stats() | {"groups_with_signal": float(spread.mean())}
                 info["bad_rollouts"] += int(ro.bad.sum())
-                if rc.replay:
-                    hard = update_hard(hard, problems, ro.scores.reshape(-1, g), rc.replay_size)
+                if rl_config.replay:
+                    hard = update_hard(
+                        hard, problems, ro.scores.reshape(-1, g), rl_config.replay_size
+                    )
                     info["hard"] = _to_json(hard)
                     stats["hard_problems"] = len(hard)
-                if rc.oversample > 1:
+                if rl_config.oversample > 1:
                     ro = informative_first(ro, g, n_prompts)
                     stats["trained_groups_with_signal"] = (
                         min(int(spread.sum()), n_prompts) / n_prompts
                     )
-                adv, keep = group_advantages(ro, g, rc, log)
+                adv, keep = group_advantages(ro, g, rl_config, log)
                 step += 1
                 bar.update(1)
                 if not keep.any() or ro.mask[keep].sum() == 0:
                     info["skipped_steps"] += 1
                     skipped_in_row += 1
                     log(f"rl: step {step} skipped: no usable rollout in the batch")
-                    if skipped_in_row >= rc.max_skipped_steps:
+                    if skipped_in_row >= rl_config.max_skipped_steps:
                         raise UserError(
                             f"rl: {skipped_in_row} steps in a row had no usable rollout "
                             f"(last: {ro.errors[0] if ro.errors else 'empty batch'}); stopped"
@@ -156,7 +160,7 @@ def train_rl(
                 if teacher is not None:  # rl.distill
                     batch["teacher"] = teacher
                 epochs = []
-                for epoch in range(rc.ppo_epochs):
+                for epoch in range(rl_config.ppo_epochs):
                     state, m, lp = rl_step(state, batch, epoch == 0)
                     if epoch == 0:
                         batch["old_lp"] = lp
@@ -168,7 +172,7 @@ def train_rl(
                 for metric, v in m.items():
                     acc_m[metric] = acc_m.get(metric, 0.0) + float(v)
                 acc_n += 1
-                if step % rc.log_every == 0 or step == rc.steps:
+                if step % rl_config.log_every == 0 or step == rl_config.steps:
                     means = {n: v / acc_n for n, v in acc_m.items()}
                     means["s_per_step"] = (time.perf_counter() - t0) / acc_n
                     acc_m, acc_n, t0 = {}, 0, time.perf_counter()
@@ -178,14 +182,18 @@ def train_rl(
                         passes=f"{means['passes']:.1f}", tok_pass=f"{means['tokens_per_pass']:.2f}",
                         kl=f"{means['kl_ref']:.3f}", agree=f"{means['agree']:.2f}",
                     )  # fmt: skip
-                if step % rc.checkpoint_every == 0 or step == rc.steps or preempted["set"]:
+                if (
+                    step % rl_config.checkpoint_every == 0
+                    or step == rl_config.steps
+                    or preempted["set"]
+                ):
                     if not bool(all_finite(state)):
                         raise NonFiniteLoss(
                             f"rl parameters are NaN/Inf after step {step} (its losses were "
                             f"finite); stopped, {kept(mngr)}. Lower rl.lr"
                         )
                     ckpt.save(mngr, step, state, info | {"step": step}, force=preempted["set"])
-                if step % rc.eval_every == 0 or step == rc.steps:
+                if step % rl_config.eval_every == 0 or step == rl_config.steps:
                     results = evaluate(system_now())
                     writer.write(f"{name}_eval", step, results)
                 if preempted["set"]:

@@ -153,27 +153,31 @@ def reinforce_loss(lp_bp, old_bp, adv_b, mask_bp, clip_eps: float):
     }
 
 
-def rl_loss(system, batch, rc, first_epoch, token_logprob: TokenLogprob | None = None):
+def rl_loss(system, batch, rl_config, first_epoch, token_logprob: TokenLogprob | None = None):
     """Policy loss (+ KL penalty, + distillation) of a batch of rollouts.
 
     Returns (loss, (metrics, lp_bt)). `first_epoch` (traced bool): use the
     current log-probs, stop-gradient, as the old ones (on-policy: ratio exactly
-    1); else `batch['old_lp']`. `rc`: the `rl` config section.
+    1); else `batch['old_lp']`. `rl_config`: the `rl` config section.
     """
     offset_bt, mask_bt = batch["offset"], batch["mask"]
-    lp_bt, ent_bt, agree_bt, dist_btv, _ = token_stats(system, batch, rc.temperature, token_logprob)
+    lp_bt, ent_bt, agree_bt, dist_btv, _ = token_stats(
+        system, batch, rl_config.temperature, token_logprob
+    )
     old_bt = jnp.where(first_epoch, jax.lax.stop_gradient(lp_bt), batch["old_lp"])
     lp_bp, pmask_bp = pass_sums(lp_bt, batch["pass_"], mask_bt)
     old_bp, _ = pass_sums(old_bt, batch["pass_"], mask_bt)
-    loss, metrics = POLICY_LOSSES[rc.loss](lp_bp, old_bp, batch["adv"], pmask_bp, rc.clip_eps)
+    loss, metrics = POLICY_LOSSES[rl_config.loss](
+        lp_bp, old_bp, batch["adv"], pmask_bp, rl_config.clip_eps
+    )
     kl = kl_k3(lp_bt, batch["ref_lp"], mask_bt)
     metrics["policy_loss"] = loss
-    if rc.kl_coef:
-        loss = loss + rc.kl_coef * kl
-    if rc.distill:
+    if rl_config.kl_coef:
+        loss = loss + rl_config.kl_coef * kl
+    if rl_config.distill:
         distill = distill_kl(dist_btv, batch["teacher"], mask_bt * (offset_bt > 0))
         metrics["distill_kl"] = distill
-        loss = loss + rc.distill * distill
+        loss = loss + rl_config.distill * distill
     metrics["loss"] = loss
     metrics["kl_ref"] = kl
     metrics["entropy"] = (ent_bt * mask_bt).sum() / jnp.maximum(mask_bt.sum(), 1.0)

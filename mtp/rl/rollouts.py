@@ -113,16 +113,16 @@ class Rollouts:
         return out
 
 
-def _rows(heads, parts, offsets, passes, masks, length_multiple: int, pad: int, max_len: int):
+def _rows(prompt_ids, parts, offsets, passes, masks, length_multiple: int, pad: int, max_len: int):
     """Teacher-forcing rows: each head followed by its parts, with per-part offsets,
     pass indices and masks (numpy, (B, T), T rounded up so few shapes compile)."""
-    lengths = [h.size + sum(p.size for p in ps) for h, ps in zip(heads, parts, strict=True)]
+    lengths = [h.size + sum(p.size for p in ps) for h, ps in zip(prompt_ids, parts, strict=True)]
     t = min(max_len, -(-max(lengths) // length_multiple) * length_multiple)
-    b = len(heads)
+    b = len(prompt_ids)
     tokens = np.full((b, t), pad, np.int32)
     offset, pass_ = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
     mask = np.zeros((b, t), np.float32)
-    for i, h in enumerate(heads):
+    for i, h in enumerate(prompt_ids):
         tokens[i, : h.size] = h
         at = h.size
         for part, off, ps, m in zip(parts[i], offsets[i], passes[i], masks[i], strict=True):
@@ -139,8 +139,8 @@ class ThinkRollout:
     name = "think"
     token_logprob = None
 
-    def __init__(self, system, tok: Tokenizer, rc: RLConfig):
-        self.tok, self.rc = tok, rc
+    def __init__(self, system, tok: Tokenizer, rl_config: RLConfig):
+        self.tok, self.rl_config = tok, rl_config
         self.dec = Decoder(system, tok.specials)
         self.k = self.dec.k
         self._agree = jax.jit(functools.partial(_agreement, self.dec.graphdef))
@@ -167,16 +167,16 @@ class ThinkRollout:
     ) -> Rollouts:
         """Rollouts of `problems` (anything with `.prompt`); `thought_mode` defaults to the
         config's, `sampling` to the config's temperature."""
-        rc, tok = self.rc, self.tok
+        rl_config, tok = self.rl_config, self.tok
         prompts = [p.prompt for p in problems]
-        heads = [encode_prompt(tok, p) for p in prompts]
+        prompt_ids = [encode_prompt(tok, p) for p in prompts]
         th = think_then_answer(
-            self.dec, heads, thought_mode=thought_mode or rc.thought_mode,
-            think_budget=rc.think_budget, answer_max_tokens=rc.answer_max_tokens,
-            sampling=sampling or Sampling(temperature=rc.temperature), seed=seed,
+            self.dec, prompt_ids, thought_mode=thought_mode or rl_config.thought_mode,
+            think_budget=rl_config.think_budget, answer_max_tokens=rl_config.answer_max_tokens,
+            sampling=sampling or Sampling(temperature=rl_config.temperature), seed=seed,
         )  # fmt: skip
         r1, r2 = th.thought, th.answer
-        b = len(heads)
+        b = len(prompt_ids)
         n1 = [int(x) for x in r1.lengths]
         n2 = [int(x) for x in r2.lengths]
         parts = [(th.thoughts[i], r2.tokens[i, : n2[i]]) for i in range(b)]
@@ -190,7 +190,7 @@ class ThinkRollout:
         ]
         masks = [(_fit(np.ones(n1[i]), th.thoughts[i].size), 1.0) for i in range(b)]
         tokens, offset, pass_, mask = _rows(
-            heads, parts, offsets, passes, masks, 32, tok.specials.pad, self.dec.max_len
+            prompt_ids, parts, offsets, passes, masks, 32, tok.specials.pad, self.dec.max_len
         )
         return Rollouts(
             tokens=tokens, offset=offset, pass_=pass_, mask=mask, prompts=prompts,
@@ -232,10 +232,10 @@ class PauseRollout:
 
     name = "pause"
 
-    def __init__(self, system, tok: Tokenizer, rc: RLConfig, *, cap: int, max_answer: int):
-        self.tok, self.rc = tok, rc
+    def __init__(self, system, tok: Tokenizer, rl_config: RLConfig, *, cap: int, max_answer: int):
+        self.tok, self.rl_config = tok, rl_config
         self.dec = Decoder(system, tok.specials)
-        self.policy = Pause("learned", cap=cap, temperature=rc.temperature)
+        self.policy = Pause("learned", cap=cap, temperature=rl_config.temperature)
         self.max_answer = max_answer
         self.token_logprob = functools.partial(_pause_logprob, pause_id=tok.specials.pause)
 
@@ -245,16 +245,16 @@ class PauseRollout:
     def __call__(self, problems: Sequence, *, group_size: int = 1, seed=0) -> Rollouts:
         tok = self.tok
         b = len(problems)
-        heads = [encode_prompt(tok, p.prompt, p.thought) for p in problems]
+        prompt_ids = [encode_prompt(tok, p.prompt, p.thought) for p in problems]
         urgency_b = ((np.arange(b) // group_size) % 2).astype(np.float32)  # alternate groups
         res = self.dec.generate(
-            heads, mode=self.policy, max_new_tokens=self.max_answer, sampling=Sampling(),
+            prompt_ids, mode=self.policy, max_new_tokens=self.max_answer, sampling=Sampling(),
             urgency_b=urgency_b, seed=seed,
         )  # fmt: skip
         n = [int(x) for x in res.lengths]
         parts = [(res.tokens[i, : n[i]],) for i in range(b)]
         tokens, offset, _, mask = _rows(
-            heads, parts, [(0,)] * b, [(0,)] * b, [(res.choice[i, : n[i]],) for i in range(b)],
+            prompt_ids, parts, [(0,)] * b, [(0,)] * b, [(res.choice[i, : n[i]],) for i in range(b)],
             16, tok.specials.pad, self.dec.max_len,
         )  # fmt: skip
         t = tokens.shape[1]

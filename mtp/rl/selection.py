@@ -49,7 +49,7 @@ def informative_first(ro: Rollouts, group_size: int, n_groups: int) -> Rollouts:
     return ro.select(rows)
 
 
-def group_advantages(ro: Rollouts, group_size: int, rc: RLConfig, log=print):
+def group_advantages(ro: Rollouts, group_size: int, rl_config: RLConfig, log=print):
     """(adv_b, keep_b) from scored rollouts; groups holding a bad rollout are dropped.
 
     Raises RewardError on a bad rollout when rl.on_bad_reward is 'error'.
@@ -58,12 +58,12 @@ def group_advantages(ro: Rollouts, group_size: int, rc: RLConfig, log=print):
     if b == 0 or b % group_size:
         raise UserError(f"RL batch of {b} rollouts is not a whole number of groups of {group_size}")
     if ro.bad.any():
-        if rc.on_bad_reward == "error":
+        if rl_config.on_bad_reward == "error":
             raise RewardError(f"{ro.errors[0]}; set rl.on_bad_reward='skip' to drop such groups")
         for e in ro.errors[:3]:
             log(f"rl: skipped a group: {e}")
     bad_g = ro.bad.reshape(-1, group_size).any(1)
     rewards_gn = np.where(bad_g[:, None], 0.0, ro.rewards.reshape(-1, group_size))
-    adv = ADVANTAGES[rc.advantage](rewards_gn)
+    adv = ADVANTAGES[rl_config.advantage](rewards_gn)
     keep = np.repeat(~bad_g, group_size)
     return np.where(keep, adv.reshape(-1), 0.0).astype(np.float32), keep

@@ -24,36 +24,38 @@ TRAINABLE = {
 }
 
 
-def make_rl_optimizer(rc: RLConfig) -> optax.GradientTransformation:
-    warm = max(rc.warmup_steps, 1)
-    schedule = lambda count: rc.lr * jnp.minimum(1.0, (count + 1) / warm)  # first step > 0
+def make_rl_optimizer(rl_config: RLConfig) -> optax.GradientTransformation:
+    warm = max(rl_config.warmup_steps, 1)
+    schedule = lambda count: rl_config.lr * jnp.minimum(1.0, (count + 1) / warm)  # first step > 0
     return optax.chain(
-        optax.clip_by_global_norm(rc.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=rc.weight_decay),
+        optax.clip_by_global_norm(rl_config.grad_clip),
+        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=rl_config.weight_decay),
     )
 
 
-def rl_optimizer(system, rc: RLConfig, trainable: str) -> nnx.Optimizer:
+def rl_optimizer(system, rl_config: RLConfig, trainable: str) -> nnx.Optimizer:
     """AdamW over the `trainable` part only ('both', 'drafter', 'main')."""
-    return nnx.Optimizer(system, make_rl_optimizer(rc), wrt=TRAINABLE[trainable])
+    return nnx.Optimizer(system, make_rl_optimizer(rl_config), wrt=TRAINABLE[trainable])
 
 
-def rl_grads(system, batch, rc: RLConfig, trainable: str, first_epoch=True, token_logprob=None):
+def rl_grads(
+    system, batch, rl_config: RLConfig, trainable: str, first_epoch=True, token_logprob=None
+):
     """(loss, (metrics, lp_bt)), grads w.r.t. the trainable parameters only."""
     grad_fn = nnx.value_and_grad(
         rl_loss, argnums=nnx.DiffState(0, TRAINABLE[trainable]), has_aux=True
     )
-    return grad_fn(system, batch, rc, first_epoch, token_logprob)
+    return grad_fn(system, batch, rl_config, first_epoch, token_logprob)
 
 
 def rl_step(
-    graphdef, state, batch, first_epoch, *, rc: RLConfig, trainable: str,
+    graphdef, state, batch, first_epoch, *, rl_config: RLConfig, trainable: str,
     token_logprob: TokenLogprob | None = None,
 ):  # fmt: skip
     """One update of (system, optimizer). Returns (state, metrics, lp_bt before the update)."""
     system, optimizer = nnx.merge(graphdef, state)
     (_, (metrics, lp_bt)), grads = rl_grads(
-        system, batch, rc, trainable, first_epoch, token_logprob
+        system, batch, rl_config, trainable, first_epoch, token_logprob
     )
     metrics["grad_norm"] = optax.global_norm(grads)
     optimizer.update(system, grads)
@@ -68,17 +70,20 @@ def reference_logprobs(graphdef, state, batch, *, temperature: float, teacher: b
     return lp_bt, (teacher_btv if teacher else None)
 
 
-def jit_rl_steps(graphdef, ref_graphdef, rc: RLConfig, trainable: str, token_logprob=None):
+def jit_rl_steps(graphdef, ref_graphdef, rl_config: RLConfig, trainable: str, token_logprob=None):
     """Jitted (rl_step, reference_logprobs); the train state is donated."""
     step = jax.jit(
         functools.partial(
-            rl_step, graphdef, rc=rc, trainable=trainable, token_logprob=token_logprob
+            rl_step, graphdef, rl_config=rl_config, trainable=trainable, token_logprob=token_logprob
         ),
         donate_argnums=0,
     )
     ref = jax.jit(
         functools.partial(
-            reference_logprobs, ref_graphdef, temperature=rc.temperature, teacher=rc.distill > 0
+            reference_logprobs,
+            ref_graphdef,
+            temperature=rl_config.temperature,
+            teacher=rl_config.distill > 0,
         )
     )
     return step, ref

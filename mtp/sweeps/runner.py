@@ -41,19 +41,19 @@ class Member:
         return f"k{self.k}_{self.kind}"
 
 
-def members(sc: SweepConfig) -> list[Member]:
+def members(sweep_config: SweepConfig) -> list[Member]:
     """Every member in sweep order (as `SweepConfig.member_names`)."""
-    return [Member(kind, k) for kind in sc.kinds for k in sc.ks]
+    return [Member(kind, k) for kind in sweep_config.kinds for k in sweep_config.ks]
 
 
-def selected(sc: SweepConfig) -> list[Member]:
+def selected(sweep_config: SweepConfig) -> list[Member]:
     """The members this launch runs: all, or the one named (or indexed) by `sweep.only`."""
-    ms = members(sc)
-    if not sc.only:
+    ms = members(sweep_config)
+    if not sweep_config.only:
         return ms
-    if sc.only.isdigit():
-        return [ms[int(sc.only)]]
-    return [m for m in ms if m.name == sc.only]
+    if sweep_config.only.isdigit():
+        return [ms[int(sweep_config.only)]]
+    return [m for m in ms if m.name == sweep_config.only]
 
 
 def member_run(run: Run, m: Member) -> Run:
@@ -67,11 +67,11 @@ def is_finished(run_dir: Path, steps: int) -> bool:
     return path.exists() and json.loads(path.read_text()).get("step", -1) >= steps
 
 
-def write_manifest(run: Run, workdir: Path, sc: SweepConfig) -> None:
+def write_manifest(run: Run, workdir: Path, sweep_config: SweepConfig) -> None:
     """WORKDIR/sweep.json: the members of every launch so far (a sweep can grow) and the config."""
     path = workdir / MANIFEST
     old = json.loads(path.read_text())["members"] if path.exists() else []
-    new = [dataclasses.asdict(m) | {"name": m.name} for m in members(sc)]
+    new = [dataclasses.asdict(m) | {"name": m.name} for m in members(sweep_config)]
     names = {m["name"] for m in old}
     manifest = {
         "members": old + [m for m in new if m["name"] not in names],
@@ -83,14 +83,19 @@ def write_manifest(run: Run, workdir: Path, sc: SweepConfig) -> None:
     tmp.rename(workdir / MANIFEST)  # atomic, so hosts launched together do not clash
 
 
-def measure(member: Run, run_dir: Path, sc: SweepConfig, tok: Tokenizer, log=print) -> dict | None:
+def measure(
+    member: Run, run_dir: Path, sweep_config: SweepConfig, tok: Tokenizer, log=print
+) -> dict | None:
     """Decodes held-out prompts slow vs speculative; writes RUN_DIR/speedup.json."""
-    prompts = held_out_prompts(member, tok, sc.speedup_prompts, sc.prompt_len)
+    prompts = held_out_prompts(member, tok, sweep_config.speedup_prompts, sweep_config.prompt_len)
     if not prompts:
-        log(f"sweep: {run_dir.name}: no held-out row has {sc.prompt_len} tokens; no speedup")
+        log(
+            f"sweep: {run_dir.name}: no held-out row has {sweep_config.prompt_len} tokens; "
+            "no speedup"
+        )
         return None
     system, _ = load_system(run_dir)
-    result = measure_speedup(system, tok, prompts, sc)
+    result = measure_speedup(system, tok, prompts, sweep_config)
     if is_main_process():
         (run_dir / "speedup.json").write_text(json.dumps(result, indent=2))
     log(
@@ -105,7 +110,7 @@ def run_member(run: Run, workdir: Path, m: Member, tok: Tokenizer, log=print) ->
 
     Returns False if training stopped before its last step (SIGTERM): resume later.
     """
-    sc, member = run.sweep, member_run(run, m)
+    sweep_config, member = run.sweep, member_run(run, m)
     run_dir, steps = workdir / m.name, member.train.steps
     if is_finished(run_dir, steps):
         log(f"sweep: {m.name}: finished, skipped")
@@ -113,19 +118,19 @@ def run_member(run: Run, workdir: Path, m: Member, tok: Tokenizer, log=print) ->
         train_and_evaluate(member, run_dir, tok)
         if not is_finished(run_dir, steps):
             return False
-    if sc.speedup_prompts and not (run_dir / "speedup.json").exists():
-        measure(member, run_dir, sc, tok, log)
+    if sweep_config.speedup_prompts and not (run_dir / "speedup.json").exists():
+        measure(member, run_dir, sweep_config, tok, log)
     return True
 
 
 def run_sweep(run: Run, workdir, tok: Tokenizer, log=print) -> str:
     """Runs the selected members in sequence, then writes and returns the summary table."""
-    sc, workdir = run.sweep, Path(workdir)
-    for m in members(sc):  # every member's run must be valid before the first one trains
+    sweep_config, workdir = run.sweep, Path(workdir)
+    for m in members(sweep_config):  # every member's run must be valid before the first one trains
         member_run(run, m)
     if is_main_process():
-        write_manifest(run, workdir, sc)
-    todo = selected(sc)
+        write_manifest(run, workdir, sweep_config)
+    todo = selected(sweep_config)
     for i, m in enumerate(todo):
         log(f"sweep: {m.name} ({i + 1}/{len(todo)}) in {workdir / m.name}")
         if not run_member(run, workdir, m, tok, log):

@@ -28,17 +28,19 @@ def held_out_prompts(run: Run, tok: Tokenizer, n: int, prompt_len: int) -> list[
     return [rows[i] for i in idx]
 
 
-def measure_speedup(system, tok: Tokenizer, prompts: list[np.ndarray], sc: SweepConfig) -> dict:
+def measure_speedup(
+    system, tok: Tokenizer, prompts: list[np.ndarray], sweep_config: SweepConfig
+) -> dict:
     """Tokens/s, tokens per pass and mean accepted drafts of both modes, and their ratio."""
     dec = Decoder(system, tok.specials)
-    kw = dict(max_new_tokens=sc.new_tokens)
+    kw = dict(max_new_tokens=sweep_config.new_tokens)
     for mode in ("slow", "speculative"):  # compile both before timing
         dec.generate([prompts[0]], mode=mode, **kw)
     wall = {"slow": [], "speculative": []}
     tokens, passes, hist, identical = {}, {}, 0, True
     for p in prompts:
         best = {}
-        for _ in range(sc.repeats):
+        for _ in range(sweep_config.repeats):
             for mode in ("slow", "speculative"):  # interleaved: contention hits both alike
                 res = dec.generate([p], mode=mode, **kw)
                 if mode not in best or res.wall_s < best[mode].wall_s:

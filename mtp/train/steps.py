@@ -21,18 +21,20 @@ from mtp.model.system import MTPSystem
 from mtp.train.losses import draft_accuracy, offset_weights, supervised_loss
 
 
-def make_optimizer(tc) -> optax.GradientTransformation:
+def make_optimizer(train_config) -> optax.GradientTransformation:
     """AdamW with linear warm-up, cosine decay and global-norm clipping."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=tc.lr,
-        warmup_steps=tc.warmup_steps,
-        decay_steps=max(tc.steps, tc.warmup_steps + 1),
-        end_value=tc.lr * tc.min_lr_ratio,
+        peak_value=train_config.lr,
+        warmup_steps=train_config.warmup_steps,
+        decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
+        end_value=train_config.lr * train_config.min_lr_ratio,
     )
     return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay),
+        optax.clip_by_global_norm(train_config.grad_clip),
+        optax.adamw(
+            schedule, b1=train_config.b1, b2=train_config.b2, weight_decay=train_config.weight_decay
+        ),
     )
 
 
@@ -63,34 +65,34 @@ def _flatten(metrics: dict) -> dict:
     return out
 
 
-def loss_fn(system: MTPSystem, batch, tc):
+def loss_fn(system: MTPSystem, batch, train_config):
     logits_btv, draft_btkv = system(batch["tokens"], batch.get("urgency"))
     loss, metrics = supervised_loss(
         logits_btv,
         draft_btkv,
         batch["tokens"],
         batch["loss_mask"],
-        draft_weights_k=offset_weights(system.k, tc.draft_decay),
-        draft_weight=tc.draft_weight,
-        distill_weight=tc.distill_weight,
+        draft_weights_k=offset_weights(system.k, train_config.draft_decay),
+        draft_weight=train_config.draft_weight,
+        distill_weight=train_config.distill_weight,
     )
     return loss, (metrics, logits_btv, draft_btkv)
 
 
-def train_step(graphdef, state, batch, *, tc):
+def train_step(graphdef, state, batch, *, train_config):
     system, optimizer = nnx.merge(graphdef, state)
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, logits, draft)), grads = grad_fn(system, batch, tc)
+    (_, (metrics, logits, draft)), grads = grad_fn(system, batch, train_config)
     metrics.update(draft_accuracy(logits, draft, batch["tokens"], batch["loss_mask"]))
     metrics["grad_norm"] = optax.global_norm(grads)
     optimizer.update(system, grads)
     return nnx.state((system, optimizer)), _flatten(metrics)
 
 
-def eval_step(graphdef, state, batch, *, tc):
+def eval_step(graphdef, state, batch, *, train_config):
     """Metrics of one batch plus its target count (to weight the average)."""
     system, _ = nnx.merge(graphdef, state)
-    _, (metrics, logits, draft) = loss_fn(system, batch, tc)
+    _, (metrics, logits, draft) = loss_fn(system, batch, train_config)
     metrics.update(draft_accuracy(logits, draft, batch["tokens"], batch["loss_mask"]))
     metrics["targets"] = batch["loss_mask"][:, 1:].sum()
     return _flatten(metrics)
@@ -119,13 +121,13 @@ def all_finite(state) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
-def jit_steps(graphdef, tc, state_sharding=None, batch_sharding=None):
+def jit_steps(graphdef, train_config, state_sharding=None, batch_sharding=None):
     """Jitted (train_step, eval_step); the train state is donated."""
     train = jax.jit(
-        functools.partial(train_step, graphdef, tc=tc),
+        functools.partial(train_step, graphdef, train_config=train_config),
         in_shardings=(state_sharding, batch_sharding) if state_sharding else None,
         out_shardings=(state_sharding, None) if state_sharding else None,
         donate_argnums=0,
     )
-    evaluate = jax.jit(functools.partial(eval_step, graphdef, tc=tc))
+    evaluate = jax.jit(functools.partial(eval_step, graphdef, train_config=train_config))
     return train, evaluate

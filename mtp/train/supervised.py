@@ -111,42 +111,41 @@ def train_and_evaluate(run: Run, workdir, tok: Tokenizer, *, init_from=None) -> 
 
     init_from: a run directory whose trained system starts this one (fresh optimizer).
     """
-    cs = run
     workdir = Path(workdir)
     ckpt.check_compatible(run, workdir)
     train_it = train_iterator(
-        cs.data, tok, process_index=jax.process_index(), process_count=jax.process_count()
+        run.data, tok, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    held_out = eval_batches(cs.data, tok, cs.train.eval_batches)
+    held_out = eval_batches(run.data, tok, run.train.eval_batches)
     if is_main_process():
         ckpt.write_run(run, workdir)
 
     mesh = make_mesh()
-    graphdef, abstract_state = init_train_state(cs, tok, abstract=True)
-    shardings = state_shardings(abstract_state, mesh, cs.train.sharding)
-    train_step, eval_step = jit_steps(graphdef, cs.train, shardings, batch_sharding(mesh))
-    mngr = ckpt.manager(workdir, cs.train.keep_checkpoints)
+    graphdef, abstract_state = init_train_state(run, tok, abstract=True)
+    shardings = state_shardings(abstract_state, mesh, run.train.sharding)
+    train_step, eval_step = jit_steps(graphdef, run.train, shardings, batch_sharding(mesh))
+    mngr = ckpt.manager(workdir, run.train.keep_checkpoints)
     step, state, data_state = ckpt.restore_latest(mngr, ckpt.abstract(abstract_state, shardings))
     if step:
         train_it.set_state(data_state)
         if is_main_process():
-            print(f"resuming {workdir} from step {step} of {cs.train.steps}", flush=True)
+            print(f"resuming {workdir} from step {step} of {run.train.steps}", flush=True)
     elif init_from is not None:  # a warm start: the trained system, a fresh optimizer
         system, _ = ckpt.load_system(init_from)
         optimizer = nnx.Optimizer(system, make_optimizer(run.train), wrt=nnx.Param)
         state = jax.device_put(nnx.state((system, optimizer)), shardings)
     else:
-        state = jax.jit(lambda: init_train_state(cs, tok)[1], out_shardings=shardings)()
+        state = jax.jit(lambda: init_train_state(run, tok)[1], out_shardings=shardings)()
 
     evaluator = LMEvaluator(lambda s, b: eval_step(s, global_batch(host_slice(b), mesh)), held_out)
     writer = MetricWriter(workdir)
-    tokens_per_step = cs.data.batch_size * cs.data.seq_len
+    tokens_per_step = run.data.batch_size * run.data.seq_len
     results, first_bad = {}, None
     try:
-        with sigterm_flag() as preempted, progress(cs.train.steps, initial=step) as bar:
+        with sigterm_flag() as preempted, progress(run.train.steps, initial=step) as bar:
             t0, t0_step = time.perf_counter(), step
             start = step
-            while step < cs.train.steps:
+            while step < run.train.steps:
                 state, metrics = train_step(state, global_batch(next(train_it), mesh))
                 step += 1
                 first_bad = first_nonfinite(first_bad, step, metrics)
@@ -154,8 +153,8 @@ def train_and_evaluate(run: Run, workdir, tok: Tokenizer, *, init_from=None) -> 
                 if step == t0_step + 1 and t0_step == start:  # exclude compile time from tok/s
                     jax.block_until_ready(metrics)
                     t0, t0_step = time.perf_counter(), step
-                last = step == cs.train.steps
-                if step % cs.train.log_every == 0 or last:
+                last = step == run.train.steps
+                if step % run.train.log_every == 0 or last:
                     check_finite(first_bad, mngr)
                     m = jax.device_get(metrics)
                     dt = time.perf_counter() - t0
@@ -167,10 +166,10 @@ def train_and_evaluate(run: Run, workdir, tok: Tokenizer, *, init_from=None) -> 
                         tok_s=f"{m['tokens_per_s']:.0f}",
                         tok_pass=f"{1 + m['accepted_len']:.2f}",
                     )
-                if step % cs.train.checkpoint_every == 0 or last or preempted["set"]:
+                if step % run.train.checkpoint_every == 0 or last or preempted["set"]:
                     check_finite(first_bad, mngr, state, step)
                     ckpt.save(mngr, step, state, train_it.get_state(), force=preempted["set"])
-                if step % cs.train.eval_every == 0 or last:
+                if step % run.train.eval_every == 0 or last:
                     results = evaluate(evaluator, state, step, writer)
                 if preempted["set"]:
                     mngr.wait_until_finished()
