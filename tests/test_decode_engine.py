@@ -15,7 +15,8 @@ from scipy import stats
 
 from mtp.config import DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
-from mtp.decode.engine import TRACES, Decoder
+from mtp.decode.engine import TRACES, Decoder, make_mode
+from mtp.decode.modes import Pause
 from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.speculative import verify_sampled
 from mtp.decode.thinking import think_then_answer
@@ -323,16 +324,18 @@ def test_the_same_check_rejects_a_wrong_rule_in_the_engine(wrong, engine_verify_
     assert _law_fit(samples, _law_case()[1]) < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["slow", "speculative", "fast", "think"])
+@pytest.mark.parametrize(
+    "mode", ["slow", "speculative", "fast", "think", Pause("confidence", threshold=0.5, cap=2)]
+)
 def test_compiles_once_per_batch_mode_k_not_as_output_grows(mode):
     main = dataclasses.replace(MAIN, max_len=48)
     dec = Decoder(_system("rnn", 2, seed=5, main=main), S)
     prompts = _ids(["<bos>ab", "<bos>abcdef"])
-    key = (mode, 2, 2)  # mode, k, batch
+    key = (make_mode(mode).name, 2, 2)  # mode, k, batch
     before = TRACES[key]
     for n_new in (3, 11, 30):
         res = dec.generate(prompts, mode=mode, max_new_tokens=n_new, stop_id=NO_STOP)
-        assert res.lengths.tolist() == [n_new, n_new]
+        assert [res.answer_row(b).size for b in range(2)] == [n_new, n_new]
     dec.set_weights(_system("rnn", 2, seed=6, main=main))  # new weights: no new compile
     dec.generate(prompts, mode=mode, max_new_tokens=5, sampling=Sampling(), stop_id=NO_STOP)
     assert TRACES[key] - before == 1

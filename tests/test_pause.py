@@ -309,7 +309,7 @@ def test_pause_decision_gradient_moves_only_the_pause_logit():
     assert (np.abs(np.asarray(grad[0, :2, S.pause])) > 0).all() and grad[0, 2, S.pause] == 0
 
 
-def test_report_findings_answer_the_issue_questions_from_the_numbers():
+def test_report_findings_are_computed_from_the_reports_numbers():
     fixed = {"paused": {0: 0.2, 2: 0.3, 16: 0.25}, "plain": {0: 0.2, 2: 0.0, 16: 0.0}}
     rule = {"model": "paused", "urgency": 0.0, "accuracy": 0.35, "pauses": 3.0,
             "best_fixed_at_or_below": (2, 0.3)}  # fmt: skip
