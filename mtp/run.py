@@ -87,7 +87,7 @@ def _decode():
 
 def _report():
     from mtp.metrics import compare_runs
-    from mtp.sweeps import collect, runner
+    from mtp.programs.sweep import collect, runner
 
     workdirs = _WORKDIR.value.split(",")
     if len(workdirs) == 1 and Path(workdirs[0], runner.MANIFEST).exists():

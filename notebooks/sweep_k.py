@@ -62,7 +62,7 @@ from IPython.display import Image, Markdown, display
 import mtp
 from mtp.config import resolve
 from mtp.programs import run_program
-from mtp.sweeps import collect, load_rows
+from mtp.programs.sweep import collect, load_rows
 
 ROOT = Path(mtp.__file__).resolve().parent.parent
 

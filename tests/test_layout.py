@@ -13,7 +13,7 @@ FLOORS = [
     {"model", "data"},
     {"decode"},
     {"train", "rl", "checkpoint", "sharding", "metrics"},
-    {"programs", "evals", "sweeps"},
+    {"programs", "evals"},
     {"run"},
 ]
 

@@ -36,6 +36,7 @@ from mtp.model.transformer import Transformer
 from mtp.programs.pause import run_pause
 from mtp.rl.objectives import rl_loss, token_dists, token_stats
 from mtp.rl.rollouts import PauseRollout, pause_decision_logprob
+from mtp.rl.steps import jit_rl_steps
 from mtp.train.losses import offset_weights, supervised_loss
 
 MAIN = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1,
@@ -220,6 +221,23 @@ def test_pause_rl_loss_sees_the_urgency_input():
     assert losses[0] != pytest.approx(losses[1])
     assert batch["mask"].sum() > 0
     assert S.think_close in np.asarray(batch["tokens"][0])
+
+
+def test_pause_rl_reference_scores_the_decision_as_the_policy_does():
+    """The KL reference of pause RL scores each decision as the policy does: against itself the
+    k3 KL is exactly 0 (scoring the reference by its answer token would not be)."""
+    system = _system()
+    rl_config = RLConfig(loss="reinforce", temperature=1.0, rollout="pause", kl_coef=0.1)
+    roll = PauseRollout(system, TOK, rl_config, cap=2, max_answer=3)
+    ro = roll([Example("ab ba: 1 hops from a?", "", "b")] * 4, group_size=2, seed=0)
+    batch = jax.tree.map(jnp.asarray, ro.batch(np.array([1.0, -1.0, 0.5, -0.5]), np.ones(4, bool)))
+    graphdef, state = nnx.split(system)
+    for token_logprob, zero in ((roll.token_logprob, True), (None, False)):
+        _, reference = jit_rl_steps(graphdef, graphdef, rl_config, "both", token_logprob)
+        ref_lp, _ = reference(state, batch)
+        metrics = rl_loss(system, batch | {"ref_lp": ref_lp}, rl_config, True,
+                          roll.token_logprob)[1][0]  # fmt: skip
+        assert (float(metrics["kl_ref"]) == 0.0) == zero
 
 
 def test_learned_pauses_are_sampled_decisions_with_greedy_answers():

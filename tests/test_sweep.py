@@ -1,4 +1,4 @@
-"""Sweeps over k (`mtp.sweeps`): one run per member, skip finished runs, summary and plots."""
+"""Sweeps over k (`mtp.programs.sweep`): a run per member, finished ones skipped, summary, plots."""
 
 import csv
 import importlib.util
@@ -12,9 +12,9 @@ import pytest
 
 from mtp.config import ConfigError, resolve
 from mtp.data.tokenizer import ByteTokenizer
-from mtp.sweeps import collect, run_sweep, runner
-from mtp.sweeps.runner import is_finished, member_run, members, selected, write_manifest
-from mtp.sweeps.summary import PLOTS
+from mtp.programs.sweep import collect, run_sweep, runner
+from mtp.programs.sweep.runner import is_finished, member_run, members, selected, write_manifest
+from mtp.programs.sweep.summary import PLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 TOK = ByteTokenizer()

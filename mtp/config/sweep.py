@@ -10,7 +10,7 @@ from mtp.config.model import DRAFTER_KINDS
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
-    """A sweep over drafter k and kind (`mtp.sweeps`); the optional section `sweep`.
+    """A sweep over drafter k and kind (`mtp.programs.sweep`); the optional section `sweep`.
 
     One run per (kind, k), named 'k{k}_{kind}', in WORKDIR/<name>, each the
     rest of the config with drafter.k and drafter.kind set. `only` runs one

@@ -13,7 +13,7 @@ from mtp.data.task_data import check_tasks
 from mtp.data.tokenizer import tokenizer_of
 from mtp.programs.pause import run_pause
 from mtp.programs.rl import run_rl
-from mtp.sweeps import run_sweep
+from mtp.programs.sweep import run_sweep
 from mtp.train.supervised import train_and_evaluate
 
 PROGRAMS = {

@@ -62,11 +62,14 @@ def rl_step(
     return nnx.state((system, optimizer)), metrics, lp_bt
 
 
-def reference_logprobs(graphdef, state, batch, *, temperature: float, teacher: bool = False):
-    """Per-token log-probs (B, T) under a frozen system (the KL reference), and with `teacher`
-    its main model's log-distribution (B, T, V) for each token (the distillation teacher)."""
+def reference_logprobs(
+    graphdef, state, batch, *, temperature: float, teacher: bool = False, token_logprob=None
+):
+    """Per-token log-probs (B, T) under a frozen system (the KL reference), scored as the
+    policy's are (`token_logprob`), and with `teacher` its main model's log-distribution
+    (B, T, V) for each token (the distillation teacher)."""
     system = nnx.merge(graphdef, state)
-    lp_bt, _, _, _, teacher_btv = token_stats(system, batch, temperature)
+    lp_bt, _, _, _, teacher_btv = token_stats(system, batch, temperature, token_logprob)
     return lp_bt, (teacher_btv if teacher else None)
 
 
@@ -84,6 +87,7 @@ def jit_rl_steps(graphdef, ref_graphdef, rl_config: RLConfig, trainable: str, to
             ref_graphdef,
             temperature=rl_config.temperature,
             teacher=rl_config.distill > 0,
+            token_logprob=token_logprob,
         )
     )
     return step, ref

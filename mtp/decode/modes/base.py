@@ -9,7 +9,8 @@ once per mode value) with:
 - `width(k)`: W, the tokens fed per pass;
 - `all_logits`: keep the main logits at every fed token (verification), not
   only at the last real one;
-- `init(b, k, v, sampling)`: its own carry fields (a dict, `Carry.extra`);
+- `init(b, k, v, sampling, thinking_b)`: its own carry fields (a dict, `Carry.extra`;
+  thinking_b (B,): the prompt leaves a thinking span open);
 - `advance(ctx, c) -> c`;
 - `narrow(c)`: a traced bool, True when the next pass may feed one token only
   (think mode with no row thinking); None if never;

@@ -4,7 +4,7 @@
     WORKDIR/k{K}_{KIND}/       one run directory per member (`train_and_evaluate`)
       eval_report.json         written when the member's training has finished
       speedup.json             slow vs speculative decoding of held-out prompts
-    WORKDIR/sweep_summary.{csv,md}, WORKDIR/plots/*.png   (`mtp.sweeps.summary`)
+    WORKDIR/sweep_summary.{csv,md}, WORKDIR/plots/*.png   (`mtp.programs.sweep.summary`)
 
 A member whose eval_report.json is at the config's last step is finished and
 skipped; any other resumes from its last checkpoint. `sweep.only` runs one
@@ -24,8 +24,8 @@ from mtp.checkpoint import load_system
 from mtp.config import Run, SweepConfig
 from mtp.data.tokenizer import Tokenizer
 from mtp.metrics import is_main_process
-from mtp.sweeps.speedup import held_out_prompts, measure_speedup
-from mtp.sweeps.summary import collect
+from mtp.programs.sweep.speedup import held_out_prompts, measure_speedup
+from mtp.programs.sweep.summary import collect
 from mtp.train.supervised import train_and_evaluate
 
 MANIFEST = "sweep.json"
