@@ -21,7 +21,8 @@ class RLConfig:
     in WORKDIR/rl_<entry>: 'both' (main + drafter), 'drafter' (main frozen) or
     'main' (drafter frozen). A rollout thinks in `thought_mode` for at most
     `think_budget` main passes (0: until the cache fills), then answers in slow
-    mode; its reward is the verifier's score minus `pass_price` per main pass.
+    mode; its reward is the verifier's score minus `pass_price` per main pass. With
+    `rollout='pause'` (program 'pause') the price is per pause, times the urgency.
     """
 
     task: str = "addition:digits=4"  # 'NAME[:key=value,...]', as data.corpus 'task:...'
@@ -59,7 +60,7 @@ class RLConfig:
     # 'exact': reward = the verifier's score; 'partial': the share of the answer's characters
     # right, counted from the end (dense where few answers are exact; accuracy stays exact)
     reward: str = "exact"
-    pass_price: float = 0.0  # reward -= pass_price * main passes of the rollout
+    pass_price: float = 0.0  # reward -= pass_price * the rollout's cost (think: main passes)
     on_bad_reward: str = "skip"  # verifier raised / NaN: 'skip' the group (logged) or 'error'
     max_skipped_steps: int = 10  # consecutive steps with no usable rollout before stopping
     log_every: int = 5
