@@ -95,12 +95,13 @@ def decode_report(
         results[mode] = res
         lines += [f"### {mode}", prompt + res.texts(tokenizer)[0], ""]
         rows.append(_row(res, max(first.wall_s - res.wall_s, 0.0)))
-    lines += [
-        "| mode | tokens | main passes | tokens/pass | mean accepted | acceptance by offset "
-        "| wall ms | tokens/s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *rows,
-    ]
+    if rows:
+        lines += [
+            "| mode | tokens | main passes | tokens/pass | mean accepted | acceptance by offset "
+            "| wall ms | tokens/s | compile s |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
     if sampling.greedy and {"slow", "speculative"} <= results.keys():
         same = np.array_equal(results["slow"].row(0), results["speculative"].row(0))
         lines += ["", f"speculative greedy identical to slow: {'yes' if same else 'NO'}"]
