@@ -49,3 +49,19 @@ def test_config_kinds_and_registered_drafters_agree(monkeypatch):
     monkeypatch.delitem(drafters.DRAFTERS, "rnn")
     with pytest.raises(ImportError, match="rnn"):
         drafters._check_registry()
+
+
+def test_a_kind_without_its_incremental_step_cannot_register(monkeypatch):
+    """Every kind defines its forward, `start` and `step`; one without `step` is refused."""
+    monkeypatch.delitem(drafters.DRAFTERS, "rnn")
+
+    class NoStep(drafters.DrafterBase):
+        def __call__(self, taps_btld, inputs_btk):
+            return inputs_btk
+
+        def start(self, taps_bld):
+            return taps_bld
+
+    with pytest.raises(TypeError, match="lacks step"):
+        drafters.register("rnn")(NoStep)
+    assert "rnn" not in drafters.DRAFTERS

@@ -10,11 +10,15 @@ import pytest
 from flax import nnx
 
 from mtp.config import DrafterConfig, ModelConfig, RLConfig, default_config, resolve
+from mtp.data.format import encode_prompt
 from mtp.data.tasks import Example, make_task
 from mtp.data.tokenizer import ByteTokenizer
+from mtp.decode.engine import Decoder
 from mtp.decode.sampling import Sampling
+from mtp.decode.thinking import think_then_answer
 from mtp.errors import UserError
 from mtp.evals import rl_report
+from mtp.evals.task_accuracy import drafts_agree
 from mtp.metrics import read_csv
 from mtp.model.system import MTPSystem
 from mtp.programs import rl as rl_program
@@ -77,18 +81,36 @@ def test_rollout_tokens_are_what_their_pass_would_emit(roll):
 
 def test_drafts_agree_is_every_draft_equal_to_the_main_greedy_token(roll):
     system, _ = roll
-    r = think_rollout(system, think_budget=4)
-    ro = r(PROBLEMS * 2, thought_mode="fast", sampling=Sampling(temperature=1.0), seed=3)
-    logits_btv, _ = system(jnp.asarray(ro.tokens))
-    main_next_bt = np.asarray(logits_btv.argmax(-1))  # main's choice for token t + 1
-    drafted = (ro.mask > 0) & (ro.offset > 0)
-    want = [all(ro.tokens[b, t] == main_next_bt[b, t - 1] for t in np.flatnonzero(drafted[b]))
-            for b in range(len(ro.prompts))]  # fmt: skip
-    got = r.drafts_agree(ro)
+    dec = Decoder(system, TOK.specials)
+    prompt_ids = [encode_prompt(TOK, p.prompt) for p in PROBLEMS * 2]
+
+    def thoughts(mode, sampling, seed=0):
+        return think_then_answer(dec, prompt_ids, thought_mode=mode, think_budget=4,
+                                 answer_max_tokens=4, sampling=sampling, seed=seed)  # fmt: skip
+
+    th = thoughts("fast", Sampling(temperature=1.0), seed=3)
+    want = []
+    for b, (h, t) in enumerate(zip(th.prompt_ids, th.thoughts, strict=True)):
+        row = np.concatenate([h, t])
+        logits_btv, _ = system(jnp.asarray(row[None]))
+        main_next_t = np.asarray(logits_btv[0].argmax(-1))  # main's choice for token t + 1
+        n = int(th.thought.lengths[b])
+        drafted = h.size + np.flatnonzero(th.thought.offset[b, :n] > 0)
+        want.append(all(row[t] == main_next_t[t - 1] for t in drafted))
+    got = drafts_agree(system, th, TOK.specials.pad)
     np.testing.assert_array_equal(got, want)
     assert not got.all()  # an untrained drafter disagrees somewhere
-    slow = r(PROBLEMS, thought_mode="slow", sampling=GREEDY)
-    assert r.drafts_agree(slow).all()  # no drafts, nothing to disagree
+    slow = thoughts("slow", GREEDY)
+    assert drafts_agree(system, slow, TOK.specials.pad).all()  # no drafts
+    # a slow greedy thought is the main model's own choice at every token: labelled as drafts it
+    # agrees everywhere, until one of its tokens is changed
+    n = slow.thought.lengths
+    assert (n >= 3).all()
+    slow.thought.offset = slow.thought.offset.copy()
+    slow.thought.offset[:, 1:3] = 1
+    slow.thoughts[1] = slow.thoughts[1].copy()
+    slow.thoughts[1][1] = (slow.thoughts[1][1] + 1) % 256
+    assert drafts_agree(system, slow, TOK.specials.pad).tolist() == [True, False] + [True] * 6
 
 
 def test_rollout_budget_forces_think_close_and_masks_it(roll):

@@ -56,7 +56,13 @@ class TapFusion(nnx.Module):
 
 
 class DrafterBase(nnx.Module):
-    """Shared parts: tap fusion, output head, and drafting through `start` / `step`."""
+    """Shared parts: tap fusion, output head, and drafting through `start` / `step`.
+
+    A kind (`register`ed) defines `__call__(taps_btld, inputs_btk) -> logits_btkv` (the
+    teacher-forced forward: taps (B, T, L, D), inputs (B, T, k)), `start(taps_bld) -> state`
+    (one position per row) and `step(state, y_b, j) -> (state, logits_bv)` (reads y_j (B,),
+    scores y_{j+1}).
+    """
 
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
         self.k = cfg.k
@@ -64,18 +70,6 @@ class DrafterBase(nnx.Module):
         self.fuse = TapFusion(main, self.d, rngs=rngs)
         self.out_norm = nnx.RMSNorm(self.d, epsilon=main.norm_eps, rngs=rngs)
         self.head = nnx.Linear(self.d, main.vocab_size, use_bias=False, rngs=rngs)
-
-    def __call__(self, taps_btld, inputs_btk):
-        """Teacher-forced draft logits (B, T, k, V) for taps (B, T, L, D), inputs (B, T, k)."""
-        raise NotImplementedError
-
-    def start(self, taps_bld):
-        """Drafting state for one position per row, from its taps (B, L, D)."""
-        raise NotImplementedError
-
-    def step(self, state, y_b, j):
-        """Draft step j: reads y_j (B,), returns the new state and logits (B, V) of y_{j+1}."""
-        raise NotImplementedError
 
     def draft(self, taps_bld, y0_b, choose: Choose) -> tuple[jax.Array, jax.Array]:
         """Drafts k tokens after y0 (B,) for one position per row.
@@ -104,6 +98,7 @@ class DrafterBase(nnx.Module):
 
 
 DRAFTERS: dict[str, type[DrafterBase]] = {}
+KIND_METHODS = ("__call__", "start", "step")  # what each kind defines (DrafterBase docstring)
 
 
 def register(kind: str):
@@ -112,6 +107,10 @@ def register(kind: str):
         raise ValueError(f"drafter kind {kind!r} is not in DRAFTER_KINDS={DRAFTER_KINDS}")
 
     def add(cls: type[DrafterBase]) -> type[DrafterBase]:
+        own = [c for c in cls.__mro__ if issubclass(c, DrafterBase) and c is not DrafterBase]
+        missing = [m for m in KIND_METHODS if not any(m in vars(c) for c in own)]
+        if missing:
+            raise TypeError(f"drafter kind {kind!r} ({cls.__name__}) lacks {', '.join(missing)}")
         DRAFTERS[kind] = cls
         return cls
 

@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mtp.config import RLConfig
 from mtp.data.format import answer_text, encode_prompt
@@ -41,7 +40,6 @@ from mtp.decode.engine import Decoder
 from mtp.decode.modes import Pause
 from mtp.decode.sampling import Sampling
 from mtp.decode.thinking import think_then_answer
-from mtp.rl.objectives import token_stats
 
 
 @dataclasses.dataclass
@@ -143,18 +141,9 @@ class ThinkRollout:
         self.tok, self.rl_config = tok, rl_config
         self.dec = Decoder(system, tok.specials)
         self.k = self.dec.k
-        self._agree = jax.jit(functools.partial(_agreement, self.dec.graphdef))
 
     def set_weights(self, system) -> None:
         self.dec.set_weights(system)
-
-    def drafts_agree(self, ro: Rollouts) -> np.ndarray:
-        """(B,) bool: every drafted token of the rollout is the main model's own greedy choice
-        in its context (what speculative decoding would accept): where fast mode wrote exactly
-        what slow mode would have. True for a rollout with no drafts."""
-        agree_bt = np.asarray(self._agree(self.dec.state, ro.tokens, ro.offset))
-        drafted_bt = (ro.mask > 0) & (ro.offset > 0)
-        return (agree_bt | ~drafted_bt).all(1)
 
     def __call__(
         self,
@@ -204,11 +193,6 @@ class ThinkRollout:
 def _fit(x: np.ndarray, n: int) -> np.ndarray:
     """x cut or zero-padded to length n (a forced </think> gets offset, pass and mask 0)."""
     return np.concatenate([x[:n], np.zeros(max(n - x.size, 0), x.dtype)])
-
-
-def _agreement(graphdef, state, tokens_bt, offset_bt):
-    batch = {"tokens": tokens_bt, "offset": offset_bt}
-    return token_stats(nnx.merge(graphdef, state), batch)[2]
 
 
 def pause_decision_logprob(logits_btv, batch, lp_bt, temperature: float):

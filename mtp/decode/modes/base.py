@@ -24,6 +24,7 @@ nothing goes to the host. B rows, W fed per pass, O = max_len, K drafts, V vocab
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -71,8 +72,9 @@ class Ctx:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mode:
-    """Base of the modes: a one-token pass with no state of its own."""
+class Mode(abc.ABC):
+    """Base of the modes: a one-token pass with no state of its own; each mode defines
+    `advance`."""
 
     name = "base"
     all_logits = False
@@ -93,8 +95,9 @@ class Mode:
         """Pauses appended to every prompt before the prefill."""
         return 0
 
+    @abc.abstractmethod
     def advance(self, ctx: Ctx, c: Carry) -> Carry:
-        raise NotImplementedError
+        """The body's first half: act on the last pass's outputs, set the next feed."""
 
 
 def at(x_bw, idx_b):
