@@ -2,6 +2,11 @@ r"""Decoding speed on one checkpoint: slow vs speculative vs fast, in one run.
 
     python benchmarks/decode.py --workdir=runs/tiny
     python benchmarks/decode.py --random            # random tiny system, no checkpoint
+    python benchmarks/decode.py --workdir=runs/smollm2 --chat_task=rg_gsm_symbolic
+
+With `--chat_task=SPEC` the prompts are held-out (eval split) problems of that task as
+user messages in the model's chat template, and rows stop at the end token (a
+pretrained instruct model answers, then stops); otherwise eight code prompts.
 
 Eight code prompts (the tiny model is trained on Python source). For each
 batch size (1 and 8 by default) every mode decodes all of them, in calls of
@@ -58,7 +63,8 @@ def _args(argv):
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many of PROMPTS")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help="how many prompts")
+    p.add_argument("--chat_task", default="", help="prompts: this task's eval problems, as chat")
     p.add_argument("--json", default=None, help="figures; default WORKDIR/decode_benchmark.json")
     p.add_argument("--xla_flags", default=XLA_FLAGS, help="added to $XLA_FLAGS before JAX starts")
     return p.parse_args(argv)
@@ -92,6 +98,8 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = xla_flags
     import jax
 
+    from mtp.data.format import encode_question
+    from mtp.data.task_data import parse_task_spec
     from mtp.decode.engine import Decoder
     from mtp.decode.report import _check_modes
     from mtp.decode.sampling import Sampling
@@ -100,9 +108,15 @@ def main(argv=None):
     system, tok, cfg, source = _system(args)
     sampling = Sampling(temperature=args.temperature)
     dec = Decoder(system, tok.specials)
-    prompts = [np.concatenate([[tok.specials.bos], tok.encode(p)]) for p in PROMPTS[: args.prompts]]
-    # stop_id=-1: no row stops early, so every mode emits the same number of tokens
-    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_id=-1)
+    if args.chat_task:
+        task, _ = parse_task_spec(args.chat_task)
+        examples = task.examples("eval", args.prompts, start=0)
+        prompts = [encode_question(tok, ex.prompt) for ex in examples]
+        stop_id = None  # rows stop at the end token: what a chat user waits for
+    else:
+        prompts = [encode_question(tok, p, chat=False) for p in PROMPTS[: args.prompts]]
+        stop_id = -1  # no row stops early, so every mode emits the same number of tokens
+    kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_id=stop_id)
     figures = []
     for batch in [int(b) for b in args.batches.split(",")]:
         # every prompt once per repeat: in groups of `batch` rows (cycling to fill the last)

@@ -10,4 +10,5 @@ Shape letters, one meaning each, used as name suffixes (`logits_btv`) and in doc
     H  head dim                         S  KV cache slots (registers + max_len)
     W  tokens fed per main pass         O  output slots of a decode call (max_len)
     P  passes of a rollout              R  registers
+    U  draft vocabulary (drafter.draft_vocab; V unless trimmed)
 """

@@ -30,6 +30,11 @@ class DamagedCheckpoint(CheckpointError):
     """A saved step is damaged (a file missing, truncated or unreadable); the message names it."""
 
 
+class ConvertError(UserError):
+    """A pretrained checkpoint or tokenizer cannot be loaded into (or written from) mtp's
+    model; the message names the file and what is allowed."""
+
+
 class NonFiniteLoss(UserError):
     """The loss, grad norm or parameters became NaN or Inf; the run stops, its last good
     checkpoint kept."""

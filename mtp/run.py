@@ -4,6 +4,8 @@ r"""Thin entry point; all logic is importable (notebooks call the same functions
     python -m mtp.run --config=experiments/tiny.py --workdir=runs/tiny --config.drafter.k=2
     python -m mtp.run --workdir=runs/tiny --mode=decode --prompt="def main("
     python -m mtp.run --workdir=runs/tiny[,runs/other,...] --mode=report
+    python -m mtp.run --config=experiments/smollm2_drafter.py --workdir=runs/smol --mode=decode \
+        --decode_modes=slow --prompt="What is the capital of France?"   # a pretrained main model
     python -m mtp.run --config=experiments/sweep_k.py --workdir=runs/sweep_k   # a sweep over k
     python -m mtp.run --config=experiments/pause.py --workdir=runs/pause   # pause tokens
     python -m mtp.run --workdir=runs/sweep_k --mode=report   # its table and plots
@@ -36,6 +38,12 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy (--mode=decode
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest tokens; 0 = all.")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = all.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed for --mode=decode.")
+_CHAT = flags.DEFINE_bool(
+    "chat",
+    True,
+    "--mode=decode: the prompt is a user message in the model's chat template, if "
+    "its tokenizer has one (instruct models); --nochat continues the raw text.",
+)
 _THINK_BUDGET = flags.DEFINE_integer(
     "think_budget", 0, "--mode=decode: think mode thinks within N main passes, then answers."
 )
@@ -64,15 +72,30 @@ def _train():
 
 
 def _decode():
-    from mtp.checkpoint import load_system
+    from mtp.checkpoint import config_path, load_system
+    from mtp.config import resolve
     from mtp.data.tokenizer import tokenizer_of
     from mtp.decode.report import decode_report
+    from mtp.train.pretrained import with_checkpoint_shapes
+    from mtp.train.steps import make_system
 
-    system, run = load_system(_WORKDIR.value)
+    if config_path(_WORKDIR.value).exists() or _CONFIG.value is None:
+        system, run = load_system(_WORKDIR.value)
+        tok = tokenizer_of(run)
+    else:  # nothing trained there yet: the config's pretrained main model, drafter untrained
+        run = resolve(_config())
+        if not run.model.init_from:
+            raise UserError(
+                f"--workdir={_WORKDIR.value} holds no run; decode a trained run directory, or "
+                "give a --config whose model.init_from names a pretrained checkpoint"
+            )
+        tok = tokenizer_of(run)
+        run = with_checkpoint_shapes(run, tok)
+        system = make_system(run, tok)
     print(
         decode_report(
             system,
-            tokenizer_of(run),
+            tok,
             _PROMPT.value,
             modes=_DECODE_MODES.value,
             max_new_tokens=_MAX_NEW.value,
@@ -81,6 +104,7 @@ def _decode():
             top_p=_TOP_P.value,
             seed=_SEED.value,
             think_budget=_THINK_BUDGET.value,
+            chat=_CHAT.value,
         )
     )
 

@@ -1,15 +1,22 @@
-"""Sampling settings and the speculative acceptance rule, against exact distributions."""
+"""Sampling settings and the speculative acceptance rule, against exact distributions; a
+trimmed draft vocabulary keeps decoding lossless."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import verify_rules
+from flax import nnx
 from scipy import stats
 
-from mtp.config import UserError
+from mtp.config import DrafterConfig, ModelConfig, UserError
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.decode.engine import Decoder
 from mtp.decode.sampling import Sampling, choose, log_probs
 from mtp.decode.speculative import verify_greedy, verify_sampled
+from mtp.model.system import MTPSystem, to_full_vocab
+
+TOK_SPECIALS = ByteTokenizer().specials
 
 # Raw main (k + 1 = 4 places) and drafter (k = 3 offsets) logits over 5 tokens. Processed
 # by SAMPLING, each keeps 3 or 4 tokens, and p and q keep different ones, so every draft
@@ -121,3 +128,64 @@ def test_the_acceptance_rate_check_rejects_a_wrong_acceptance_rule(wrong):
     want = np.cumprod(np.minimum(P[:-1], Q).sum(-1))
     got = _reach_rates(_emitted(verify_rules.WRONG[wrong], seed=1))
     assert np.abs(got - want).max() > 0.05
+
+
+# A trimmed draft vocabulary: the drafter's q lives on U < V tokens, laid over the full
+# vocabulary with zeros elsewhere (`to_full_vocab`), as the decoding modes do.
+DRAFT_IDS = jnp.array([0, 2, 3])
+LOGQ_TRIMMED = to_full_vocab(
+    log_probs(jnp.asarray(LOGITS_Q)[:, DRAFT_IDS], SAMPLING), DRAFT_IDS, 5, -jnp.inf
+)
+
+
+def test_verify_sampled_with_a_trimmed_draft_vocabulary_keeps_the_main_law():
+    kd, kv = jax.random.split(jax.random.key(3))
+    logp = jnp.broadcast_to(LOGP, (N_SAMPLES, *P.shape))
+    logq = jnp.broadcast_to(LOGQ_TRIMMED, (N_SAMPLES, *Q.shape))
+    drafts = jax.random.categorical(kd, logq, axis=-1)
+    assert set(np.unique(np.asarray(drafts))) <= {0, 2, 3}
+    n, tok = jax.jit(verify_sampled)(logp, logq, drafts, kv)
+    j = jnp.arange(Q.shape[0] + 1)
+    ext = jnp.concatenate([drafts, jnp.zeros_like(drafts[:, :1])], 1)
+    out = np.asarray(jnp.where(j < n[:, None], ext, jnp.where(j == n[:, None], tok[:, None], -1)))
+    assert (out[:, -1] >= 0).sum() > 0.05 * N_SAMPLES
+    assert _misfit(out) > 1e-3
+
+
+# End to end: a tiny system whose drafter scores 3 of 5 tokens, decoding greedy and sampled.
+TINY = ModelConfig(vocab_size=5, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=16)
+PROMPT, N_NEW, ROWS = np.array([1, 3]), 4, 6000
+
+
+def _trimmed_system(head="own"):
+    cfg = DrafterConfig(k=3, n_heads=4, head=head, draft_vocab=3)
+    return MTPSystem(TINY, cfg, pad_id=0, draft_ids=np.asarray(DRAFT_IDS), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("head", ["own", "shared"])
+def test_speculative_greedy_equals_slow_with_a_trimmed_draft_vocabulary(head):
+    dec = Decoder(_trimmed_system(head), TOK_SPECIALS)
+    prompts = [PROMPT, np.array([4, 0, 2]), np.array([2])]
+    kw = dict(max_new_tokens=10, stop_id=-1)
+    slow, spec = (
+        dec.generate(prompts, mode="slow", **kw),
+        dec.generate(prompts, mode="speculative", **kw),
+    )
+    np.testing.assert_array_equal(spec.tokens, slow.tokens)
+    drafted = spec.tokens[spec.offset > 0]
+    assert len(drafted) and set(np.unique(drafted)) <= {0, 2, 3}  # accepted drafts: full ids
+
+
+def test_speculative_sampling_with_a_trimmed_draft_vocabulary_is_distributed_as_slow():
+    """The joint law of the first N_NEW tokens, speculative against slow sampling."""
+    dec = Decoder(_trimmed_system(), TOK_SPECIALS)
+    samples = {}
+    for mode in ("slow", "speculative"):
+        res = dec.generate([PROMPT] * ROWS, mode=mode, max_new_tokens=N_NEW, sampling=SAMPLING,
+                           seed=11, stop_id=-1)  # fmt: skip
+        samples[mode] = np.ravel_multi_index(res.tokens[:, :N_NEW].T, (5,) * N_NEW)
+        if mode == "speculative":
+            assert (res.offset[:, 1:N_NEW] > 0).mean() > 0.2  # drafts accepted often
+    table = np.stack([np.bincount(s, minlength=5**N_NEW) for s in samples.values()])
+    table = table[:, table.sum(0) > 0]
+    assert stats.chi2_contingency(table).pvalue > 1e-3

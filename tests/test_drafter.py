@@ -1,43 +1,134 @@
-"""Drafters: incremental drafting equals the teacher-forced forward, for every kind; the
-registry of kinds and the config's names agree."""
+"""Drafters: incremental drafting equals the teacher-forced forward, for every kind and head;
+the registry of kinds and the config's names agree; shared heads read the main model's
+tables (gradient or not); a trimmed draft vocabulary maps back to full ids."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from mtp.config import DrafterConfig, ModelConfig
+from mtp.config import DrafterConfig, ModelConfig, UserError
 from mtp.config.model import DRAFTER_KINDS
+from mtp.data.token_counts import most_frequent
 from mtp.decode.sampling import Sampling, choose
 from mtp.model import drafter as drafters
-from mtp.model.system import MTPSystem
+from mtp.model.system import DraftIds, MTPSystem
+from mtp.train.losses import offset_weights, supervised_loss
 
 MAIN = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, taps=(0, 1))
 
 
+# (head, draft_vocab): the own full head, an own trimmed head, a shared trimmed head
+HEADS = [("own", 0), ("own", 17), ("shared", 17)]
+DRAFT_IDS = np.sort(np.random.default_rng(0).choice(MAIN.vocab_size, 17, replace=False))
+
+
+def _system(kind="transformer", head="own", draft_vocab=0, main=MAIN, **kw):
+    cfg = DrafterConfig(kind=kind, k=4, n_layers=2, head=head, draft_vocab=draft_vocab, **kw)
+    ids = DRAFT_IDS if draft_vocab else None
+    return MTPSystem(main, cfg, pad_id=0, draft_ids=ids, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("head, draft_vocab", HEADS)
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("kind", DRAFTER_KINDS)
-def test_draft_equals_teacher_forcing_on_the_chosen_chain(kind, sampled):
+def test_draft_equals_teacher_forcing_on_the_chosen_chain(kind, sampled, head, draft_vocab):
     """`draft` (start, then one step per token) gives the logits the teacher-forced `__call__`
-    gives when fed y0 and the drafted tokens, and each drafted token is the choice from them."""
+    gives when fed y0 and the drafted tokens, and each drafted token is the choice from them,
+    a full-vocabulary id (a trimmed head's choice mapped through the draft ids)."""
     k, b = 4, 6
-    drafter = MTPSystem(
-        MAIN, DrafterConfig(kind=kind, k=k, n_layers=2), pad_id=0, rngs=nnx.Rngs(0)
-    ).drafter
+    system = _system(kind, head, draft_vocab)
+    drafter, tables = system.drafter, system.tables()
     taps_bld = jax.random.normal(jax.random.key(1), (b, len(MAIN.taps), MAIN.d_model))
     y0_b = jnp.arange(b, dtype=jnp.int32)
     s = Sampling(temperature=1.0 if sampled else 0.0)
     keys = jax.random.split(jax.random.key(2), k)
-    pick = lambda logits_bv, j: choose(logits_bv, s, keys[j])
-    tokens_bk, logits_bkv = jax.jit(lambda t, y: drafter.draft(t, y, pick))(taps_bld, y0_b)
+    pick = lambda logits_bu, j: choose(logits_bu, s, keys[j])
+    tokens_bk, logits_bku = jax.jit(lambda t, y: system.draft(t, y, pick))(taps_bld, y0_b)
+    assert logits_bku.shape == (b, k, draft_vocab or MAIN.vocab_size)
     inputs_bk = jnp.concatenate([y0_b[:, None], tokens_bk[:, :-1]], axis=1)
-    want_bkv = drafter(taps_bld[:, None], inputs_bk[:, None])[:, 0]
-    np.testing.assert_allclose(logits_bkv, want_bkv, atol=1e-5)
+    shared = () if tables is None else (tables,)
+    x_bkd = drafter(taps_bld[:, None], inputs_bk[:, None], *shared)[:, 0]
+    want_bku = drafter.logits(x_bkd, tables)
+    np.testing.assert_allclose(logits_bku, want_bku, atol=1e-5)
+    ids = np.arange(MAIN.vocab_size) if not draft_vocab else DRAFT_IDS
     for j in range(k):
-        np.testing.assert_array_equal(tokens_bk[:, j], pick(want_bkv[:, j], j))
+        np.testing.assert_array_equal(tokens_bk[:, j], ids[pick(want_bku[:, j], j)])
     if kind != "medusa":  # the chain is not constant, so feeding the tokens is exercised
         assert len(np.unique(np.asarray(tokens_bk))) > 1
+
+
+def _draft_loss(system, tokens_bt):
+    """The drafter's loss alone, as training computes it (one offset at a time)."""
+    logits_btv, drafts = system.forward(tokens_bt)
+    mask_bt = jnp.ones(tokens_bt.shape, jnp.float32)
+    w_k = offset_weights(system.k, 0.8)
+    return supervised_loss(logits_btv, drafts, tokens_bt, mask_bt, draft_weights_k=w_k)[1][
+        "loss/draft"
+    ]
+
+
+@pytest.mark.parametrize(
+    "head, tie", [("own", True), ("shared", True), ("shared", False), ("shared_frozen", False)]
+)
+def test_shared_head_trains_the_main_tables_unless_frozen(head, tie):
+    """With the taps detached, the drafter's loss reaches the main model only through a
+    'shared' head: its embedding (tied) or its embedding and untied head kernel; not through
+    'shared_frozen' or 'own'. A shared drafter holds no embedding or head of its own."""
+    main = dataclasses.replace(MAIN, tie_embeddings=tie)
+    system = _system("transformer", head, 17, main=main, detach=True)
+    tokens_bt = jax.random.randint(jax.random.key(3), (2, 9), 0, MAIN.vocab_size)
+    grads = nnx.state(nnx.jit(nnx.grad(_draft_loss))(system, tokens_bt))
+    norm = lambda tree: float(optax.global_norm(jax.tree.leaves(tree)))
+    reached = [norm(grads["main"]["embed"])] + ([] if tie else [norm(grads["main"]["head"])])
+    if head == "shared":
+        assert min(reached) > 0, reached
+    else:
+        assert max(reached) == 0.0, reached
+    assert norm(grads["drafter"]) > 0
+    own = {"embed", "head"} & set(nnx.state(system.drafter))
+    assert own == (set() if head != "own" else {"embed", "head"})
+
+
+def test_a_shared_trimmed_head_is_the_main_heads_rows_at_the_draft_ids():
+    for tie in (True, False):
+        main = dataclasses.replace(MAIN, tie_embeddings=tie)
+        system = _system("rnn", "shared", 17, main=main)
+        x_bd = jax.random.normal(jax.random.key(4), (3, MAIN.d_model))
+        w_dv = system.main.embed.embedding[...].T if tie else system.main.head.kernel[...]
+        want_bu = system.drafter.out_norm(x_bd) @ w_dv[:, DRAFT_IDS]
+        np.testing.assert_allclose(system.drafter.logits(x_bd, system.tables()), want_bu, atol=1e-5)
+
+
+def test_draft_ids_are_a_stored_variable_not_a_parameter():
+    system = _system("rnn", "own", 17)
+    assert isinstance(system.draft_ids, DraftIds)
+    np.testing.assert_array_equal(nnx.state(system, DraftIds)["draft_ids"][...], DRAFT_IDS)
+    assert "draft_ids" not in nnx.state(system, nnx.Param)
+    default = MTPSystem(MAIN, DrafterConfig(draft_vocab=5), pad_id=0, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(default.ids(), np.arange(5))
+    with pytest.raises(ValueError, match="draft_ids"):
+        MTPSystem(MAIN, DrafterConfig(draft_vocab=5), pad_id=0, draft_ids=[1, 2], rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kind", DRAFTER_KINDS)
+def test_drafter_parameters_are_stored_in_the_models_param_dtype(kind):
+    main = dataclasses.replace(MAIN, param_dtype="bfloat16")
+    params = jax.tree.leaves(nnx.state(_system(kind, main=main).drafter, nnx.Param))
+    assert params and {x.dtype for x in params} == {jnp.dtype("bfloat16")}
+
+
+def test_most_frequent_keeps_the_specials_and_the_commonest_tokens():
+    arrays = [np.array([[5, 5, 5, 2], [2, 9, 9, 9]]), np.array([9, 7, 7])]
+    np.testing.assert_array_equal(most_frequent(arrays, 3, 12, always=(0,)), [0, 5, 9])
+    np.testing.assert_array_equal(most_frequent(arrays, 4, 12, always=(0, 1)), [0, 1, 5, 9])
+    np.testing.assert_array_equal(most_frequent(arrays, 5, 12), [0, 2, 5, 7, 9])  # 0 unseen
+    with pytest.raises(UserError, match="drafter.draft_vocab"):
+        most_frequent(arrays, 13, 12)
 
 
 def test_config_kinds_and_registered_drafters_agree(monkeypatch):

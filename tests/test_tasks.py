@@ -9,7 +9,8 @@ from mtp.data.format import render
 from mtp.data.tasks import TASKS, make_task, split_of
 from mtp.data.tasks.primes import digit_sum, is_prime
 
-NAMES = sorted(TASKS)
+# reasoning-gym's tasks score with its own (lenient) verifier: tests/test_reasoning_gym.py
+NAMES = sorted(n for n in TASKS if not n.startswith("rg_"))
 N = 40  # examples per property check
 CONTEXT = 512  # the models' longest context, in bytes
 HARDEST = {

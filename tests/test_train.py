@@ -1,21 +1,35 @@
-"""Config resolution, checkpoints, and train_and_evaluate end to end."""
+"""Config resolution, checkpoints, train_and_evaluate end to end, and the drafter scored one
+offset at a time (same loss, grads and metrics as all at once, less memory)."""
 
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from mtp import checkpoint as ckpt
-from mtp.config import ConfigError, UserError, default_config, resolve
+from mtp.config import (
+    ConfigError,
+    DrafterConfig,
+    ModelConfig,
+    TrainConfig,
+    UserError,
+    default_config,
+    resolve,
+)  # fmt: skip
 from mtp.data.task_data import check_tasks
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.errors import NonFiniteLoss
 from mtp.metrics import compare_runs, read_csv
+from mtp.model.system import Drafts, MTPSystem, shifted
+from mtp.rl.objectives import distill_kl, token_dists
 from mtp.train import supervised
-from mtp.train.steps import init_train_state, jit_steps
+from mtp.train.losses import draft_accuracy, offset_weights
+from mtp.train.steps import init_train_state, jit_steps, loss_fn
 
 TOK = ByteTokenizer()
 
@@ -147,3 +161,118 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     _, abstract_state = init_train_state(resolve(c), TOK, abstract=True)
     good, _ = ckpt.restore(mngr, max(mngr.all_steps()), abstract_state)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(good))
+
+
+# The drafter scored one offset at a time equals scoring all (B, T, k, V) logits at once.
+CHUNK_MAIN = ModelConfig(vocab_size=48, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_len=16)
+CHUNK_IDS = np.sort(np.random.default_rng(1).choice(48, 20, replace=False))
+
+
+def _chunk_system(draft_vocab=0, head="own", kind="transformer"):
+    cfg = DrafterConfig(kind=kind, k=3, n_heads=2, head=head, draft_vocab=draft_vocab)
+    ids = CHUNK_IDS if draft_vocab else None
+    return MTPSystem(CHUNK_MAIN, cfg, pad_id=0, draft_ids=ids, rngs=nnx.Rngs(0))
+
+
+def _unchunked_loss(system, tokens_bt, mask_bt, distill):
+    """The loss as written before chunking: all draft logits (B, T, k, V) at once; a trimmed
+    vocabulary masks the targets outside it and restricts the teacher to it."""
+    logits_btv, draft_btkv = system(tokens_bt)
+    k, t, v = system.k, tokens_bt.shape[1], logits_btv.shape[-1]
+    ids = np.arange(v) if system.draft_ids is None else CHUNK_IDS
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    mean = lambda x, m: (x * m).sum() / jnp.maximum(m.sum(), 1.0)
+    main = mean(ce(logits_btv, shifted(tokens_bt, 1, 0)[..., 0]), shifted(mask_bt, 1, 0)[..., 0])
+    tgt_btk, m_btk = shifted(tokens_bt, k, 0, start=2), shifted(mask_bt, k, 0, start=2)
+    inv_v = jnp.full(v, -1).at[ids].set(jnp.arange(len(ids)))
+    m_btk = m_btk * (inv_v[tgt_btk] >= 0)
+    draft_btku = draft_btkv[..., ids]
+    w_k = offset_weights(k, 0.8)
+    per_k = jax.vmap(mean, in_axes=(2, 2))(ce(draft_btku, jnp.maximum(inv_v[tgt_btk], 0)), m_btk)
+    loss = main + (per_k * w_k).sum()
+    if distill:
+        pad = jnp.zeros((tokens_bt.shape[0], k + 1, v))
+        teacher = jnp.concatenate([jax.lax.stop_gradient(logits_btv), pad], 1)[..., ids]
+        logp = jax.nn.log_softmax(jnp.stack([teacher[:, 1 + j : 1 + j + t] for j in range(k)], 2))
+        kl_btk = (jnp.exp(logp) * (logp - jax.nn.log_softmax(draft_btku))).sum(-1)
+        loss = loss + distill * (jax.vmap(mean, in_axes=(2, 2))(kl_btk, m_btk) * w_k).sum()
+    return loss
+
+
+@pytest.mark.parametrize("draft_vocab, head, distill", [(0, "own", 0.0), (0, "own", 0.5),
+                                                        (20, "shared", 0.5)])  # fmt: skip
+def test_chunked_draft_loss_and_grads_equal_the_unchunked_ones(draft_vocab, head, distill):
+    system = _chunk_system(draft_vocab, head)
+    tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 48)
+    mask = jnp.ones((2, 12), jnp.float32).at[0, 5].set(0.0)
+    batch = {"tokens": tokens, "loss_mask": mask}
+    cfg = TrainConfig(distill_weight=distill)
+    (loss, metrics), grads = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True), static_argnums=2)(
+        system, batch, cfg
+    )
+    ref, ref_grads = nnx.jit(nnx.value_and_grad(_unchunked_loss), static_argnums=3)(
+        system, tokens, mask, distill
+    )
+    assert float(loss) == pytest.approx(float(ref), abs=1e-6)
+    flat = lambda g: jax.tree.leaves(nnx.state(g))
+    for got, want in zip(flat(grads), flat(ref_grads), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    lo, dr = system(tokens)
+    for name, want in draft_accuracy(lo, Drafts.from_logits(dr), tokens, mask).items():
+        np.testing.assert_allclose(metrics[name], want)  # the metrics mean what they meant
+    tgt, m = np.asarray(shifted(tokens, 3, 0, start=2)), np.asarray(shifted(mask, 3, 0, start=2))
+    covered = np.isin(tgt, CHUNK_IDS if draft_vocab else np.arange(48))
+    assert float(metrics["draft_coverage"]) == pytest.approx(covered[m > 0].mean())
+    assert (float(metrics["draft_coverage"]) < 1) == bool(draft_vocab)
+
+
+@pytest.mark.parametrize("draft_vocab", [0, 20])
+def test_chunked_rl_token_dists_and_grads_equal_the_unchunked_ones(draft_vocab):
+    system = _chunk_system(draft_vocab, kind="rnn")
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
+    offset = jnp.asarray(np.tile([0, 1, 2, 3], (2, 3)))
+
+    def score(system, chunked):
+        if chunked:
+            dist, _ = token_dists(*system.forward(tokens), offset, 0.7)
+        else:  # the gather over all (B, T, k, V) draft log-probs, as written before chunking
+            lo, dr = system(tokens)
+            t = tokens.shape[1]
+            draft_lp = jax.nn.log_softmax(dr / 0.7)[
+                jnp.arange(2)[:, None], jnp.clip(jnp.arange(t) - 1 - offset, 0, t - 1),
+                jnp.clip(offset - 1, 0, 2),
+            ]  # fmt: skip
+            main_lp = jax.nn.log_softmax(lo / 0.7)
+            main_prev = jnp.concatenate([main_lp[:, :1], main_lp[:, :-1]], 1)
+            dist = jnp.where((offset == 0)[..., None], main_prev, draft_lp)
+        lp = jnp.take_along_axis(dist, tokens[..., None], -1)[..., 0]
+        return jnp.where(jnp.isfinite(lp), lp, 0.0).sum() + distill_kl(
+            dist, jnp.zeros_like(dist), offset > 0
+        )
+
+    grad = nnx.jit(nnx.value_and_grad(score), static_argnums=1)
+    (got, g_got), (want, g_want) = grad(system, True), grad(system, False)
+    assert float(got) == pytest.approx(float(want), abs=1e-5)
+    flat = lambda g: jax.tree.leaves(nnx.state(g))
+    for a, b in zip(flat(g_got), flat(g_want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_the_training_step_never_holds_all_draft_logits():
+    """Compiled temp memory of the gradient: below that of one (B, T, k, V) float32 tensor
+    beside the main model's own (B, T, V) logits, when V dominates."""
+    main = ModelConfig(vocab_size=16_384, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                       max_len=128)  # fmt: skip
+    build = lambda: MTPSystem(main, DrafterConfig(k=4, n_heads=2), pad_id=0, rngs=nnx.Rngs(0))
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    b, t = 2, 128
+    batch = {"tokens": jax.ShapeDtypeStruct((b, t), jnp.int32),
+             "loss_mask": jax.ShapeDtypeStruct((b, t), jnp.float32)}  # fmt: skip
+
+    def step(state, batch):
+        system = nnx.merge(graphdef, state)
+        return nnx.grad(loss_fn, has_aux=True)(system, batch, TrainConfig())
+
+    temp = jax.jit(step).lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
+    btv = b * t * main.vocab_size * 4
+    assert temp < 4 * btv + 4 * btv // 2, temp / btv  # (B, T, k, V) alone is 4 btv

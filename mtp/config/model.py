@@ -7,6 +7,10 @@ import dataclasses
 from mtp.config.fields import check, from_dict
 
 DTYPES = ("float32", "bfloat16", "float16")
+MLP_ACTS = ("silu", "gelu_tanh")  # SwiGLU (Llama, Qwen2) or GeGLU with tanh GELU (Gemma)
+SPECIAL_MODES = ("add", "map")
+# `model.init_from`: a Hugging Face directory, a GGUF file, or a named source (mtp.model.sources).
+INIT_KINDS = ("hf:", "gguf:", "named:")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,9 +28,27 @@ class ModelConfig:
     tie_embeddings: bool = True
     n_registers: int = 0  # learned extra positions that carry no output
     taps: tuple[int, ...] = (-1,)  # blocks whose output the drafter reads
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # storage dtype of the parameters ('bfloat16' halves memory)
     norm_eps: float = 1e-6
     use_urgency: bool = False  # embed an urgency scalar in [0, 1] at every position
+    # Architecture families of pretrained checkpoints (set from the checkpoint, see init_from).
+    d_head: int = 0  # 0: d_model // n_heads (Gemma sets it explicitly)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w) (Gemma)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(d_model) (Gemma)
+    mlp_act: str = "silu"  # gated MLP activation, one of MLP_ACTS
+    # Llama 3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_len); ().
+    rope_scaling: tuple[float, ...] = ()
+    # Pretrained weights: 'hf:DIR', 'gguf:FILE' or 'named:NAME' ('' = train from scratch). The
+    # checkpoint fixes the shapes and family fields above; max_len, taps, dtypes, registers
+    # and urgency stay the config's.
+    init_from: str = ""
+    # Specials (think, pause, pad) a pretrained vocabulary lacks: 'add' grows the embedding and
+    # head by new rows (initialised to the mean row); 'map' reuses existing tokens, named in
+    # special_map as 'think_open=<tok>,think_close=<tok>,pause=<tok>' (unnamed ones are added).
+    specials: str = "add"
+    special_map: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
@@ -46,11 +68,39 @@ class ModelConfig:
             "model.n_kv_heads",
             f"must divide n_heads={self.n_heads}, got {self.n_kv_heads}",
         )
-        check(
-            (self.d_model // self.n_heads) % 2 == 0, "model.d_model", "head dim must be even (RoPE)"
-        )
+        check(self.d_head >= 0, "model.d_head", f"must be >= 0, got {self.d_head}")
+        check(self.head_dim % 2 == 0, "model.d_head", "head dim must be even (RoPE)")
         check(self.n_registers >= 0, "model.n_registers", f"must be >= 0, got {self.n_registers}")
         check(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} not in {DTYPES}")
+        check(
+            self.param_dtype in DTYPES,
+            "model.param_dtype",
+            f"{self.param_dtype!r} not in {DTYPES}",
+        )
+        check(self.mlp_act in MLP_ACTS, "model.mlp_act", f"{self.mlp_act!r} not in {MLP_ACTS}")
+        object.__setattr__(self, "rope_scaling", tuple(float(x) for x in self.rope_scaling))
+        check(
+            len(self.rope_scaling) in (0, 4),
+            "model.rope_scaling",
+            "must be () or (factor, low_freq_factor, high_freq_factor, original_max_len)",
+        )
+        check(
+            self.init_from == "" or self.init_from.startswith(INIT_KINDS),
+            "model.init_from",
+            f"{self.init_from!r} is not '' or one of 'hf:DIR', 'gguf:FILE', 'named:NAME'",
+        )
+        check(
+            self.specials in SPECIAL_MODES,
+            "model.specials",
+            f"{self.specials!r} not in {SPECIAL_MODES}",
+        )
+        for item in filter(None, self.special_map.split(",")):
+            name = item.split("=", 1)[0]
+            check(
+                "=" in item and name in ("think_open", "think_close", "pause"),
+                "model.special_map",
+                f"{item!r} is not NAME=TOKEN with NAME in think_open, think_close, pause",
+            )
         check(len(self.taps) >= 1, "model.taps", "needs at least one layer")
         for t in self.taps:
             check(
@@ -62,7 +112,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def ff_dim(self) -> int:
@@ -77,6 +127,7 @@ class ModelConfig:
 # The kinds `DrafterConfig` accepts; `mtp.model.drafter` registers one drafter per name and
 # checks at import that none is missing.
 DRAFTER_KINDS = ("transformer", "medusa", "rnn")
+DRAFTER_HEADS = ("own", "shared", "shared_frozen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,12 +140,25 @@ class DrafterConfig:
     n_layers: int = 1  # transformer drafter: causal layers over the k draft steps
     n_heads: int = 4
     detach: bool = False  # stop_gradient on the taps: Medusa-1 style, main untouched
+    # Output head (and input embedding): 'own' (the drafter's), 'shared' (the main model's
+    # embedding and head, trained through the drafter loss too) or 'shared_frozen' (read
+    # through stop_gradient).
+    head: str = "own"
+    # Trimmed draft vocabulary (EAGLE-3): the drafter scores only the draft_vocab most frequent
+    # tokens of the training data, mapped back to full ids; 0 = the full vocabulary.
+    draft_vocab: int = 0
 
     def __post_init__(self):
         check(self.kind in DRAFTER_KINDS, "drafter.kind", f"{self.kind!r} not in {DRAFTER_KINDS}")
         check(self.k >= 1, "drafter.k", f"must be >= 1, got {self.k}")
         check(self.n_layers >= 1, "drafter.n_layers", f"must be >= 1, got {self.n_layers}")
         check(self.d_model >= 0, "drafter.d_model", f"must be >= 0, got {self.d_model}")
+        check(
+            self.head in DRAFTER_HEADS,
+            "drafter.head",
+            f"{self.head!r} not in {DRAFTER_HEADS}",
+        )
+        check(self.draft_vocab >= 0, "drafter.draft_vocab", f"must be >= 0, got {self.draft_vocab}")
 
 
 def model_config(config) -> ModelConfig:

@@ -39,6 +39,11 @@ def packed_rows(cfg: DataConfig, tok: Tokenizer, split: str) -> tuple[np.ndarray
     """
     if cfg.corpus.startswith("task:"):
         return task_rows(cfg, tok, split)
+    if cfg.corpus.startswith("distill:"):
+        raise DataError(
+            f"data.corpus {cfg.corpus!r}: self-distillation rows are written by a model "
+            "(mtp.train.self_distill), not read from a corpus"
+        )
     stream = token_stream(load_documents(cfg, split), tok)
     stream = insert_pauses(tok, stream, cfg.pause_rate, cfg.seed + (split == "eval"))
     t = cfg.seq_len
@@ -54,44 +59,55 @@ def packed_rows(cfg: DataConfig, tok: Tokenizer, split: str) -> tuple[np.ndarray
     return rows, loss_mask(tok, rows)
 
 
-def _batch(pair) -> dict:
-    return {"tokens": pair[0], "loss_mask": pair[1]}
+Arrays = dict[str, np.ndarray]  # 'tokens', 'loss_mask' (N, T) and optional extras (N, ...)
 
 
-def train_dataset(
-    rows: np.ndarray,
-    mask: np.ndarray,
-    cfg: DataConfig,
-    process_index: int = 0,
-    process_count: int = 1,
-):
+def split_arrays(cfg: DataConfig, tok: Tokenizer, split: str) -> Arrays:
+    """The rows of a split as named arrays, one row per index."""
+    rows, mask = packed_rows(cfg, tok, split)
+    return {"tokens": rows, "loss_mask": mask}
+
+
+def train_dataset(arrays: Arrays, cfg: DataConfig, process_index: int = 0, process_count: int = 1):
     """Infinite grain MapDataset of this host's share of each global batch."""
     if cfg.batch_size % process_count:
         raise DataError(
             f"data.batch_size={cfg.batch_size} must be divisible by the {process_count} hosts"
         )
-    ds = grain.MapDataset.range(rows.shape[0]).shuffle(seed=cfg.seed).repeat(None)
-    ds = ds[process_index::process_count].map(lambda i: (rows[i], mask[i]))
-    return ds.batch(cfg.batch_size // process_count).map(_batch)
+    n = arrays["tokens"].shape[0]
+    ds = grain.MapDataset.range(n).shuffle(seed=cfg.seed).repeat(None)
+    ds = ds[process_index::process_count].map(lambda i: {k: a[i] for k, a in arrays.items()})
+    return ds.batch(cfg.batch_size // process_count)
 
 
-def train_iterator(cfg: DataConfig, tok: Tokenizer, process_index: int = 0, process_count: int = 1):
-    """Iterator of training batches with `get_state()` / `set_state(state)` for checkpoints."""
-    rows, mask = packed_rows(cfg, tok, "train")
-    return iter(train_dataset(rows, mask, cfg, process_index, process_count))
+def train_iterator(
+    cfg: DataConfig,
+    tok: Tokenizer,
+    process_index: int = 0,
+    process_count: int = 1,
+    arrays: Arrays | None = None,
+):
+    """Iterator of training batches with `get_state()` / `set_state(state)` for checkpoints;
+    `arrays` (default: the corpus's train rows) are rows prepared elsewhere."""
+    arrays = split_arrays(cfg, tok, "train") if arrays is None else arrays
+    return iter(train_dataset(arrays, cfg, process_index, process_count))
 
 
-def eval_batches(cfg: DataConfig, tok: Tokenizer, n: int) -> list[dict]:
-    """The first `n` batches of held-out rows, the same every call (fewer if the split is short)."""
-    rows, mask = packed_rows(cfg, tok, "eval")
-    if rows.shape[0] == 0:
+def eval_batches(cfg: DataConfig, tok: Tokenizer, n: int, arrays: Arrays | None = None) -> list:
+    """The first `n` batches of held-out rows, the same every call (fewer if the split is short);
+    `arrays` as in `train_iterator`."""
+    arrays = split_arrays(cfg, tok, "eval") if arrays is None else arrays
+    rows = arrays["tokens"].shape[0]
+    if rows == 0:
         raise DataError(f"data.corpus {cfg.corpus!r}: the eval split is empty")
     b = cfg.batch_size
-    if rows.shape[0] < b:  # pad rows so every batch has the global batch shape
-        short = b - rows.shape[0]
-        rows = np.concatenate([rows, np.full((short, cfg.seq_len), tok.specials.pad, np.int32)])
-        mask = np.concatenate([mask, np.zeros((short, cfg.seq_len), np.float32)])
+    if rows < b:  # pad rows so every batch has the global batch shape (pads are no targets)
+        fill = {"tokens": tok.specials.pad}
+        arrays = {
+            k: np.concatenate([a, np.full((b - rows, *a.shape[1:]), fill.get(k, 0), a.dtype)])
+            for k, a in arrays.items()
+        }
+        rows = b
     return [
-        _batch((rows[i : i + b], mask[i : i + b]))
-        for i in range(0, min(n * b, rows.shape[0] - b + 1), b)
+        {k: a[i : i + b] for k, a in arrays.items()} for i in range(0, min(n * b, rows - b + 1), b)
     ]

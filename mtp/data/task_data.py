@@ -46,7 +46,9 @@ def parse_task_spec(spec: str) -> tuple[Task, int]:
 def check_tasks(run: Run) -> None:
     """The checks of a run that need its tasks: every task spec parses, and a pause run's
     prompts with their pauses and answer fit the model. ConfigError names the field."""
+    distill = run.data.corpus.startswith("distill:")
     for field, spec in (
+        ("data.corpus", distill and run.data.corpus.removeprefix("distill:")),
         ("rl.task", run.rl and run.rl.task),
         ("pause.task", run.pause and run.pause.task),
     ):

@@ -2,46 +2,22 @@
 
 Every module that needs a token id asks the tokenizer for it by name
 (`tok.specials.eos`): no module holds ids as constants, so any tokenizer with
-the six named specials can stand behind the data, the decoder and RL.
-
-The specials delimit documents (`bos`, `eos`), pad rows (`pad`, never a
-target), mark a thinking span (`think_open`, `think_close`: written literally
-as "<think>" and "</think>" by tasks) and buy a pass of extra compute
-(`pause`, written "<pause>", never a target).
+the six named specials (`mtp.data.specials`) can stand behind the data, the
+decoder and RL. A pretrained model's tokenizer (`mtp.data.hf_tokenizer`) also
+brings its chat template; the byte tokenizer has none.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
 
-SPECIAL_NAMES = ("pad", "bos", "eos", "think_open", "think_close", "pause")
-
-
-@dataclasses.dataclass(frozen=True)
-class Specials:
-    """The special token ids of one tokenizer, by name. Hashable: decoders compile on it."""
-
-    pad: int
-    bos: int
-    eos: int
-    think_open: int
-    think_close: int
-    pause: int
-
-
-# How specials are written in text; pad has no spelling and never renders.
-SPELLINGS = {
-    "bos": "<bos>",
-    "eos": "<eos>",
-    "think_open": "<think>",
-    "think_close": "</think>",
-    "pause": "<pause>",
-}
+from mtp.config.sources import local_source
+from mtp.data.hf_tokenizer import load_tokenizer
+from mtp.data.specials import SPELLINGS, Specials
 
 
 class Tokenizer(Protocol):
@@ -49,6 +25,7 @@ class Tokenizer(Protocol):
 
     vocab_size: int
     specials: Specials
+    chat_template: str | None  # an instruct model's Jinja chat template; None: no chat layout
 
     def encode(self, text: str) -> np.ndarray:
         """(n,) int32 ids of plain text; special spellings in it stay plain text."""
@@ -59,12 +36,18 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special: bool = True) -> str:
         """Text of ids; with `skip_special` the specials are dropped, else spelled out."""
 
+    def apply_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> str:
+        """The chat template rendered over `messages` ({'role', 'content'} dicts), as text."""
+
 
 class ByteTokenizer:
     """UTF-8 bytes as ids 0..255, then the six specials as ids 256..261."""
 
     vocab_size = 262
     specials = Specials(pad=256, bos=257, eos=258, think_open=259, think_close=260, pause=261)
+    chat_template = None
 
     def __init__(self):
         self._spelling = {getattr(self.specials, n): s for n, s in SPELLINGS.items()}
@@ -100,13 +83,19 @@ class ByteTokenizer:
         out.append(_bytes_text(ids[start:]))
         return "".join(out)
 
+    def apply_chat(self, messages, add_generation_prompt=False) -> str:
+        raise ValueError("the byte tokenizer has no chat template (chat_template is None)")
+
 
 def _bytes_text(byte_ids: np.ndarray) -> str:
     return byte_ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 def tokenizer_of(run) -> Tokenizer:
-    """The tokenizer a run's models read and write: the byte tokenizer for every model mtp
-    trains from scratch."""
-    del run
-    return ByteTokenizer()
+    """The tokenizer a run's models read and write: the byte tokenizer for a model mtp trains
+    from scratch (`model.init_from` = ''), else the pretrained source's own tokenizer, with
+    the specials it lacks added or mapped as `model.specials` / `model.special_map` say."""
+    m = run.model
+    if not m.init_from:
+        return ByteTokenizer()
+    return load_tokenizer(local_source(m.init_from), m.specials, m.special_map)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mtp.data.format import encode_prompt
+from mtp.data.format import encode_prompt, encode_question
 from mtp.decode.engine import Decoder
 from mtp.decode.modes import MODES
 from mtp.decode.result import DecodeResult
@@ -56,21 +56,26 @@ def decode_report(
     top_p: float = 1.0,
     seed: int = 0,
     think_budget: int = 0,
+    chat: bool = True,
 ) -> str:
     """Decodes `<bos> prompt` in each mode; returns the texts and a markdown table.
 
     Special strings in the prompt ("<think>") become their tokens, so a prompt
-    can open a thinking span. With `think_budget` > 0, the `think` row is a
-    thought (fast, from `<bos> prompt <think>`) within that many main passes,
-    then a slow answer (`think_then_answer`). Raises DecodeError (a UserError) on
-    an empty prompt, an unknown mode or a prompt that does not fit the cache.
+    can open a thinking span. With `chat` and a tokenizer that has a chat template,
+    the prompt is the user's message and the model writes the assistant's reply.
+    With `think_budget` > 0, the `think` row is a thought (fast, from `encode_prompt`)
+    within that many main passes, then a slow answer (`think_then_answer`). Raises
+    DecodeError (a UserError) on an empty prompt, an unknown mode or a prompt that does
+    not fit the cache.
     """
     if not prompt:
         raise DecodeError("--prompt is empty; give the text to continue, e.g. --prompt='def main('")
     modes = _check_modes(modes)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
-    ids = np.concatenate([[tokenizer.specials.bos], tokenizer.encode_with_specials(prompt)])
+    ids = encode_question(tokenizer, prompt, chat=chat)
     dec = Decoder(system, tokenizer.specials)
+    chat = chat and tokenizer.chat_template is not None
+    shown = tokenizer.decode(ids, skip_special=False) if chat else prompt
     lines = [f"prompt: {prompt!r}  (k={dec.k}, {sampling})", ""]
     rows, results = [], {}
     for mode in modes:
@@ -93,7 +98,7 @@ def decode_report(
         first = dec.generate([ids], **kw)
         res = dec.generate([ids], **kw) if first.compiled else first  # timed warm
         results[mode] = res
-        lines += [f"### {mode}", prompt + res.texts(tokenizer)[0], ""]
+        lines += [f"### {mode}", shown + res.texts(tokenizer)[0], ""]
         rows.append(_row(res, max(first.wall_s - res.wall_s, 0.0)))
     if rows:
         lines += [

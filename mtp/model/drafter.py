@@ -2,16 +2,25 @@
 
 Every kind provides two views of the same function:
 
-- `__call__(taps_btld, inputs_btk) -> logits_btkv`, teacher-forced (training):
+- `__call__(taps_btld, inputs_btk) -> x_btkd`, teacher-forced (training):
   `inputs_btk[..., j]` is the token emitted at draft step j (y_0 is the main
-  token) and `logits_btkv[..., j, :]` scores y_{j+1}. Logits at step j see only
-  `inputs[..., :j+1]` (causal over draft steps) and the tap at t (causal over
-  positions), so teacher forcing over a whole sequence needs no Python loop over
-  positions.
-- `start(taps_bld) -> state` and `step(state, y_b, j) -> (state, logits_bv)`,
+  token) and the hidden state `x_btkd[..., j, :]`, scored by `logits`, scores
+  y_{j+1}. Step j sees only `inputs[..., :j+1]` (causal over draft steps) and the
+  tap at t (causal over positions), so teacher forcing over a whole sequence
+  needs no Python loop over positions. The hidden states, not the logits, come
+  back so that a loss can score one offset at a time (U-way logits for all k
+  offsets at once would be (B, T, K, U)).
+- `start(taps_bld) -> state` and `step(state, y_b, j) -> (state, logits_bu)`,
   incremental (decoding): step j reads y_j and scores y_{j+1} from cached
   state, so drafting k tokens costs k step evaluations, not k^2. `j` may be
   traced. `draft` runs the steps in one `fori_loop` for every kind.
+
+The output head scores U tokens: the whole vocabulary (U = V) or a trimmed draft
+vocabulary (`drafter.draft_vocab`, EAGLE-3), whose full-vocabulary ids the caller
+holds and passes to `draft` (`ids_u`); input tokens are always full ids. With
+`drafter.head` 'shared' or 'shared_frozen' the drafter has no embedding or head
+of its own: every method takes the main model's as a call argument (`Tables`),
+so the drafter never holds a second reference to the main model's variables.
 
 Kinds, registered by name in `DRAFTERS` (the names `DrafterConfig` accepts are
 `DRAFTER_KINDS`; both must list the same kinds):
@@ -31,24 +40,35 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp.config import DrafterConfig, ModelConfig
+from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.config.model import DRAFTER_KINDS
 from mtp.model.transformer import Block
 
-Choose = Callable[[jax.Array, jax.Array], jax.Array]  # (logits_bv, j) -> y_b
+Choose = Callable[[jax.Array, jax.Array], jax.Array]  # (logits_bu, j) -> index in 0..U-1
+
+
+class Tables(NamedTuple):
+    """The main model's tables a shared drafter reads: `embed_vd` (V, D) embeds its input
+    tokens, `head_du` (D, U) scores its U draft tokens."""
+
+    embed_vd: jax.Array
+    head_du: jax.Array
 
 
 class TapFusion(nnx.Module):
     """Norms each tapped layer and projects their concatenation to the drafter width."""
 
     def __init__(self, main: ModelConfig, d: int, *, rngs: nnx.Rngs):
-        self.norm = nnx.RMSNorm(main.d_model, epsilon=main.norm_eps, rngs=rngs)
-        self.proj = nnx.Linear(len(main.taps) * main.d_model, d, use_bias=False, rngs=rngs)
+        pdt = jnp.dtype(main.param_dtype)
+        self.norm = nnx.RMSNorm(main.d_model, epsilon=main.norm_eps, param_dtype=pdt, rngs=rngs)
+        n_in = len(main.taps) * main.d_model
+        self.proj = nnx.Linear(n_in, d, use_bias=False, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, taps_btld):
         b, t = taps_btld.shape[:2]
@@ -56,45 +76,85 @@ class TapFusion(nnx.Module):
 
 
 class DrafterBase(nnx.Module):
-    """Shared parts: tap fusion, output head, and drafting through `start` / `step`.
+    """Shared parts: tap fusion, input embedding, output head, and drafting through `start` /
+    `step`.
 
-    A kind (`register`ed) defines `__call__(taps_btld, inputs_btk) -> logits_btkv` (the
-    teacher-forced forward: taps (B, T, L, D), inputs (B, T, k)), `start(taps_bld) -> state`
-    (one position per row) and `step(state, y_b, j) -> (state, logits_bv)` (reads y_j (B,),
-    scores y_{j+1}).
+    A kind (`register`ed) defines `__call__(taps_btld, inputs_btk, tables=None) -> x_btkd`
+    (the teacher-forced forward: taps (B, T, L, D), inputs (B, T, k), hidden states (B, T, k,
+    d) that `logits` scores), `start(taps_bld, tables=None) -> state` (one position per row)
+    and `step(state, y_b, j, tables=None) -> (state, logits_bu)` (reads y_j (B,), scores
+    y_{j+1}). `tables` (`Tables`) is given exactly when the head is shared.
     """
 
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
         self.k = cfg.k
         self.d = cfg.d_model or main.d_model
+        self.vocab_out = cfg.draft_vocab or main.vocab_size  # U, the tokens the head scores
+        self.own = cfg.head == "own"
+        if not self.own and self.d != main.d_model:
+            raise ConfigError(
+                f"drafter.d_model: a shared head needs the main model's width "
+                f"{main.d_model} (or 0), got {cfg.d_model}"
+            )
+        if self.vocab_out > main.vocab_size:
+            raise ConfigError(
+                f"drafter.draft_vocab: must be <= model.vocab_size={main.vocab_size} "
+                f"(0 = all), got {cfg.draft_vocab}"
+            )
+        pdt = jnp.dtype(main.param_dtype)
         self.fuse = TapFusion(main, self.d, rngs=rngs)
-        self.out_norm = nnx.RMSNorm(self.d, epsilon=main.norm_eps, rngs=rngs)
-        self.head = nnx.Linear(self.d, main.vocab_size, use_bias=False, rngs=rngs)
+        self.out_norm = nnx.RMSNorm(self.d, epsilon=main.norm_eps, param_dtype=pdt, rngs=rngs)
+        if self.own:
+            self.head = nnx.Linear(
+                self.d, self.vocab_out, use_bias=False, param_dtype=pdt, rngs=rngs
+            )
 
-    def draft(self, taps_bld, y0_b, choose: Choose) -> tuple[jax.Array, jax.Array]:
+    def own_embed(self, main: ModelConfig, rngs: nnx.Rngs) -> None:
+        """The input embedding of the kinds that read the drafted tokens (own head only)."""
+        if self.own:
+            pdt = jnp.dtype(main.param_dtype)
+            self.embed = nnx.Embed(main.vocab_size, self.d, param_dtype=pdt, rngs=rngs)
+
+    def embed_tokens(self, tokens_x, tables: Tables | None = None):
+        """Embeddings (..., d) of full-vocabulary tokens (...)."""
+        if tables is None:
+            return self.embed(tokens_x)
+        return tables.embed_vd[tokens_x].astype(jnp.float32)
+
+    def logits(self, x_xd, tables: Tables | None = None):
+        """Draft logits (..., U) of hidden states (..., d)."""
+        if tables is None:
+            return self.head(self.out_norm(x_xd))
+        return jnp.matmul(self.out_norm(x_xd), tables.head_du.astype(jnp.float32))
+
+    def draft(
+        self, taps_bld, y0_b, choose: Choose, tables: Tables | None = None, ids_u=None
+    ) -> tuple[jax.Array, jax.Array]:
         """Drafts k tokens after y0 (B,) for one position per row.
 
-        `choose(logits_bv, j)` picks y_{j+1} (greedy or sampled), which the
-        next step reads. The steps run in a `fori_loop`, so one step compiles,
-        however large k is. Returns tokens (B, k) and logits (B, k, V).
+        `choose(logits_bu, j)` picks the index of y_{j+1} among the U draft tokens (greedy
+        or sampled); `ids_u` (U,) maps it to its full-vocabulary id (None: U = V, the
+        identity), which the next step reads. The steps run in a `fori_loop`, so one step
+        compiles, however large k is. Returns full-vocabulary tokens (B, k) and logits
+        (B, k, U).
         """
         b = y0_b.shape[0]
 
         def body(j, carry):
-            state, y_b, tokens_bk, logits_bkv = carry
-            state, logits_bv = self.step(state, y_b, j)
-            y_b = choose(logits_bv, j)
-            return state, y_b, tokens_bk.at[:, j].set(y_b), logits_bkv.at[:, j].set(logits_bv)
+            state, y_b, tokens_bk, logits_bku = carry
+            state, logits_bu = self.step(state, y_b, j, tables)
+            pick_b = choose(logits_bu, j)
+            y_b = pick_b if ids_u is None else ids_u[pick_b]
+            return state, y_b, tokens_bk.at[:, j].set(y_b), logits_bku.at[:, j].set(logits_bu)
 
-        v = self.head.out_features
         init = (
-            self.start(taps_bld),
+            self.start(taps_bld, tables),
             y0_b,
             jnp.zeros((b, self.k), jnp.int32),
-            jnp.zeros((b, self.k, v), jnp.float32),
+            jnp.zeros((b, self.k, self.vocab_out), jnp.float32),
         )
-        _, _, tokens_bk, logits_bkv = jax.lax.fori_loop(0, self.k, body, init)
-        return tokens_bk, logits_bkv
+        _, _, tokens_bk, logits_bku = jax.lax.fori_loop(0, self.k, body, init)
+        return tokens_bk, logits_bku
 
 
 DRAFTERS: dict[str, type[DrafterBase]] = {}
@@ -121,31 +181,37 @@ def register(kind: str):
 class TransformerDrafter(DrafterBase):
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, main, rngs=rngs)
-        self.embed = nnx.Embed(main.vocab_size, self.d, rngs=rngs)
-        self.in_proj = nnx.Linear(2 * self.d, self.d, use_bias=False, rngs=rngs)
-        self.step_embed = nnx.Embed(cfg.k, self.d, rngs=rngs)
+        pdt = jnp.dtype(main.param_dtype)
+        self.own_embed(main, rngs)
+        self.in_proj = nnx.Linear(2 * self.d, self.d, use_bias=False, param_dtype=pdt, rngs=rngs)
+        self.step_embed = nnx.Embed(cfg.k, self.d, param_dtype=pdt, rngs=rngs)
+        # a plain block, whatever the main model's family
         block_cfg = dataclasses.replace(
             main, d_model=self.d, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, d_ff=0,
-            dtype="float32", taps=(-1,), n_registers=0, use_urgency=False,
+            dtype="float32", taps=(-1,), n_registers=0, use_urgency=False, d_head=0,
+            qkv_bias=False, norm_plus_one=False, embed_scale=False, mlp_act="silu",
+            rope_scaling=(), init_from="",
         )  # fmt: skip
         self.blocks = nnx.List([Block(block_cfg, rngs=rngs) for _ in range(cfg.n_layers)])
 
-    def step_inputs(self, h_xd, tokens_x, steps_x):
+    def step_inputs(self, h_xd, tokens_x, steps_x, tables=None):
         """Block input of draft steps: fused tap h (..., d), token y_j (...), step j (...)."""
-        x_xd = self.in_proj(jnp.concatenate([h_xd, self.embed(tokens_x)], axis=-1))
+        e_xd = self.embed_tokens(tokens_x, tables)
+        x_xd = self.in_proj(jnp.concatenate([h_xd, e_xd], axis=-1))
         return x_xd + self.step_embed(steps_x)
 
-    def __call__(self, taps_btld, inputs_btk):
+    def __call__(self, taps_btld, inputs_btk, tables=None):
         b, t, k = inputs_btk.shape
         h_btkd = jnp.broadcast_to(self.fuse(taps_btld)[:, :, None], (b, t, k, self.d))
-        x_btkd = self.step_inputs(h_btkd, inputs_btk, jnp.broadcast_to(jnp.arange(k), (b, t, k)))
+        steps_btk = jnp.broadcast_to(jnp.arange(k), (b, t, k))
+        x_btkd = self.step_inputs(h_btkd, inputs_btk, steps_btk, tables)
         x_nkd = x_btkd.reshape(b * t, k, self.d)  # each position's draft chain on its own
         step_nk = jnp.broadcast_to(jnp.arange(k), (b * t, k))
         for block in self.blocks:
             x_nkd, _ = block(x_nkd, step_nk)
-        return self.head(self.out_norm(x_nkd)).reshape(b, t, k, -1)  # (B, T, k, V)
+        return x_nkd.reshape(b, t, k, self.d)
 
-    def start(self, taps_bld):
+    def start(self, taps_bld, tables=None):
         """The fused tap (B, 1, d) and an empty k-slot KV cache per block."""
         b = taps_bld.shape[0]
         acfg = self.blocks[0].attn.cfg
@@ -153,15 +219,15 @@ class TransformerDrafter(DrafterBase):
         caches = tuple({"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in self.blocks)
         return self.fuse(taps_bld[:, None]), caches
 
-    def step(self, state, y_b, j):
+    def step(self, state, y_b, j, tables=None):
         h_b1d, caches = state
         slot_b1 = jnp.full((y_b.shape[0], 1), j, jnp.int32)
-        x_b1d = self.step_inputs(h_b1d, y_b[:, None], slot_b1)
+        x_b1d = self.step_inputs(h_b1d, y_b[:, None], slot_b1, tables)
         new = []
         for block, cache in zip(self.blocks, caches, strict=True):
             x_b1d, cache = block(x_b1d, slot_b1, cache)
             new.append(cache)
-        return (h_b1d, tuple(new)), self.head(self.out_norm(x_b1d))[:, 0]
+        return (h_b1d, tuple(new)), self.logits(x_b1d[:, 0], tables)
 
 
 @register("medusa")
@@ -171,21 +237,22 @@ class MedusaDrafter(DrafterBase):
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, main, rngs=rngs)
         init = nnx.initializers.lecun_normal()
-        self.w_kdd = nnx.Param(init(rngs.params(), (cfg.k, self.d, self.d)) * 0.1)
+        w_kdd = init(rngs.params(), (cfg.k, self.d, self.d)) * 0.1
+        self.w_kdd = nnx.Param(w_kdd.astype(main.param_dtype))
 
-    def __call__(self, taps_btld, inputs_btk):
+    def __call__(self, taps_btld, inputs_btk, tables=None):
         h_btd = self.fuse(taps_btld)
-        x_btkd = h_btd[:, :, None] + jax.nn.silu(
+        return h_btd[:, :, None] + jax.nn.silu(
             jnp.einsum("btd,kde->btke", h_btd, self.w_kdd[...])
-        )
-        return self.head(self.out_norm(x_btkd))  # (B, T, k, V)
+        )  # (B, T, k, d)
 
-    def start(self, taps_bld):
-        """Every head's logits (B, k, V) at once."""
+    def start(self, taps_bld, tables=None):
+        """Every head's logits (B, k, U) at once."""
         b = taps_bld.shape[0]
-        return self(taps_bld[:, None], jnp.zeros((b, 1, self.k), jnp.int32))[:, 0]
+        x_bkd = self(taps_bld[:, None], jnp.zeros((b, 1, self.k), jnp.int32))[:, 0]
+        return self.logits(x_bkd, tables)
 
-    def step(self, state, y_b, j):
+    def step(self, state, y_b, j, tables=None):
         return state, state[:, j]
 
 
@@ -195,27 +262,31 @@ class RNNDrafter(DrafterBase):
 
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
         super().__init__(cfg, main, rngs=rngs)
-        self.embed = nnx.Embed(main.vocab_size, self.d, rngs=rngs)
-        self.cell = nnx.GRUCell(self.d, self.d, rngs=rngs)
+        self.own_embed(main, rngs)
+        orthogonal = nnx.initializers.orthogonal()  # QR in float32: LAPACK has no bfloat16
+        recurrent_init = lambda key, shape, dtype: orthogonal(key, shape).astype(dtype)
+        self.cell = nnx.GRUCell(
+            self.d, self.d, param_dtype=jnp.dtype(main.param_dtype),
+            recurrent_kernel_init=recurrent_init, rngs=rngs,
+        )  # fmt: skip
 
-    def __call__(self, taps_btld, inputs_btk):
+    def __call__(self, taps_btld, inputs_btk, tables=None):
         b, t, k = inputs_btk.shape
         s_nd = jnp.tanh(self.fuse(taps_btld)).reshape(b * t, self.d)
-        e_nkd = self.embed(inputs_btk).reshape(b * t, k, self.d)
+        e_nkd = self.embed_tokens(inputs_btk, tables).reshape(b * t, k, self.d)
         outs = []
         for j in range(k):
             s_nd, y_nd = self.cell(s_nd, e_nkd[:, j])
             outs.append(y_nd)
-        x_btkd = jnp.stack(outs, 1).reshape(b, t, k, self.d)
-        return self.head(self.out_norm(x_btkd))  # (B, T, k, V)
+        return jnp.stack(outs, 1).reshape(b, t, k, self.d)
 
-    def start(self, taps_bld):
+    def start(self, taps_bld, tables=None):
         """The GRU state (B, d) from the fused tap."""
         return jnp.tanh(self.fuse(taps_bld[:, None]))[:, 0]
 
-    def step(self, state, y_b, j):
-        s_bd, o_bd = self.cell(state, self.embed(y_b))
-        return s_bd, self.head(self.out_norm(o_bd))
+    def step(self, state, y_b, j, tables=None):
+        s_bd, o_bd = self.cell(state, self.embed_tokens(y_b, tables))
+        return s_bd, self.logits(o_bd, tables)
 
 
 def _check_registry() -> None:

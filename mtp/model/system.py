@@ -9,16 +9,28 @@ target x_{t+1+j}.
 Decoding goes through the same object: `init_cache` and `main_pass` run the
 main model incrementally, `draft` the drafter; nothing outside reads
 `system.main` or `system.drafter`.
+
+The system is also the only place that knows what the drafter shares with the
+main model: with `drafter.head` 'shared' / 'shared_frozen' it passes the main
+model's embedding and head (`Tables`) to every drafter call, and with a trimmed
+draft vocabulary (`drafter.draft_vocab` = U < V) it holds the U full ids the
+drafter's head scores (`draft_ids`, a non-trainable variable, so checkpointed).
+Training scores the drafter one offset at a time (`forward` -> `Drafts`), so the
+(B, T, K, U) draft logits never exist at once; `__call__` still returns them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtp.config import DrafterConfig, ModelConfig
-from mtp.model.drafter import make_drafter
+from mtp.model.drafter import Tables, make_drafter
 from mtp.model.transformer import Transformer
 
 
@@ -29,13 +41,108 @@ def shifted(tokens_bt: jax.Array, k: int, pad_id: int, start: int = 1) -> jax.Ar
     return jnp.stack([padded[:, start + j : start + j + t] for j in range(k)], axis=-1)
 
 
+def to_full_vocab(x_xu: jax.Array, ids_u: jax.Array | None, v: int, fill: float) -> jax.Array:
+    """Values over the U draft tokens (..., U) laid out over the full vocabulary (..., V),
+    `fill` elsewhere (-inf for logits or log-probs, 0 for probabilities); unchanged when
+    `ids_u` is None (U = V)."""
+    if ids_u is None:
+        return x_xu
+    full_xv = jnp.full((*x_xu.shape[:-1], v), fill, x_xu.dtype)
+    return full_xv.at[..., ids_u].set(x_xu)
+
+
+class DraftIds(nnx.Variable):
+    """Full-vocabulary ids (U,) of the tokens a trimmed drafter head scores; not trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Drafts:
+    """Teacher-forced draft hidden states and their head, to score one offset at a time.
+
+    hidden_btkd (B, T, K, d); `logits(x_xd) -> (..., U)`; `ids_u` (U,) the full ids of the U
+    scored tokens (None: U = V); `vocab_size` V. `from_logits` wraps (B, T, K, V) logits.
+    """
+
+    hidden_btkd: jax.Array
+    logits: Callable[[jax.Array], jax.Array]
+    ids_u: jax.Array | None
+    vocab_size: int
+
+    @classmethod
+    def from_logits(cls, draft_btkv: jax.Array) -> Drafts:
+        return cls(draft_btkv, lambda x: x, None, draft_btkv.shape[-1])
+
+    @property
+    def k(self) -> int:
+        return self.hidden_btkd.shape[2]
+
+    def per_offset(self, *xs_btk_):
+        """Scan inputs with the offset axis first: hidden (K, B, T, d), offsets 0..K-1, and
+        each of `xs_btk_` (B, T, K, ...) as (K, B, T, ...)."""
+        moved = tuple(jnp.moveaxis(x, 2, 0) for x in (self.hidden_btkd, *xs_btk_))
+        return (moved[0], jnp.arange(self.k), *moved[1:])
+
+    def local(self, tokens_x):
+        """Index (...) of full-vocabulary tokens among the U draft tokens (0 where not
+        covered) and whether they are covered (...)."""
+        if self.ids_u is None:
+            return tokens_x, jnp.ones(tokens_x.shape, bool)
+        u = self.ids_u.shape[0]
+        inv_v = jnp.full((self.vocab_size,), -1, jnp.int32).at[self.ids_u].set(jnp.arange(u))
+        idx_x = inv_v[tokens_x]
+        return jnp.maximum(idx_x, 0), idx_x >= 0
+
+    def full_logits(self) -> jax.Array:
+        """All draft logits at once over the full vocabulary (B, T, K, V), -inf outside the
+        draft vocabulary: for tests and small evaluations, not for training."""
+        return to_full_vocab(self.logits(self.hidden_btkd), self.ids_u, self.vocab_size, -jnp.inf)
+
+    def target_logprobs(self, tgt_btk):
+        """log p_draft(tgt[b, t, j]) at (t, j) (B, T, K), -inf for targets outside the draft
+        vocabulary; one offset's logits at a time, in the backward pass too."""
+        idx_btk, covered_btk = self.local(tgt_btk)
+
+        @jax.checkpoint
+        def one(xs):
+            h_btd, _, idx_bt = xs
+            lp_btu = jax.nn.log_softmax(self.logits(h_btd))
+            return jnp.take_along_axis(lp_btu, idx_bt[..., None], -1)[..., 0]
+
+        lp_btk = jnp.moveaxis(jax.lax.map(one, self.per_offset(idx_btk)), 0, 2)
+        return jnp.where(covered_btk, lp_btk, -jnp.inf)
+
+
+def _draft_ids(main: ModelConfig, drafter: DrafterConfig, draft_ids) -> DraftIds | None:
+    """The trimmed draft vocabulary's ids, checked (None: the full vocabulary)."""
+    u, v = drafter.draft_vocab, main.vocab_size
+    if not u:
+        if draft_ids is not None:
+            raise ValueError("draft_ids given, but drafter.draft_vocab is 0 (the full vocabulary)")
+        return None
+    ids_u = np.arange(u) if draft_ids is None else np.asarray(draft_ids)
+    if ids_u.shape != (u,) or not 0 <= ids_u.min() <= ids_u.max() < v:
+        raise ValueError(f"draft_ids: need {u} ids in 0..{v - 1}, got shape {ids_u.shape}")
+    if len(np.unique(ids_u)) != u:
+        raise ValueError("draft_ids: the ids must be distinct")
+    return DraftIds(jnp.asarray(ids_u, jnp.int32))
+
+
 class MTPSystem(nnx.Module):
-    def __init__(self, main: ModelConfig, drafter: DrafterConfig, *, pad_id: int, rngs: nnx.Rngs):
+    def __init__(
+        self, main: ModelConfig, drafter: DrafterConfig, *, pad_id: int, draft_ids=None,
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
+        """`draft_ids` (U,): the full ids the drafter scores when `drafter.draft_vocab` = U > 0
+        (e.g. `mtp.data.token_counts.most_frequent`); default 0..U-1."""
         self.main = Transformer(main, rngs=rngs)
         self.drafter = make_drafter(drafter, main, rngs=rngs)
         self.k = drafter.k
         self.detach = drafter.detach
         self.pad_id = pad_id
+        self.shared = drafter.head != "own"
+        self.frozen = drafter.head == "shared_frozen"
+        self.draft_ids = _draft_ids(main, drafter, draft_ids)
+        self.drafter_cfg = drafter
 
     @property
     def max_len(self) -> int:
@@ -45,6 +152,32 @@ class MTPSystem(nnx.Module):
     @property
     def vocab_size(self) -> int:
         return self.main.cfg.vocab_size
+
+    @property
+    def draft_vocab_size(self) -> int:
+        """U: the tokens the drafter's head scores (V unless trimmed)."""
+        return self.drafter.vocab_out
+
+    def ids(self) -> jax.Array | None:
+        """The draft vocabulary's full ids (U,), None when it is the full vocabulary."""
+        return None if self.draft_ids is None else self.draft_ids[...]
+
+    def full_vocab(self, x_xu: jax.Array, fill: float = -jnp.inf) -> jax.Array:
+        """Draft-vocabulary values (..., U) over the full vocabulary (..., V)."""
+        return to_full_vocab(x_xu, self.ids(), self.vocab_size, fill)
+
+    def tables(self) -> Tables | None:
+        """What a shared drafter head reads from the main model (None for an own head): its
+        embedding table and its head (the tied embedding's or its own kernel), the head's
+        columns at the draft ids; through stop_gradient for 'shared_frozen'."""
+        if not self.shared:
+            return None
+        embed_vd = self.main.embed.embedding[...]
+        tied = self.main.cfg.tie_embeddings
+        head_dv = embed_vd.T if tied else self.main.head.kernel[...]
+        ids_u = self.ids()
+        tables = Tables(embed_vd, head_dv if ids_u is None else head_dv[:, ids_u])
+        return jax.tree.map(jax.lax.stop_gradient, tables) if self.frozen else tables
 
     @property
     def use_urgency(self) -> bool:
@@ -72,15 +205,41 @@ class MTPSystem(nnx.Module):
 
     def draft(self, taps_bld, y0_b, choose):
         """Drafts k tokens after y0 (B,) from taps (B, L, D) given by `main_pass`:
-        tokens (B, k) and logits (B, k, V); `choose(logits_bv, j)` picks each."""
-        return self.drafter.draft(taps_bld, y0_b, choose)
+        full-vocabulary tokens (B, k) and draft-vocabulary logits (B, k, U) (`full_vocab` lays
+        them over V); `choose(logits_bu, j)` picks each, as an index among the U."""
+        return self.drafter.draft(taps_bld, y0_b, choose, self.tables(), self.ids())
+
+    def forward(self, tokens_bt, urgency_b=None) -> tuple[jax.Array, Drafts]:
+        """Teacher-forced forward: main logits (B, T, V) and the drafts (hidden states
+        (B, T, k, d) with their head), to be scored one offset at a time."""
+        logits_btv, taps_btld, _ = self.main(tokens_bt, urgency_b=urgency_b)
+        return logits_btv, self.drafts_from_taps(tokens_bt, self.taps_for_drafter(taps_btld))
+
+    def main_taps(self, tokens_bt) -> jax.Array:
+        """The main model's taps (B, T, L, D) over tokens (B, T), as the drafter reads them
+        (under jit the unused LM head is dead code and not computed)."""
+        return self.taps_for_drafter(self.main(tokens_bt)[1])
+
+    def drafts_from_taps(self, tokens_bt, taps_btld) -> Drafts:
+        """The teacher-forced drafts of `forward` from given taps (B, T, L, D): e.g. taps of
+        a frozen main model computed once (`mtp.train.self_distill`)."""
+        inputs_btk = shifted(tokens_bt, self.k, self.pad_id)  # y_0..y_{k-1} at each t
+        tables = self.tables()
+        shared = () if tables is None else (tables,)  # an own head takes no tables
+        hidden_btkd = self.drafter(taps_btld, inputs_btk, *shared)
+        logits = lambda x_xd: self.drafter.logits(x_xd, tables)
+        return Drafts(hidden_btkd, logits, self.ids(), self.vocab_size)
+
+    def set_draft_ids(self, ids_u) -> None:
+        """Replaces the trimmed draft vocabulary's ids (U,) (e.g. by frequency in the data)."""
+        checked = _draft_ids(self.main.cfg, self.drafter_cfg, ids_u)
+        self.draft_ids[...] = checked[...]
 
     def __call__(self, tokens_bt, urgency_b=None):
-        """Teacher-forced forward: main logits (B, T, V) and draft logits (B, T, k, V)."""
-        logits_btv, taps_btld, _ = self.main(tokens_bt, urgency_b=urgency_b)
-        inputs_btk = shifted(tokens_bt, self.k, self.pad_id)  # y_0..y_{k-1} at each t
-        draft_btkv = self.drafter(self.taps_for_drafter(taps_btld), inputs_btk)
-        return logits_btv, draft_btkv
+        """Teacher-forced forward: main logits (B, T, V) and all draft logits at once
+        (B, T, k, V), -inf outside a trimmed draft vocabulary. Training uses `forward`."""
+        logits_btv, drafts = self.forward(tokens_bt, urgency_b)
+        return logits_btv, drafts.full_logits()
 
     def pass_logprobs(self, tokens_bt, urgency_b=None):
         """Log-prob of every token under the policy, split by who emitted it.
@@ -90,11 +249,9 @@ class MTPSystem(nnx.Module):
         A pass starting at t scores main_bt[t] + sum_j draft_btk[t, j]; the
         drafter term carries gradient into the main model through h_t.
         """
-        logits_btv, draft_btkv = self(tokens_bt, urgency_b)
+        logits_btv, drafts = self.forward(tokens_bt, urgency_b)
         main_lp = jax.nn.log_softmax(logits_btv)
-        draft_lp = jax.nn.log_softmax(draft_btkv)
         nxt_bt = shifted(tokens_bt, 1, self.pad_id)[..., 0]
         tgt_btk = shifted(tokens_bt, self.k, self.pad_id, start=2)
         main_bt = jnp.take_along_axis(main_lp, nxt_bt[..., None], -1)[..., 0]
-        draft_btk = jnp.take_along_axis(draft_lp, tgt_btk[..., None], -1)[..., 0]
-        return main_bt, draft_btk
+        return main_bt, drafts.target_logprobs(tgt_btk)

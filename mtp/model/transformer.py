@@ -2,9 +2,11 @@
 
 Pre-norm RMSNorm blocks, RoPE, grouped-query attention through
 `jax.nn.dot_product_attention`, SwiGLU MLP, optional tied embeddings and
-learned registers. `__call__` returns logits, the hidden states of the tapped
-blocks (what the drafter eavesdrops on) and, when given one, the updated KV
-cache.
+learned registers. The family fields of `ModelConfig` cover pretrained checkpoints (see
+mtp.model.convert): an explicit head dim, q/k/v biases (Qwen2), `(1 + w)` norms, scaled
+embeddings and GeGLU (Gemma), Llama 3 RoPE scaling. `__call__` returns logits, the hidden
+states of the tapped blocks (what the drafter eavesdrops on) and, when given one, the
+updated KV cache.
 
 KV cache: one `{'k', 'v'}` pair per layer, each `(B, S, G, H)` (G key/value heads) with
 `S = n_registers + max_len` slots. Token at logical position `p` lives in slot
@@ -26,10 +28,24 @@ from mtp.config import ModelConfig
 Cache = tuple[dict[str, jax.Array], ...]
 
 
-def rope(x_btnh: jax.Array, pos_bt: jax.Array, base: float) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021), rotate-half form."""
-    h = x_btnh.shape[-1]
-    freqs_f = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # (H/2,)
+def rope_freqs(h: int, base: float, scaling: tuple[float, ...] = ()) -> jax.Array:
+    """Inverse frequencies (H/2,) float32; `scaling` = Llama 3's (factor, low_freq_factor,
+    high_freq_factor, original_max_len): long wavelengths slowed by `factor`, short ones kept,
+    a smooth blend between (as transformers' `_compute_llama3_parameters`)."""
+    freqs_f = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    if not scaling:
+        return freqs_f
+    factor, low, high, old_len = scaling
+    wavelen_f = 2 * jnp.pi / freqs_f
+    scaled_f = jnp.where(wavelen_f > old_len / low, freqs_f / factor, freqs_f)
+    smooth_f = (old_len / wavelen_f - low) / (high - low)
+    smoothed_f = (1 - smooth_f) * scaled_f / factor + smooth_f * scaled_f
+    medium_f = (wavelen_f >= old_len / high) & (wavelen_f <= old_len / low)
+    return jnp.where(medium_f, smoothed_f, scaled_f)
+
+
+def rope(x_btnh: jax.Array, pos_bt: jax.Array, freqs_f: jax.Array) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half form; freqs_f (H/2,)."""
     ang_btf = pos_bt[..., None].astype(jnp.float32) * freqs_f  # (B, T, H/2)
     sin, cos = jnp.sin(ang_btf)[:, :, None], jnp.cos(ang_btf)[:, :, None]  # (B, T, 1, H/2)
     x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
@@ -40,11 +56,11 @@ def rope(x_btnh: jax.Array, pos_bt: jax.Array, base: float) -> jax.Array:
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         dt, d, h = jnp.dtype(cfg.dtype), cfg.d_model, cfg.head_dim
-        kw = dict(use_bias=False, dtype=dt, param_dtype=jnp.float32, rngs=rngs)
+        kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         self.cfg = cfg
-        self.q = nnx.Linear(d, cfg.n_heads * h, **kw)
-        self.kv = nnx.Linear(d, 2 * cfg.n_kv_heads * h, **kw)
-        self.o = nnx.Linear(cfg.n_heads * h, d, **kw)
+        self.q = nnx.Linear(d, cfg.n_heads * h, use_bias=cfg.qkv_bias, **kw)
+        self.kv = nnx.Linear(d, 2 * cfg.n_kv_heads * h, use_bias=cfg.qkv_bias, **kw)  # [k | v]
+        self.o = nnx.Linear(cfg.n_heads * h, d, use_bias=False, **kw)
 
     def __call__(self, x_btd, slot_bt, cache=None):
         cfg = self.cfg
@@ -53,8 +69,9 @@ class Attention(nnx.Module):
         k_btgh, v_btgh = jnp.split(
             self.kv(x_btd).reshape(b, t, 2 * cfg.n_kv_heads, cfg.head_dim), 2, axis=2
         )
-        q_btnh = rope(q_btnh, slot_bt, cfg.rope_base)
-        k_btgh = rope(k_btgh, slot_bt, cfg.rope_base)
+        freqs_f = rope_freqs(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+        q_btnh = rope(q_btnh, slot_bt, freqs_f)
+        k_btgh = rope(k_btgh, slot_bt, freqs_f)
         if cache is None:  # training / full forward: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
         else:  # write the new keys at their slots, attend to every slot <= own slot
@@ -71,24 +88,50 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
+    """Gated MLP: down(act(gate) * up), act SiLU (SwiGLU) or tanh GELU (GeGLU, `mlp_act`)."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        kw = dict(use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
-        self.gate_up = nnx.Linear(cfg.d_model, 2 * cfg.ff_dim, **kw)
+        pdt = jnp.dtype(cfg.param_dtype)
+        kw = dict(use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, rngs=rngs)
+        self.gate_up = nnx.Linear(cfg.d_model, 2 * cfg.ff_dim, **kw)  # [gate | up]
         self.down = nnx.Linear(cfg.ff_dim, cfg.d_model, **kw)
+        self.gelu = cfg.mlp_act == "gelu_tanh"
 
     def __call__(self, x_btd):
         gate, up = jnp.split(self.gate_up(x_btd), 2, axis=-1)  # (B, T, F) each
-        return self.down(jax.nn.silu(gate) * up)
+        act = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down(act * up)
+
+
+class PlusOneRMSNorm(nnx.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + scale) in float32; `scale` stored as in HF (zeros)."""
+
+    def __init__(self, d: int, epsilon: float, dtype, param_dtype):
+        self.scale = nnx.Param(jnp.zeros((d,), param_dtype))
+        self.epsilon, self.dtype = epsilon, dtype
+
+    def __call__(self, x_btd):
+        x_btd32 = x_btd.astype(jnp.float32)
+        ms_bt1 = jnp.mean(x_btd32 * x_btd32, axis=-1, keepdims=True)
+        y_btd = x_btd32 * jax.lax.rsqrt(ms_bt1 + self.epsilon)
+        return (y_btd * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+def rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The family's RMSNorm over d_model: scale by w (nnx.RMSNorm) or by 1 + w (Gemma)."""
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    if cfg.norm_plus_one:
+        return PlusOneRMSNorm(cfg.d_model, cfg.norm_eps, dt, pdt)
+    return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=pdt, rngs=rngs)
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        kw = dict(epsilon=cfg.norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32)
-        self.attn_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs, **kw)
+        self.attn_norm = rms_norm(cfg, rngs)
         self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = nnx.RMSNorm(cfg.d_model, rngs=rngs, **kw)
+        self.mlp_norm = rms_norm(cfg, rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x_btd, slot_bt, cache=None):
@@ -102,27 +145,24 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        dt = jnp.dtype(cfg.dtype)
-        self.embed = nnx.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=jnp.float32, rngs=rngs
-        )
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = nnx.RMSNorm(
-            cfg.d_model, epsilon=cfg.norm_eps, dtype=dt, param_dtype=jnp.float32, rngs=rngs
-        )
+        self.final_norm = rms_norm(cfg, rngs)
         if not cfg.tie_embeddings:
             self.head = nnx.Linear(
-                cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dt,
-                param_dtype=jnp.float32, rngs=rngs,
-            )  # fmt: skip
+                cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs
+            )
         if cfg.n_registers:
             init = nnx.initializers.normal(0.02)
-            self.registers = nnx.Param(init(rngs.params(), (cfg.n_registers, cfg.d_model)))
+            self.registers = nnx.Param(init(rngs.params(), (cfg.n_registers, cfg.d_model), pdt))
         if cfg.use_urgency:
-            self.urgency = nnx.Param(jnp.zeros((cfg.d_model,), jnp.float32))
+            self.urgency = nnx.Param(jnp.zeros((cfg.d_model,), pdt))
 
     def _embed(self, tokens_bt, urgency_b):
         x_btd = self.embed(tokens_bt)
+        if self.cfg.embed_scale:  # Gemma: sqrt(d_model) rounded to the compute dtype, as in HF
+            x_btd = x_btd * jnp.asarray(self.cfg.d_model**0.5, x_btd.dtype)
         if self.cfg.use_urgency:
             u_b = jnp.zeros(tokens_bt.shape[:1]) if urgency_b is None else urgency_b
             x_btd = x_btd + (u_b[:, None, None] * self.urgency[...]).astype(x_btd.dtype)

@@ -46,6 +46,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from mtp.model.system import Drafts, to_full_vocab
+
 POLICY_LOSSES: dict[str, Callable] = {}
 
 # (logits_btv of the main model at t - 1, batch, lp_bt, temperature) -> lp_bt
@@ -65,20 +67,31 @@ def previous(x_bt_):
     return jnp.concatenate([x_bt_[:, :1], x_bt_[:, :-1]], axis=1)
 
 
-def token_dists(logits_btv, draft_btkv, offset_bt, temperature: float):
+def token_dists(logits_btv, draft, offset_bt, temperature: float):
     """Log-distribution (B, T, V) that emitted each token, and the main model's at t - 1.
 
     Offset 0: the main model's at t - 1; offset j >= 1: the drafter's at
-    (t - 1 - j, step j - 1). Row position 0 is garbage; mask it.
+    (t - 1 - j, step j - 1), -inf outside a trimmed draft vocabulary. Row position 0
+    is garbage; mask it. `draft`: a `Drafts` (scored one offset at a time, the
+    backward pass too) or draft logits (B, T, k, V).
     """
-    b, t, k, _ = draft_btkv.shape
+    drafts = draft if isinstance(draft, Drafts) else Drafts.from_logits(draft)
+    t = offset_bt.shape[1]
     main_lp_btv = jax.nn.log_softmax(logits_btv / temperature)
-    draft_lp_btkv = jax.nn.log_softmax(draft_btkv / temperature)
     main_prev_btv = previous(main_lp_btv)  # main distribution for token t lives at t - 1
-    src_bt = jnp.clip(jnp.arange(t) - 1 - offset_bt, 0, t - 1)
-    j_bt = jnp.clip(offset_bt - 1, 0, k - 1)
-    draft_sel_btv = draft_lp_btkv[jnp.arange(b)[:, None], src_bt, j_bt]  # (B, T, V)
-    dist_btv = jnp.where((offset_bt == 0)[..., None], main_prev_btv, draft_sel_btv)
+
+    @jax.checkpoint
+    def emitted(h_btd, j):
+        """The drafter's law at step j for the token at t, read at t - 2 - j (B, T, V)."""
+        lp_btu = jax.nn.log_softmax(drafts.logits(h_btd) / temperature)
+        lp_btv = to_full_vocab(lp_btu, drafts.ids_u, drafts.vocab_size, -jnp.inf)
+        return lp_btv[:, jnp.clip(jnp.arange(t) - 2 - j, 0, t - 1)]
+
+    def offset(dist_btv, xs):
+        h_btd, j = xs
+        return jnp.where((offset_bt == j + 1)[..., None], emitted(h_btd, j), dist_btv), None
+
+    dist_btv, _ = jax.lax.scan(offset, main_prev_btv, drafts.per_offset())
     return dist_btv, main_prev_btv
 
 
@@ -93,19 +106,27 @@ def token_stats(system, batch: dict, temperature: float = 1.0, token_logprob=Non
     log-distributions.
     """
     tokens_bt = batch["tokens"]
-    logits_btv, draft_btkv = system(tokens_bt, batch.get("urgency"))
-    dist_btv, main_prev_btv = token_dists(logits_btv, draft_btkv, batch["offset"], temperature)
+    logits_btv, drafts = system.forward(tokens_bt, batch.get("urgency"))
+    dist_btv, main_prev_btv = token_dists(logits_btv, drafts, batch["offset"], temperature)
     lp_bt = jnp.take_along_axis(dist_btv, tokens_bt[..., None], -1)[..., 0]
     if token_logprob is not None:
         lp_bt = token_logprob(previous(logits_btv), batch, lp_bt, temperature)
-    ent_bt = -(jnp.exp(dist_btv) * dist_btv).sum(-1)
+    inside_btv = dist_btv > -jnp.inf  # a trimmed drafter gives no mass outside its vocabulary
+    safe_btv = jnp.where(inside_btv, dist_btv, 0.0)
+    ent_bt = -(jnp.exp(safe_btv) * safe_btv * inside_btv).sum(-1)
     agree_bt = tokens_bt == jnp.argmax(main_prev_btv, -1)
     return lp_bt, ent_bt, agree_bt, dist_btv, main_prev_btv
 
 
 def distill_kl(dist_btv, teacher_btv, draft_mask_bt):
-    """Mean KL(teacher || drafter) over the masked drafted tokens; both log-distributions."""
-    kl_bt = (jnp.exp(teacher_btv) * (teacher_btv - dist_btv)).sum(-1)
+    """Mean KL(teacher || drafter) over the masked drafted tokens; both log-distributions.
+    Where the drafter gives no mass (-inf: outside a trimmed draft vocabulary) the teacher is
+    restricted to the drafter's tokens, renormalised."""
+    inside_btv = dist_btv > -jnp.inf
+    teacher_btv = jnp.where(inside_btv, teacher_btv, -jnp.inf)
+    teacher_btv = teacher_btv - jax.nn.logsumexp(teacher_btv, -1, keepdims=True)
+    safe_btv = jnp.where(inside_btv, teacher_btv - dist_btv, 0.0)
+    kl_bt = (jnp.exp(teacher_btv) * safe_btv).sum(-1)
     return (kl_bt * draft_mask_bt).sum() / jnp.maximum(draft_mask_bt.sum(), 1.0)
 
 

@@ -18,40 +18,71 @@ from flax import nnx
 from mtp.config import Run
 from mtp.data.tokenizer import Tokenizer
 from mtp.model.system import MTPSystem
-from mtp.train.losses import draft_accuracy, offset_weights, supervised_loss
+from mtp.train.losses import accuracy_metrics, offset_weights, supervised_terms
+from mtp.train.pretrained import load_pretrained
+
+
+def _adamw(train_config, scale: float = 1.0) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and cosine decay, its peak `scale * lr`."""
+    peak = train_config.lr * scale
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=train_config.warmup_steps,
+        decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
+        end_value=peak * train_config.min_lr_ratio,
+    )
+    return optax.adamw(
+        schedule, b1=train_config.b1, b2=train_config.b2, weight_decay=train_config.weight_decay
+    )
+
+
+def _param_groups(params):
+    """'main' for the main model's parameters, 'drafter' for the rest (same tree)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "main" if path[0].key == "main" else "drafter", params
+    )
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, cosine decay and global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=train_config.lr,
-        warmup_steps=train_config.warmup_steps,
-        decay_steps=max(train_config.steps, train_config.warmup_steps + 1),
-        end_value=train_config.lr * train_config.min_lr_ratio,
-    )
-    return optax.chain(
-        optax.clip_by_global_norm(train_config.grad_clip),
-        optax.adamw(
-            schedule, b1=train_config.b1, b2=train_config.b2, weight_decay=train_config.weight_decay
-        ),
-    )
+    """Global-norm clipping, then AdamW; the main model's peak learning rate is
+    `main_lr_scale * lr` (0: frozen, and no optimizer state is kept for it)."""
+    scale = train_config.main_lr_scale
+    if scale == 1.0:
+        tx = _adamw(train_config)
+    else:
+        main = _adamw(train_config, scale) if scale else optax.set_to_zero()
+        tx = optax.multi_transform({"main": main, "drafter": _adamw(train_config)}, _param_groups)
+    return optax.chain(optax.clip_by_global_norm(train_config.grad_clip), tx)
 
 
-def make_system(run: Run, tok: Tokenizer, seed: int | None = None) -> MTPSystem:
+def make_system(
+    run: Run, tok: Tokenizer, seed: int | None = None, *, pretrained: bool = True, draft_ids=None
+) -> MTPSystem:
+    """The system of `run` (shapes already from `with_checkpoint_shapes`); with `pretrained`,
+    the main model's weights from `model.init_from`. `draft_ids` (N,): the trimmed draft
+    vocabulary (`drafter.draft_vocab`)."""
     seed = run.seed if seed is None else seed
-    return MTPSystem(run.model, run.drafter, pad_id=tok.specials.pad, rngs=nnx.Rngs(seed))
+    system = MTPSystem(
+        run.model, run.drafter, pad_id=tok.specials.pad, draft_ids=draft_ids, rngs=nnx.Rngs(seed)
+    )
+    if pretrained and run.model.init_from:
+        load_pretrained(system.main, run)
+    return system
 
 
-def make_system_and_optimizer(run: Run, tok: Tokenizer):
-    system = make_system(run, tok)
-    return system, nnx.Optimizer(system, make_optimizer(run.train), wrt=nnx.Param)
+def make_system_and_optimizer(run: Run, tok: Tokenizer, pretrained: bool = True, draft_ids=None):
+    system = make_system(run, tok, pretrained=pretrained, draft_ids=draft_ids)
+    return system, nnx.Optimizer(system, make_optimizer(run.train), wrt=trainable(run.train))
 
 
-def init_train_state(run: Run, tok: Tokenizer, abstract: bool = False):
-    """(graphdef, state) of (system, optimizer); ShapeDtypeStructs only if `abstract`."""
-    build = functools.partial(make_system_and_optimizer, run, tok)
-    return nnx.split(nnx.eval_shape(build) if abstract else build())
+def init_train_state(run: Run, tok: Tokenizer, abstract: bool = False, draft_ids=None):
+    """(graphdef, state) of (system, optimizer); ShapeDtypeStructs only if `abstract` (then no
+    pretrained weights are read: a restore fills them)."""
+    if abstract:
+        build = functools.partial(make_system_and_optimizer, run, tok, False, draft_ids)
+        return nnx.split(nnx.eval_shape(build))
+    return nnx.split(make_system_and_optimizer(run, tok, True, draft_ids))
 
 
 def _flatten(metrics: dict) -> dict:
@@ -66,24 +97,40 @@ def _flatten(metrics: dict) -> dict:
 
 
 def loss_fn(system: MTPSystem, batch, train_config):
-    logits_btv, draft_btkv = system(batch["tokens"], batch.get("urgency"))
-    loss, metrics = supervised_loss(
+    """(loss, metrics): the supervised loss and the accuracy metrics of one batch; the drafter
+    scored one offset at a time (`supervised_terms`)."""
+    tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
+    if "taps" in batch:  # a frozen main model's taps, computed once: the drafter alone
+        logits_btv, drafts = None, system.drafts_from_taps(tokens_bt, batch["taps"])
+    else:
+        logits_btv, drafts = system.forward(tokens_bt, batch.get("urgency"))
+    loss, metrics, pred_btk = supervised_terms(
         logits_btv,
-        draft_btkv,
-        batch["tokens"],
-        batch["loss_mask"],
+        drafts,
+        tokens_bt,
+        mask_bt,
         draft_weights_k=offset_weights(system.k, train_config.draft_decay),
         draft_weight=train_config.draft_weight,
         distill_weight=train_config.distill_weight,
     )
-    return loss, (metrics, logits_btv, draft_btkv)
+    logits_btv = None if logits_btv is None else jax.lax.stop_gradient(logits_btv)
+    metrics.update(accuracy_metrics(logits_btv, pred_btk, tokens_bt, mask_bt))
+    return loss, metrics
+
+
+def trainable(train_config):
+    """The parameters a supervised step updates: all, or the drafter's alone when the main
+    model is frozen (`train.main_lr_scale` = 0: its gradient is then never computed)."""
+    if train_config.main_lr_scale == 0:
+        return nnx.All(nnx.Param, nnx.PathContains("drafter"))
+    return nnx.Param
 
 
 def train_step(graphdef, state, batch, *, train_config):
     system, optimizer = nnx.merge(graphdef, state)
-    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, logits, draft)), grads = grad_fn(system, batch, train_config)
-    metrics.update(draft_accuracy(logits, draft, batch["tokens"], batch["loss_mask"]))
+    wrt = nnx.DiffState(0, trainable(train_config))
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=wrt, has_aux=True)
+    (_, metrics), grads = grad_fn(system, batch, train_config)
     metrics["grad_norm"] = optax.global_norm(grads)
     optimizer.update(system, grads)
     return nnx.state((system, optimizer)), _flatten(metrics)
@@ -92,8 +139,7 @@ def train_step(graphdef, state, batch, *, train_config):
 def eval_step(graphdef, state, batch, *, train_config):
     """Metrics of one batch plus its target count (to weight the average)."""
     system, _ = nnx.merge(graphdef, state)
-    _, (metrics, logits, draft) = loss_fn(system, batch, train_config)
-    metrics.update(draft_accuracy(logits, draft, batch["tokens"], batch["loss_mask"]))
+    _, metrics = loss_fn(system, batch, train_config)
     metrics["targets"] = batch["loss_mask"][:, 1:].sum()
     return _flatten(metrics)
 

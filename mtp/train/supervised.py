@@ -29,18 +29,22 @@ from flax import nnx
 
 from mtp import checkpoint as ckpt
 from mtp.config import Run
-from mtp.data.pipeline import eval_batches, train_iterator
+from mtp.data.pipeline import eval_batches, split_arrays, train_iterator
+from mtp.data.token_counts import most_frequent
 from mtp.data.tokenizer import Tokenizer
 from mtp.errors import NonFiniteLoss
 from mtp.metrics import MetricWriter, format_table, is_main_process, progress
 from mtp.sharding import batch_sharding, global_batch, host_slice, make_mesh, state_shardings
 from mtp.train.lm_eval import LMEvaluator
+from mtp.train.pretrained import with_checkpoint_shapes
+from mtp.train.self_distill import PREFIX, distill_arrays
 from mtp.train.steps import (
     all_finite,
     first_nonfinite,
     init_train_state,
     jit_steps,
     make_optimizer,
+    trainable,
 )
 
 
@@ -106,17 +110,31 @@ def write_report(workdir, step: int, results: dict) -> str:
     return text
 
 
+def with_draft_vocab(graphdef, state, run: Run, tok: Tokenizer, arrays) -> dict:
+    """`state` whose system drafts over the `drafter.draft_vocab` most frequent target tokens
+    of the training rows (the specials always among them)."""
+    system, optimizer = nnx.merge(graphdef, state)
+    train = arrays["train"]
+    targets = train["tokens"][train["loss_mask"] > 0]
+    s = tok.specials
+    ids = most_frequent(
+        [targets], run.drafter.draft_vocab, run.model.vocab_size, always=(s.eos, s.think_close)
+    )
+    system.set_draft_ids(ids)
+    return nnx.state((system, optimizer))
+
+
 def train_and_evaluate(run: Run, workdir, tok: Tokenizer, *, init_from=None) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the final evaluation.
 
     init_from: a run directory whose trained system starts this one (fresh optimizer).
     """
     workdir = Path(workdir)
+    run = with_checkpoint_shapes(run, tok)
     ckpt.check_compatible(run, workdir)
-    train_it = train_iterator(
-        run.data, tok, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    held_out = eval_batches(run.data, tok, run.train.eval_batches)
+    distill = run.data.corpus.startswith(PREFIX)
+    if not distill:  # read (and so check) the data before anything is written
+        arrays = {split: split_arrays(run.data, tok, split) for split in ("train", "eval")}
     if is_main_process():
         ckpt.write_run(run, workdir)
 
@@ -127,15 +145,26 @@ def train_and_evaluate(run: Run, workdir, tok: Tokenizer, *, init_from=None) -> 
     mngr = ckpt.manager(workdir, run.train.keep_checkpoints)
     step, state, data_state = ckpt.restore_latest(mngr, ckpt.abstract(abstract_state, shardings))
     if step:
-        train_it.set_state(data_state)
         if is_main_process():
             print(f"resuming {workdir} from step {step} of {run.train.steps}", flush=True)
     elif init_from is not None:  # a warm start: the trained system, a fresh optimizer
         system, _ = ckpt.load_system(init_from)
-        optimizer = nnx.Optimizer(system, make_optimizer(run.train), wrt=nnx.Param)
+        optimizer = nnx.Optimizer(system, make_optimizer(run.train), wrt=trainable(run.train))
         state = jax.device_put(nnx.state((system, optimizer)), shardings)
+    elif run.model.init_from:  # pretrained weights: read on the host, then placed
+        state = jax.device_put(init_train_state(run, tok)[1], shardings)
     else:
         state = jax.jit(lambda: init_train_state(run, tok)[1], out_shardings=shardings)()
+    if distill:  # written by the main model itself: generated once, then read back
+        arrays = distill_arrays(run, tok, nnx.merge(graphdef, state)[0], workdir)
+    if not step and run.drafter.draft_vocab:
+        state = jax.device_put(with_draft_vocab(graphdef, state, run, tok, arrays), shardings)
+    train_it = train_iterator(
+        run.data, tok, jax.process_index(), jax.process_count(), arrays=arrays["train"]
+    )
+    if step:
+        train_it.set_state(data_state)
+    held_out = eval_batches(run.data, tok, run.train.eval_batches, arrays=arrays["eval"])
 
     evaluator = LMEvaluator(lambda s, b: eval_step(s, global_batch(host_slice(b), mesh)), held_out)
     writer = MetricWriter(workdir)

