@@ -14,6 +14,7 @@ from mtp.data.tokenizer import tokenizer_of
 from mtp.programs.pause import run_pause
 from mtp.programs.rl import run_rl
 from mtp.programs.sweep import run_sweep
+from mtp.train.pretrained import with_checkpoint_shapes
 from mtp.train.supervised import train_and_evaluate
 
 PROGRAMS = {
@@ -25,6 +26,8 @@ PROGRAMS = {
 
 
 def run_program(run: Run, workdir):
-    """Checks what needs the run's tasks, then runs its program in `workdir`."""
+    """Checks what needs the run's tasks, then runs its program in `workdir`, with the main
+    model's shapes from its pretrained checkpoint if `model.init_from` names one."""
     check_tasks(run)
-    return PROGRAMS[run.program](run, workdir, tokenizer_of(run))
+    tok = tokenizer_of(run)
+    return PROGRAMS[run.program](with_checkpoint_shapes(run, tok), workdir, tok)

@@ -36,6 +36,7 @@ from mtp.data.task_data import parse_task_spec
 from mtp.data.tokenizer import Tokenizer
 from mtp.decode.engine import Decoder
 from mtp.decode.sampling import Sampling
+from mtp.errors import DataError
 from mtp.metrics import progress
 from mtp.model.system import MTPSystem
 
@@ -58,6 +59,12 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
         n = max(1, round(n * run.data.eval_fraction))  # generating is costly: no floor of 64
     t, b = run.data.seq_len, run.data.batch_size
     prompts = [encode_chat_prompt(tok, ex.prompt) for ex in task.examples(split, n, start=0)]
+    longest = max(p.size for p in prompts)
+    if longest >= t:
+        raise DataError(
+            f"data.corpus {run.data.corpus!r}: a chat prompt of {split} has {longest} tokens, "
+            f"no room for an answer in data.seq_len={t}; raise data.seq_len"
+        )
     rows = np.full((n, t), tok.specials.pad, np.int32)
     mask = np.zeros((n, t), np.float32)
     dec = Decoder(system, tok.specials)

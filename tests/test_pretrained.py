@@ -1,0 +1,168 @@
+"""A pretrained main model in a run: shapes from the checkpoint, weights loaded, the frozen
+recipe on self-distillation rows, and the main model's own learning rate."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtp import checkpoint as ckpt
+from mtp.config import ModelConfig, PauseConfig, RLConfig, SweepConfig, default_config, resolve
+from mtp.data.format import encode_chat_prompt
+from mtp.data.rows_dataset import read_rows
+from mtp.data.tasks import make_task
+from mtp.data.tokenizer import ByteTokenizer, tokenizer_of
+from mtp.decode.engine import Decoder
+from mtp.errors import ConvertError
+from mtp.model.convert import export_hf, read_weights
+from mtp.model.transformer import Transformer
+from mtp.programs import PROGRAMS, run_program
+from mtp.train.pretrained import with_checkpoint_shapes
+from mtp.train.self_distill import dataset_name
+from mtp.train.steps import init_train_state, jit_steps
+
+TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
+BASE_VOCAB = 400  # the fixture tokenizer's own tokens
+
+
+def _checkpoint(directory: Path, vocab: int = BASE_VOCAB) -> Path:
+    """A random Llama-family model in HF format, with the fixture's ChatML tokenizer."""
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
+    export_hf(Transformer(cfg, rngs=nnx.Rngs(3)), directory, arch="llama")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER / name, directory / name)
+    return directory
+
+
+def _config(hf_dir, **train):
+    c = default_config()
+    c.model.update(init_from=f"hf:{hf_dir}", max_len=320)
+    c.drafter.update(k=2, n_heads=2, head="shared_frozen", draft_vocab=64, detach=True)
+    c.data.update(
+        corpus="distill:rg_chain_sum:max_terms=3,max_digits=2,n=6", seq_len=256,
+        batch_size=4, eval_fraction=0.34, cache_taps=True,
+    )  # fmt: skip
+    c.train.update(
+        steps=3, warmup_steps=1, lr=1e-2, log_every=1, eval_every=3, checkpoint_every=3,
+        eval_batches=1, main_lr_scale=0.0,
+    )  # fmt: skip
+    c.train.update(**train)
+    return c
+
+
+def test_checkpoint_fixes_the_shapes_and_a_tokenizer_larger_than_the_embedding_fails(tmp_path):
+    hf = _checkpoint(tmp_path / "hf")
+    run = resolve(_config(hf))
+    tok = tokenizer_of(run)
+    shaped = with_checkpoint_shapes(run, tok)
+    assert (shaped.model.d_model, shaped.model.n_layers, shaped.model.n_kv_heads) == (32, 2, 1)
+    assert shaped.model.vocab_size == tok.vocab_size == BASE_VOCAB + 4  # pad, think x2, pause
+    assert shaped.model.max_len == 320  # the run's own choice stays
+    small = _checkpoint(tmp_path / "small", vocab=BASE_VOCAB - 8)
+    with pytest.raises(ConvertError, match="tokenizer has 400 tokens but the embedding only 392"):
+        with_checkpoint_shapes(resolve(_config(small)), tok)
+
+
+def test_frozen_recipe_trains_the_drafter_on_the_main_models_own_text(tmp_path):
+    hf = _checkpoint(tmp_path / "hf")
+    run = resolve(_config(hf))
+    workdir = tmp_path / "run"
+    run_program(run, workdir)
+    saved = json.loads((workdir / "config.json").read_text())["model"]
+    assert saved["d_model"] == 32 and saved["vocab_size"] == BASE_VOCAB + 4
+
+    system, loaded = ckpt.load_system(workdir)
+    tok = tokenizer_of(loaded)
+    # frozen: the main model is the checkpoint's, bit for bit (added rows: the mean row)
+    ref = read_weights(f"hf:{hf}")
+    np.testing.assert_array_equal(
+        system.main.blocks[0].attn.q.kernel[...], ref["blocks.0.attn.q.kernel"]
+    )
+    embed = np.asarray(system.main.embed.embedding[...])
+    np.testing.assert_array_equal(embed[:BASE_VOCAB], ref["embed.embedding"])
+    np.testing.assert_allclose(
+        embed[BASE_VOCAB:], np.broadcast_to(ref["embed.embedding"].mean(0), (4, 32)), rtol=1e-6
+    )
+
+    # the rows are the main model's greedy answers to the task's chat prompts
+    rows, mask = read_rows(dataset_name(loaded), workdir / "distill", 256, "train")
+    ex = next(
+        iter(make_task("rg_chain_sum", max_terms=3, max_digits=2).examples("train", 1, start=0))
+    )
+    prompt = encode_chat_prompt(tok, ex.prompt)
+    np.testing.assert_array_equal(rows[0, : prompt.size], prompt)
+    assert mask[0, : prompt.size].sum() == 0 and mask[0, prompt.size] == 1
+    out = Decoder(system, tok.specials).generate([prompt], max_new_tokens=256 - prompt.size)
+    n = int(mask[0].sum())
+    np.testing.assert_array_equal(rows[0, prompt.size : prompt.size + n], out.row(0)[:n])
+
+    # the draft vocabulary: the most frequent targets of those rows, the end token among them
+    ids = np.asarray(system.ids())
+    assert ids.shape == (64,) and tok.specials.eos in ids
+    counts = np.bincount(rows[mask > 0], minlength=system.vocab_size)
+    assert counts[ids].sum() == np.sort(counts)[::-1][:64].sum()
+
+
+def _update(run, tok, batch):
+    """Parameters before and after one train step of a fresh system."""
+    graphdef, state = init_train_state(run, tok)
+    before = jax.tree.map(np.asarray, nnx.state(nnx.merge(graphdef, state)[0], nnx.Param))
+    train, _ = jit_steps(graphdef, run.train)
+    state, _ = train(state, batch)
+    after = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)
+    return before, jax.tree.map(np.asarray, after)
+
+
+def _max_change(before, after, part):
+    return max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(after[part]), jax.tree.leaves(before[part]), strict=True)
+    )
+
+
+def test_main_lr_scale_is_the_main_models_share_of_the_learning_rate():
+    c = default_config()
+    c.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_len=32)
+    c.drafter.update(k=2, n_heads=2)
+    c.data.update(seq_len=16, batch_size=2)
+    c.train.update(steps=10, warmup_steps=0, lr=1e-3, weight_decay=0.0)
+    tok = ByteTokenizer()
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, 16), jnp.float32)}
+    changes = {}
+    for scale in (1.0, 0.1, 0.0):
+        run = resolve(c).replace(train=dataclasses.replace(resolve(c).train, main_lr_scale=scale))
+        before, after = _update(run, tok, batch)
+        changes[scale] = (_max_change(before, after, "main"), _max_change(before, after, "drafter"))
+    # Adam's first step moves every parameter by about its learning rate
+    assert changes[1.0][0] == pytest.approx(1e-3, rel=0.05)
+    assert changes[0.1][0] == pytest.approx(1e-4, rel=0.05)
+    assert changes[0.0][0] == 0.0
+    assert changes[1.0][1] == changes[0.1][1] == changes[0.0][1] == pytest.approx(1e-3, rel=0.05)
+
+
+@pytest.mark.parametrize("program", ["train", "rl", "pause", "sweep"])
+def test_every_program_gets_the_checkpoints_shapes(tmp_path, monkeypatch, program):
+    hf = _checkpoint(tmp_path / "hf")
+    c = _config(hf)
+    c.data.update(corpus="stdlib", cache_taps=False)
+    c.program = program
+    if program in ("rl", "pause"):
+        c.rl = dataclasses.asdict(RLConfig(rollout="pause" if program == "pause" else "think"))
+    if program == "pause":
+        c.model.use_urgency = True
+        c.pause = dataclasses.asdict(PauseConfig())
+        c.rl.task = c.pause.task
+    if program == "sweep":
+        c.sweep = dataclasses.asdict(SweepConfig(prompt_len=16, new_tokens=16))
+    seen = {}
+    monkeypatch.setitem(PROGRAMS, program, lambda run, workdir, tok: seen.update(run=run, tok=tok))
+    run_program(resolve(c), tmp_path / "run")
+    assert (seen["run"].model.d_model, seen["run"].model.n_layers) == (32, 2)
+    assert seen["run"].model.vocab_size == seen["tok"].vocab_size == BASE_VOCAB + 4
