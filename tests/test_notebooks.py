@@ -54,7 +54,16 @@ def with_parameters(nb, params: dict):
     return nb
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+# The RL notebook takes two minutes; CI runs the same warm-up + RL pipeline in
+# tests/test_rl_loop.py, so it runs with --runslow.
+SLOW = {"rl_fast_thinking"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW else p for p in NOTEBOOKS],
+    ids=[p.stem for p in NOTEBOOKS],
+)
 def test_notebook_runs_end_to_end(path, tmp_path, kernel_of_this_python):
     nb = with_parameters(nbformat.read(path, as_version=4), PARAMETERS[path.stem])
     run_dir = tmp_path / "run"

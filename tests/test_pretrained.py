@@ -14,6 +14,7 @@ from flax import nnx
 
 from mtp import checkpoint as ckpt
 from mtp.config import ModelConfig, PauseConfig, RLConfig, SweepConfig, default_config, resolve
+from mtp.config.sources import local_source
 from mtp.data.format import encode_chat_prompt
 from mtp.data.rows_dataset import read_rows
 from mtp.data.tasks import make_task
@@ -166,3 +167,13 @@ def test_every_program_gets_the_checkpoints_shapes(tmp_path, monkeypatch, progra
     run_program(resolve(c), tmp_path / "run")
     assert (seen["run"].model.d_model, seen["run"].model.n_layers) == (32, 2)
     assert seen["run"].model.vocab_size == seen["tok"].vocab_size == BASE_VOCAB + 4
+
+
+def test_a_source_that_is_not_there_is_one_line(tmp_path):
+    with pytest.raises(ConvertError, match="is not a directory"):
+        local_source(f"hf:{tmp_path / 'none'}")
+    with pytest.raises(ConvertError, match="is not a file"):
+        local_source(f"gguf:{tmp_path / 'none.gguf'}")
+    with pytest.raises(ConvertError, match="no named source 'smollm9'; known: smollm2-135m"):
+        local_source("named:smollm9")
+    assert local_source(f"hf:{tmp_path}") == f"hf:{tmp_path}"

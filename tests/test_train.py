@@ -199,8 +199,7 @@ def _unchunked_loss(system, tokens_bt, mask_bt, distill):
     return loss
 
 
-@pytest.mark.parametrize("draft_vocab, head, distill", [(0, "own", 0.0), (0, "own", 0.5),
-                                                        (20, "shared", 0.5)])  # fmt: skip
+@pytest.mark.parametrize("draft_vocab, head, distill", [(0, "own", 0.0), (20, "shared", 0.5)])
 def test_chunked_draft_loss_and_grads_equal_the_unchunked_ones(draft_vocab, head, distill):
     system = _chunk_system(draft_vocab, head)
     tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, 48)
