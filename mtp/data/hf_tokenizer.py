@@ -34,7 +34,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from mtp.data.chat import render_chat
-from mtp.data.specials import SPELLINGS, Specials
+from mtp.data.specials import SPELLINGS, Specials, encode_with_spellings
 from mtp.errors import ConvertError
 
 _LLAMA3_SPLIT = (
@@ -138,12 +138,7 @@ class HFTokenizer:
         return np.asarray(self._plain.encode(text, add_special_tokens=False).ids, np.int32)
 
     def encode_with_specials(self, text: str) -> np.ndarray:
-        parts, start = [], 0
-        for m in self._spelling_re.finditer(text):
-            parts += [self._ids_of(text[start : m.start()]), [self._by_spelling[m.group()]]]
-            start = m.end()
-        parts.append(self._ids_of(text[start:]))
-        return np.concatenate(parts).astype(np.int32)
+        return encode_with_spellings(text, self._spelling_re, self._by_spelling, self._ids_of)
 
     def _ids_of(self, text: str) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids if text else []

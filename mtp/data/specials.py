@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 SPECIAL_NAMES = ("pad", "bos", "eos", "think_open", "think_close", "pause")
 
 
@@ -34,3 +36,14 @@ SPELLINGS = {
     "think_close": "</think>",
     "pause": "<pause>",
 }
+
+
+def encode_with_spellings(text: str, spelling_re, ids: dict, encode) -> np.ndarray:
+    """(n,) int32: `text` with each match of `spelling_re` (a special's spelling) as its id
+    in `ids` and the text between them through `encode` (text -> ids)."""
+    parts, start = [], 0
+    for m in spelling_re.finditer(text):
+        parts += [encode(text[start : m.start()]), [ids[m.group()]]]
+        start = m.end()
+    parts.append(encode(text[start:]))
+    return np.concatenate(parts).astype(np.int32)

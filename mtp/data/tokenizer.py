@@ -17,7 +17,7 @@ import numpy as np
 
 from mtp.config.sources import local_source
 from mtp.data.hf_tokenizer import load_tokenizer
-from mtp.data.specials import SPELLINGS, Specials
+from mtp.data.specials import SPELLINGS, Specials, encode_with_spellings
 
 
 class Tokenizer(Protocol):
@@ -59,12 +59,7 @@ class ByteTokenizer:
         return np.frombuffer(data, np.uint8).astype(np.int32)
 
     def encode_with_specials(self, text: str) -> np.ndarray:
-        parts, start = [], 0
-        for m in self._special_re.finditer(text):
-            parts += [self.encode(text[start : m.start()]), [self._ids[m.group()]]]
-            start = m.end()
-        parts.append(self.encode(text[start:]))
-        return np.concatenate(parts).astype(np.int32)
+        return encode_with_spellings(text, self._special_re, self._ids, self.encode)
 
     def decode(self, ids: Iterable[int] | np.ndarray, skip_special: bool = True) -> str:
         """Text of ids (n,); invalid UTF-8 becomes U+FFFD.

@@ -89,20 +89,25 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
     data_dir, name, t = Path(workdir) / "distill", dataset_name(run), run.data.seq_len
     if not is_prepared(name, data_dir, t):
         write_rows(name, data_dir, {s: generate_rows(run, tok, system, s) for s in SPLITS})
-    out = {}
-    for split in SPLITS:
-        rows, mask = read_rows(name, data_dir, t, split)
-        out[split] = {"tokens": rows, "loss_mask": mask}
-        if run.data.cache_taps:
-            taps = main_taps(system, rows, run.data.batch_size)
-            out[split] = generated_windows(rows, mask, taps, tok.specials.pad)
+    out = {
+        split: dict(zip(("tokens", "loss_mask"), read_rows(name, data_dir, t, split), strict=True))
+        for split in SPLITS
+    }
+    if run.data.cache_taps:  # both splits in one call: one compilation
+        rows = np.concatenate([out[split]["tokens"] for split in SPLITS])
+        taps, start = main_taps(system, rows, run.data.batch_size), 0
+        for split in SPLITS:
+            n = out[split]["tokens"].shape[0]
+            split_taps, start = taps[start : start + n], start + n
+            out[split] = generated_windows(**out[split], taps=split_taps, pad=tok.specials.pad)
     return out
 
 
-def generated_windows(rows, mask, taps, pad: int) -> Arrays:
+def generated_windows(tokens, loss_mask, taps, pad: int) -> Arrays:
     """Rows (N, T), mask (N, T) and taps (N, T, L, D) cut to each row's window from its last
     prompt token (the first position with a target after it) to its end: (N, W) and
     (N, W, L, D), W the longest window."""
+    rows, mask = tokens, loss_mask
     has = (mask > 0).any(1)  # a row the model ended at once has no window
     first = np.where(has, np.argmax(mask > 0, axis=1) - 1, 0)  # the last prompt token
     ends = np.where(has, mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
