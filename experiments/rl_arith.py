@@ -81,6 +81,7 @@ def get_config(arg=None):
         task = "multiplication:digits=2,multiplier_digits=2"
         c.data.corpus = f"task:{task},n=100000"
         c.rl.update(task=task, prompts_per_step=32, steps=90, eval_every=30)  # 256 rollouts/step
+        c.drafter.emission = True  # a keep head for learned emission (unused until RL prices)
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)

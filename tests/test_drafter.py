@@ -50,7 +50,7 @@ def test_draft_equals_teacher_forcing_on_the_chosen_chain(kind, sampled, head, d
     s = Sampling(temperature=1.0 if sampled else 0.0)
     keys = jax.random.split(jax.random.key(2), k)
     pick = lambda logits_bu, j: choose(logits_bu, s, keys[j])
-    tokens_bk, logits_bku = jax.jit(lambda t, y: system.draft(t, y, pick))(taps_bld, y0_b)
+    tokens_bk, logits_bku, _ = jax.jit(lambda t, y: system.draft(t, y, pick))(taps_bld, y0_b)
     assert logits_bku.shape == (b, k, draft_vocab or MAIN.vocab_size)
     inputs_bk = jnp.concatenate([y0_b[:, None], tokens_bk[:, :-1]], axis=1)
     shared = () if tables is None else (tables,)

@@ -147,6 +147,9 @@ class DrafterConfig:
     # Trimmed draft vocabulary (EAGLE-3): the drafter scores only the draft_vocab most frequent
     # tokens of the training data, mapped back to full ids; 0 = the full vocabulary.
     draft_vocab: int = 0
+    # A keep head: after each draft, the logit of emitting it or ending the pass (learned
+    # emission; trained by RL, read by the adaptive decoding mode's 'learned' confidence).
+    emission: bool = False
 
     def __post_init__(self):
         check(self.kind in DRAFTER_KINDS, "drafter.kind", f"{self.kind!r} not in {DRAFTER_KINDS}")

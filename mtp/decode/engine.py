@@ -13,7 +13,7 @@ architecture (an RL update, another checkpoint) reuse both.
 
 A pass at position t emits the main token y_0 = x_{t+1} and may let the
 drafter draft y_1..y_k after it. What a pass keeps is the mode's
-(`mtp.decode.modes`): slow, fast, speculative, think, pause. Rows of a batch
+(`mtp.decode.modes`): slow, fast, adaptive, speculative, think, pause. Rows of a batch
 sit at their own positions; tokens written to the cache past a row's position
 (rejected drafts, prompt padding) are overwritten before anything reads them
 (see `mtp.model.transformer`), so rollback is free.
@@ -101,7 +101,7 @@ def _next_pass(system, mode: Mode, c: Carry, urgency_b) -> Carry:
 
 
 def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_new_b,
-          urgency_b, key, plan: Plan):  # fmt: skip
+          max_passes_b, urgency_b, key, plan: Plan):  # fmt: skip
     """Main passes after the prefill until every row has stopped; returns outputs and stats."""
     b, v = logits_bv.shape
     mode, k = plan.mode, plan.k
@@ -133,10 +133,11 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_n
         key=key,
         extra=mode.init(b, k, v, plan.sampling, thinking_b),
     )
-    ctx = Ctx(system, k, plan.sampling, plan.specials, plan.stop_id, max_new_b)
+    ctx = Ctx(system, k, plan.sampling, plan.specials, plan.stop_id, max_new_b, urgency_b)
 
     def body(c: Carry) -> Carry:
-        c = mode.advance(ctx, c)
+        c = mode.advance(ctx, c)  # has emitted what passes_b passes give: stop at the limit
+        c = c._replace(done_b=c.done_b | (c.passes_b >= max_passes_b))
         return _next_pass(system, mode, c, urgency_b)  # after the last advance: not counted
 
     c = jax.lax.while_loop(lambda c: jnp.any(~c.done_b) & (c.step <= n), body, c)
@@ -254,6 +255,7 @@ class Decoder:
         seed: int | jax.Array = 0,
         urgency_b=None,
         stop_id: int | None = None,
+        max_passes: int = 0,
     ) -> DecodeResult:
         """Decodes every prompt (a list of token-id sequences, ragged allowed).
 
@@ -262,7 +264,8 @@ class Decoder:
         seed: an int or a jax PRNG key. k must be None or the system's k.
         urgency_b (B,) or a scalar: passed to every main pass (the model must
         have `use_urgency`). stop_id: a row stops after emitting it (default the
-        tokenizer's eos; -1: never).
+        tokenizer's eos; -1: never). max_passes: a row stops after emitting what that many
+        main passes give, the prefill included (0: no limit).
         """
         mode = make_mode(mode)
         rows = self._rows(prompts, mode, max_new_tokens, k)
@@ -286,7 +289,9 @@ class Decoder:
         )
         out = self._loop(
             self.state, cache, logits_bv, taps_bld, jnp.asarray(plen), jnp.asarray(thinking_b),
-            jnp.full((b,), max_new_tokens, jnp.int32), urgency_b, key, plan=plan,
+            jnp.full((b,), max_new_tokens, jnp.int32),
+            jnp.full((b,), max_passes if max_passes > 0 else self.max_len + 1, jnp.int32),
+            urgency_b, key, plan=plan,
         )  # fmt: skip
         out = jax.device_get(out)  # the one host transfer; blocks until done
         wall = time.perf_counter() - t0

@@ -17,9 +17,11 @@ class DecodeResult:
     pass that drafted it); offset (B, O): 0 for a main token, j for a draft at
     offset j; forced (B, O): the engine, not the policy, chose the token (leave
     it out of log-probs); choice (B, O): pause mode, the policy could have
-    paused there; valid (B, O): j < lengths[b]. passes (B,): main passes each
+    paused there (adaptive with sampled decisions: the policy ended its pass
+    after it); valid (B, O): j < lengths[b]. passes (B,): main passes each
     row ran (pauses in the prompt count one each); accept_hist (K + 1,):
-    speculative verify passes that accepted n = 0..K drafts (zeros otherwise).
+    speculative verify passes that accepted n = 0..K drafts, adaptive passes
+    that kept n drafts (zeros otherwise).
     """
 
     mode: str
@@ -80,6 +82,10 @@ class DecodeResult:
             answer = tokens - int(self.pauses.sum()) + int(self.prompt_pauses.sum())
             out["pauses"] = float(self.pauses.mean())
             out["tokens_per_pass"] = answer / max(passes, 1)
+        if self.mode == "adaptive":  # tokens per pass: 1 + the drafts kept
+            n_k = np.arange(self.k + 1)
+            out["tokens_per_pass_hist"] = {int(n + 1): int(c) for n, c in zip(n_k, self.accept_hist)}
+            out["mean_kept"] = float((n_k * self.accept_hist).sum() / max(verified, 1))
         if self.mode == "speculative":
             n_k = np.arange(self.k + 1)
             out["accept_hist"] = self.accept_hist.tolist()

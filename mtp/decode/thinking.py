@@ -4,9 +4,9 @@ then answer" composition, used by the CLI, RL rollouts, evaluation and pause dec
 Prompts end inside a thinking span (`<bos> P <think>`). Two engine calls:
 
 1. the thought, in `thought_mode` (`fast`: 1 + k tokens per pass, drafts
-   unverified; `slow`: one), stopping at `</think>` or after `think_budget`
-   passes (`budget * width` tokens; 0: until the cache leaves just room for the
-   answer); drafts after a `</think>` are dropped, as the `think` mode does. A
+   unverified; `adaptive`: 1 to 1 + k; `slow`: one), stopping at `</think>` or
+   after `think_budget` passes (and at most `budget * width` tokens; 0: until
+   the cache leaves just room for the answer); drafts after a `</think>` are dropped, as the `think` mode does. A
    thought cut by the budget gets a `</think>` the policy did not choose (`forced`);
 2. the answer, in `answer_mode` (`slow`, or a `Pause` policy) from prompt +
    thought, stopping at `<eos>`.
@@ -83,7 +83,7 @@ def think_then_answer(
     close = dec.specials.think_close
     r1 = dec.generate(
         prompt_ids, mode=thought_mode, max_new_tokens=limit, sampling=sampling, seed=key1,
-        urgency_b=urgency_b, stop_id=close,
+        urgency_b=urgency_b, stop_id=close, max_passes=think_budget,
     )  # fmt: skip
     thoughts, forced = [], np.zeros(len(prompt_ids), bool)
     for i in range(len(prompt_ids)):

@@ -10,10 +10,11 @@ Every kind provides two views of the same function:
   needs no Python loop over positions. The hidden states, not the logits, come
   back so that a loss can score one offset at a time (U-way logits for all k
   offsets at once would be (B, T, K, U)).
-- `start(taps_bld) -> state` and `step(state, y_b, j) -> (state, logits_bu)`,
-  incremental (decoding): step j reads y_j and scores y_{j+1} from cached
-  state, so drafting k tokens costs k step evaluations, not k^2. `j` may be
-  traced. `draft` runs the steps in one `fori_loop` for every kind.
+- `start(taps_bld) -> state` and `step(state, y_b, j) -> (state, x_bd)`,
+  incremental (decoding): step j reads y_j and returns the hidden state that
+  scores y_{j+1}, from cached state, so drafting k tokens costs k step
+  evaluations, not k^2. `j` may be traced. `draft` runs the steps in one
+  `fori_loop` for every kind and scores them with the head.
 
 The output head scores U tokens: the whole vocabulary (U = V) or a trimmed draft
 vocabulary (`drafter.draft_vocab`, EAGLE-3), whose full-vocabulary ids the caller
@@ -21,6 +22,11 @@ holds and passes to `draft` (`ids_u`); input tokens are always full ids. With
 `drafter.head` 'shared' or 'shared_frozen' the drafter has no embedding or head
 of its own: every method takes the main model's as a call argument (`Tables`),
 so the drafter never holds a second reference to the main model's variables.
+
+With `drafter.emission` the drafter also has a keep head: from the hidden
+state that scores y_{j+1} and an urgency input u in [0, 1] it gives the logit
+of emitting y_{j+1} rather than ending the pass before it (learned emission,
+trained by the RL objective; `mtp.decode.modes.Adaptive`).
 
 Kinds, registered by name in `DRAFTERS` (the names `DrafterConfig` accepts are
 `DRAFTER_KINDS`; both must list the same kinds):
@@ -51,6 +57,7 @@ from mtp.config.model import DRAFTER_KINDS
 from mtp.model.transformer import Block
 
 Choose = Callable[[jax.Array, jax.Array], jax.Array]  # (logits_bu, j) -> index in 0..U-1
+KEEP_BIAS = 3.0  # the keep head's initial logit: p(keep) 0.95
 
 
 class Tables(NamedTuple):
@@ -82,7 +89,7 @@ class DrafterBase(nnx.Module):
     A kind (`register`ed) defines `__call__(taps_btld, inputs_btk, tables=None) -> x_btkd`
     (the teacher-forced forward: taps (B, T, L, D), inputs (B, T, k), hidden states (B, T, k,
     d) that `logits` scores), `start(taps_bld, tables=None) -> state` (one position per row)
-    and `step(state, y_b, j, tables=None) -> (state, logits_bu)` (reads y_j (B,), scores
+    and `step(state, y_b, j, tables=None) -> (state, x_bd)` (reads y_j (B,); x_bd scores
     y_{j+1}). `tables` (`Tables`) is given exactly when the head is shared.
     """
 
@@ -108,6 +115,11 @@ class DrafterBase(nnx.Module):
             self.head = nnx.Linear(
                 self.d, self.vocab_out, use_bias=False, param_dtype=pdt, rngs=rngs
             )
+        if cfg.emission:  # starts at p(keep) = sigmoid(KEEP_BIAS) for every draft: fast mode
+            self.keep = nnx.Linear(
+                self.d + 1, 1, kernel_init=nnx.initializers.zeros,
+                bias_init=nnx.initializers.constant(KEEP_BIAS), param_dtype=pdt, rngs=rngs,
+            )  # fmt: skip
 
     def own_embed(self, main: ModelConfig, rngs: nnx.Rngs) -> None:
         """The input embedding of the kinds that read the drafted tokens (own head only)."""
@@ -127,34 +139,44 @@ class DrafterBase(nnx.Module):
             return self.head(self.out_norm(x_xd))
         return jnp.matmul(self.out_norm(x_xd), tables.head_du.astype(jnp.float32))
 
+    def keep_logits(self, x_xd, urgency_x):
+        """Logit (...) of emitting the draft that hidden states (...) score, at urgency (...)."""
+        u_x1 = jnp.broadcast_to(urgency_x, x_xd.shape[:-1])[..., None].astype(jnp.float32)
+        return self.keep(jnp.concatenate([self.out_norm(x_xd), u_x1], axis=-1))[..., 0]
+
     def draft(
         self, taps_bld, y0_b, choose: Choose, tables: Tables | None = None, ids_u=None
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Drafts k tokens after y0 (B,) for one position per row.
 
         `choose(logits_bu, j)` picks the index of y_{j+1} among the U draft tokens (greedy
         or sampled); `ids_u` (U,) maps it to its full-vocabulary id (None: U = V, the
         identity), which the next step reads. The steps run in a `fori_loop`, so one step
-        compiles, however large k is. Returns full-vocabulary tokens (B, k) and logits
-        (B, k, U).
+        compiles, however large k is. Returns full-vocabulary tokens (B, k), logits
+        (B, k, U) and the hidden states that scored them (B, k, d).
         """
         b = y0_b.shape[0]
 
         def body(j, carry):
-            state, y_b, tokens_bk, logits_bku = carry
-            state, logits_bu = self.step(state, y_b, j, tables)
+            state, y_b, tokens_bk, logits_bku, x_bkd = carry
+            state, x_bd = self.step(state, y_b, j, tables)
+            logits_bu = self.logits(x_bd, tables)
             pick_b = choose(logits_bu, j)
             y_b = pick_b if ids_u is None else ids_u[pick_b]
-            return state, y_b, tokens_bk.at[:, j].set(y_b), logits_bku.at[:, j].set(logits_bu)
+            return (
+                state, y_b, tokens_bk.at[:, j].set(y_b), logits_bku.at[:, j].set(logits_bu),
+                x_bkd.at[:, j].set(x_bd),
+            )  # fmt: skip
 
         init = (
             self.start(taps_bld, tables),
             y0_b,
             jnp.zeros((b, self.k), jnp.int32),
             jnp.zeros((b, self.k, self.vocab_out), jnp.float32),
+            jnp.zeros((b, self.k, self.d), jnp.float32),
         )
-        _, _, tokens_bk, logits_bku = jax.lax.fori_loop(0, self.k, body, init)
-        return tokens_bk, logits_bku
+        _, _, tokens_bk, logits_bku, x_bkd = jax.lax.fori_loop(0, self.k, body, init)
+        return tokens_bk, logits_bku, x_bkd
 
 
 DRAFTERS: dict[str, type[DrafterBase]] = {}
@@ -227,7 +249,7 @@ class TransformerDrafter(DrafterBase):
         for block, cache in zip(self.blocks, caches, strict=True):
             x_b1d, cache = block(x_b1d, slot_b1, cache)
             new.append(cache)
-        return (h_b1d, tuple(new)), self.logits(x_b1d[:, 0], tables)
+        return (h_b1d, tuple(new)), x_b1d[:, 0]
 
 
 @register("medusa")
@@ -247,10 +269,9 @@ class MedusaDrafter(DrafterBase):
         )  # (B, T, k, d)
 
     def start(self, taps_bld, tables=None):
-        """Every head's logits (B, k, U) at once."""
+        """Every head's hidden state (B, k, d) at once."""
         b = taps_bld.shape[0]
-        x_bkd = self(taps_bld[:, None], jnp.zeros((b, 1, self.k), jnp.int32))[:, 0]
-        return self.logits(x_bkd, tables)
+        return self(taps_bld[:, None], jnp.zeros((b, 1, self.k), jnp.int32))[:, 0]
 
     def step(self, state, y_b, j, tables=None):
         return state, state[:, j]
@@ -286,7 +307,7 @@ class RNNDrafter(DrafterBase):
 
     def step(self, state, y_b, j, tables=None):
         s_bd, o_bd = self.cell(state, self.embed_tokens(y_b, tables))
-        return s_bd, self.logits(o_bd, tables)
+        return s_bd, o_bd
 
 
 def _check_registry() -> None:

@@ -205,9 +205,21 @@ class MTPSystem(nnx.Module):
 
     def draft(self, taps_bld, y0_b, choose):
         """Drafts k tokens after y0 (B,) from taps (B, L, D) given by `main_pass`:
-        full-vocabulary tokens (B, k) and draft-vocabulary logits (B, k, U) (`full_vocab` lays
-        them over V); `choose(logits_bu, j)` picks each, as an index among the U."""
+        full-vocabulary tokens (B, k), draft-vocabulary logits (B, k, U) (`full_vocab` lays
+        them over V) and the hidden states that scored them (B, k, d) (`keep_logits` reads
+        them); `choose(logits_bu, j)` picks each, as an index among the U."""
         return self.drafter.draft(taps_bld, y0_b, choose, self.tables(), self.ids())
+
+    @property
+    def emission(self) -> bool:
+        """Does the drafter have a keep head (`drafter.emission`)?"""
+        return self.drafter_cfg.emission
+
+    def keep_logits(self, x_xd, urgency_x=None):
+        """Logit (...) of emitting each draft scored by drafter hidden states (..., d), at
+        urgency (...) (None: 0), from the keep head (`drafter.emission`)."""
+        u_x = jnp.zeros(x_xd.shape[:-1]) if urgency_x is None else urgency_x
+        return self.drafter.keep_logits(x_xd, u_x)
 
     def forward(self, tokens_bt, urgency_b=None) -> tuple[jax.Array, Drafts]:
         """Teacher-forced forward: main logits (B, T, V) and the drafts (hidden states

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mtp.decode.modes.adaptive import Adaptive
 from mtp.decode.modes.base import Mode
 from mtp.decode.modes.fast import Fast
 from mtp.decode.modes.pause import Pause
@@ -9,6 +10,6 @@ from mtp.decode.modes.slow import Slow
 from mtp.decode.modes.speculative import Speculative
 from mtp.decode.modes.think import Think
 
-MODES: dict[str, type[Mode]] = {m.name: m for m in (Slow, Fast, Speculative, Think, Pause)}
+MODES: dict[str, type[Mode]] = {m.name: m for m in (Slow, Fast, Adaptive, Speculative, Think, Pause)}
 
-__all__ = ["MODES", "Fast", "Mode", "Pause", "Slow", "Speculative", "Think"]
+__all__ = ["MODES", "Adaptive", "Fast", "Mode", "Pause", "Slow", "Speculative", "Think"]

@@ -48,12 +48,13 @@ class Carry(NamedTuple):
     pass_bo: jax.Array  # the main pass each belongs to (0 = prefill)
     offset_bo: jax.Array  # 0 for a pass's main token, j for its draft j
     forced_bo: jax.Array  # the engine, not the policy, chose it (a </think> at the budget)
-    choice_bo: jax.Array  # pause modes: the policy could have paused here
+    choice_bo: jax.Array  # pause: the policy could have paused here; adaptive, sampled
+    # decisions: the policy ended the pass after this token
     nout_b: jax.Array  # tokens emitted so far (pauses included)
     counted_b: jax.Array  # of them, those that count toward max_new (pauses do not)
     done_b: jax.Array
     passes_b: jax.Array  # main passes while the row was running
-    hist_bk: jax.Array  # (B, K + 1): verify passes that accepted n drafts
+    hist_bk: jax.Array  # (B, K + 1): passes that accepted (speculative) or kept (adaptive) n drafts
     step: jax.Array  # index of the last main pass (0 = prefill)
     key: jax.Array
     extra: dict[str, Any]  # the mode's own fields
@@ -69,6 +70,7 @@ class Ctx:
     specials: Specials
     stop_id: int  # the row stops after emitting it (-1: never)
     max_new_b: jax.Array  # (B,) emitted tokens allowed, pauses excluded
+    urgency_b: jax.Array | None = None  # (B,) the call's urgency input, if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,16 +117,23 @@ def split_keys(ctx: Ctx, c: Carry, n: int):
     return c._replace(key=key), subkeys
 
 
-def draft(ctx: Ctx, taps_bld, y0_b, key):
-    """Drafts (B, K) after y0 and, when sampling, the processed log-probs (B, K, V) they were
-    drawn from: over the drafter's U tokens, -inf elsewhere (a trimmed draft vocabulary)."""
+def draft_states(ctx: Ctx, taps_bld, y0_b, key):
+    """Drafts (B, K) after y0, chosen by the call's sampling, with the drafter's logits
+    (B, K, U) and the hidden states that scored them (B, K, d)."""
     s = ctx.sampling
     if s.greedy:
         pick = lambda logits_bu, j: choose(logits_bu, s, key)
     else:
         keys = jax.random.split(key, ctx.k)
         pick = lambda logits_bu, j: choose(logits_bu, s, keys[j])
-    drafts_bk, logits_bku = ctx.system.draft(taps_bld, y0_b, pick)
+    return ctx.system.draft(taps_bld, y0_b, pick)
+
+
+def draft(ctx: Ctx, taps_bld, y0_b, key):
+    """Drafts (B, K) after y0 and, when sampling, the processed log-probs (B, K, V) they were
+    drawn from: over the drafter's U tokens, -inf elsewhere (a trimmed draft vocabulary)."""
+    drafts_bk, logits_bku, _ = draft_states(ctx, taps_bld, y0_b, key)
+    s = ctx.sampling
     return drafts_bk, (None if s.greedy else ctx.system.full_vocab(log_probs(logits_bku, s)))
 
 

@@ -2,7 +2,8 @@
 
 A span is opened by the prompt or by an emitted `<think>` and closed by
 `</think>`; drafts after a `</think>` are dropped. A pass with no row thinking
-feeds one token, as slow does. A thought within a budget of passes, then an
+feeds one token, as slow does. With `adaptive` (an `Adaptive` mode) the thought
+keeps only the drafts that mode keeps: adaptive thought, slow answer. A thought within a budget of passes, then an
 answer, is `mtp.decode.thinking.think_then_answer`.
 """
 
@@ -13,7 +14,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mtp.decode.modes.base import Carry, Ctx, Mode, draft, split_keys
+from mtp.decode.modes.adaptive import Adaptive
+from mtp.decode.modes.base import Carry, Ctx, Mode, draft_states, split_keys
 from mtp.decode.modes.fast import pass_tokens
 from mtp.decode.modes.slow import main_token
 
@@ -38,6 +40,7 @@ def think_keep(tok_bw, thinking_b, specials):
 @dataclasses.dataclass(frozen=True)
 class Think(Mode):
     name = "think"
+    adaptive: Adaptive | None = None
 
     def width(self, k: int) -> int:
         return k + 1
@@ -54,12 +57,24 @@ class Think(Mode):
         c, (ky, kd) = split_keys(ctx, c, 2)
         c, y0_b = main_token(ctx, c, ky)
         opens_b = (thinking_b | (y0_b == s.think_open)) & (y0_b != s.think_close)
-        drafts_bk = jax.lax.cond(  # run the drafter only when some row will keep its drafts
+        kk = None
+        if self.adaptive is not None and self.adaptive.sample:
+            key, kk = jax.random.split(c.key)
+            c = c._replace(key=key)
+
+        def drafted():
+            drafts_bk, logits_bku, x_bkd = draft_states(ctx, c.taps_bwld[:, 0], y0_b, kd)
+            if self.adaptive is None:
+                return drafts_bk, jnp.full((b,), ctx.k, jnp.int32)
+            return drafts_bk, self.adaptive.kept(ctx, drafts_bk, logits_bku, x_bkd, kk)
+
+        drafts_bk, n_b = jax.lax.cond(  # run the drafter only when some row will keep drafts
             jnp.any(opens_b & ~c.done_b),
-            lambda: draft(ctx, c.taps_bwld[:, 0], y0_b, kd)[0],
-            lambda: jnp.zeros((b, ctx.k), jnp.int32),
+            drafted,
+            lambda: (jnp.zeros((b, ctx.k), jnp.int32), jnp.zeros((b,), jnp.int32)),
         )
         tok_bw = jnp.concatenate([y0_b[:, None], drafts_bk], axis=1)
         cnt_b, thinking_b = think_keep(tok_bw, thinking_b, s)
+        cnt_b = jnp.minimum(cnt_b, n_b + 1)
         c = pass_tokens(ctx, c, y0_b, drafts_bk, cnt_b)
         return c._replace(extra={"thinking_b": thinking_b})
