@@ -1,6 +1,7 @@
 """RL math on hand-built rollouts: tempered log-probs, gradient paths, GRPO/RLOO, PPO, KL."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from mtp.decode.sampling import Sampling, log_probs
 from mtp.model.system import MTPSystem
 from mtp.rl import objectives, steps
 from mtp.rl.advantages import ADVANTAGES
+from mtp.rl.selection import group_advantages
 
 MAIN = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=32)
 K = 2
@@ -117,6 +119,30 @@ def test_grpo_and_rloo_values():
         ADVANTAGES["rloo"](r),
         [[1, -1 / 3, -1 / 3, -1 / 3], [4 / 3, 4 / 3, -4 / 3, -4 / 3]],
         rtol=1e-6,
+    )
+
+
+def test_a_larger_pass_price_gives_a_larger_advantage_gap():
+    """Four right rollouts, two of 10 main passes and two of 11: the default advantage of a
+    priced run (RLOO) and Dr. GRPO scale their gap with the price; GRPO's std division gives
+    the same +-1 at any price."""
+    passes = np.array([10, 11, 10, 11])
+
+    def gap(price, advantage="auto"):
+        ro = types.SimpleNamespace(
+            prompts=["p"] * 4, bad=np.zeros(4, bool), rewards=1.0 - price * passes, errors=[]
+        )
+        rc = RLConfig(pass_price=price, advantage=advantage)
+        adv, _ = group_advantages(ro, 4, rc)
+        return adv[passes == 10].mean() - adv[passes == 11].mean()
+
+    for advantage in ("auto", "rloo", "drgrpo"):
+        small, large = gap(0.01, advantage), gap(0.1, advantage)
+        assert small > 0 and large == pytest.approx(10 * small, rel=1e-4), advantage
+    assert gap(0.01) == pytest.approx(4 / 3 * 0.01, rel=1e-4)  # RLOO: 0.01 * n / (n - 1)
+    assert gap(0.01, "grpo") == pytest.approx(gap(0.1, "grpo"), rel=1e-3)  # blind to the price
+    np.testing.assert_allclose(
+        ADVANTAGES["drgrpo"](np.array([[1.0, 0.0, 0.0, 0.0]])), [[0.75, -0.25, -0.25, -0.25]]
     )
 
 

@@ -7,9 +7,9 @@ import dataclasses
 from mtp.config.fields import check, from_dict
 
 RL_TRAINABLE = ("both", "drafter", "main")
-RL_ADVANTAGES = ("grpo", "rloo")
+RL_ADVANTAGES = ("auto", "grpo", "rloo", "drgrpo")
 RL_LOSSES = ("ppo", "reinforce")
-RL_THOUGHT_MODES = ("fast", "slow")
+RL_THOUGHT_MODES = ("fast", "slow", "learned")
 RL_ROLLOUTS = ("think", "pause")
 
 
@@ -38,7 +38,9 @@ class RLConfig:
     # until every rollout solves them (prioritised replay of hard problems; at most replay_size)
     replay: float = 0.0
     replay_size: int = 256
-    advantage: str = "grpo"  # 'grpo' (group-normalised) or 'rloo' (leave-one-out)
+    # 'grpo' (group-normalised), 'rloo' (leave-one-out), 'drgrpo' (mean-centred, no std) or
+    # 'auto': rloo when passes are priced (pass_price > 0: the price keeps its size), else grpo
+    advantage: str = "auto"
     loss: str = "ppo"  # 'ppo' (clipped ratio per pass) or 'reinforce'
     ppo_epochs: int = 2  # updates per batch of rollouts (the first is on-policy)
     clip_eps: float = 0.2

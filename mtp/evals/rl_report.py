@@ -1,27 +1,36 @@
-r"""Accuracy against main passes on held-out problems: slow vs fast, before and after RL.
+r"""Accuracy against main passes on held-out problems: slow, fast, adaptive, learned emission.
 
-    python -m mtp.evals.rl_report --workdir=runs/rl_arith [--n=256] [--budgets=2,4,8,0]
+    python -m mtp.evals.rl_report --workdir=runs/rl_arith [--n=256] [--budgets=2,4,8,0] \
+        [--taus=0.5,0.7,0.9,0.95,0.99] [--also=runs/rl_emit]
 
 For a pipeline run directory (`mtp.programs.rl`), decodes `n` held-out
-problems of the run's task greedily with each system at each thought budget
-(main passes allowed for the thought; 0 = no budget), the answer always in
-slow mode:
+problems of the run's task greedily with each system (the answer always in
+slow mode):
 
-    slow            warm-up checkpoint, thought in slow mode (1 token per pass)
-    fast/supervised warm-up checkpoint, thought in fast mode (1 + k per pass)
-    fast/rl_drafter after RL of the drafter only (main frozen)
-    fast/rl_main    after RL of the main model only (if the run has it)
-    fast/rl_both    after joint RL
+    slow                 warm-up checkpoint, thought in slow mode (1 token per pass)
+    fast/supervised      warm-up checkpoint, thought in fast mode (1 + k per pass)
+    fast/rl_drafter      after RL of the drafter only (main frozen)
+    fast/rl_main         after RL of the main model only (if the run has it)
+    fast/rl_both         after joint RL
+    adaptive/CKPT        each of those checkpoints in adaptive mode, one row per tau
+                         (keep drafts while the drafter's probability is >= tau; no budget)
+    learned/CKPT         a drafter with a keep head (`drafter.emission`), its learned
+                         decisions, at urgency 0 and at urgency 1 (no budget)
 
-and writes WORKDIR/rl_report.{md,json,png}: a table of accuracy, main passes
-per answer (thought + answer), tokens per pass, how often the budget cut
-the thought and, in fast mode, the share of answers whose every draft is the
-main model's own greedy token with the accuracy of those and of the rest
-(fast mode loses to slow where drafts and main disagree), and a plot of
-accuracy against main passes. It ends with the
-check of the aim: fast after joint RL within 5 points of slow (no budget) while
-spending at most 40% of its passes, and ahead of drafter-only RL and of the
-supervised drafter at the same budget.
+fast and slow run at each thought budget (main passes allowed for the
+thought; 0 = no budget). `--also` adds the RL arms of other run directories
+started from the same warm-up (e.g. a learned-emission run), named DIR/arm.
+
+Writes WORKDIR/rl_report.{md,json,png}: a table of accuracy, main passes per
+answer (thought + answer), tokens per pass, how often the budget cut the
+thought and, for the drafting modes, the share of answers whose every draft is
+the main model's own greedy token with the accuracy of those and of the rest;
+and a plot of accuracy against main passes with the Pareto front. It ends with
+the checks of the aims: the best adaptive point after joint RL within 5 points
+of slow (no budget) at <= 50% of its passes and ahead of fast mode at equal or
+fewer passes; fast after joint RL ahead of drafter-only RL and of the
+supervised drafter at the same budget; learned emission spending fewer passes
+at urgency 1 than at 0.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from absl import app, flags, logging
 
 from mtp import checkpoint as ckpt
 from mtp.data.task_data import parse_task_spec
+from mtp.decode.modes import Adaptive
 from mtp.data.tokenizer import tokenizer_of
 from mtp.errors import UserError
 from mtp.evals.task_accuracy import TaskAccuracy
@@ -43,21 +53,48 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline run directory (warmup/
 _N = flags.DEFINE_integer("n", 256, "Held-out problems.")
 _BUDGETS = flags.DEFINE_list("budgets", "2,4,6,8,10,12,16,24,32,48,0", "Thought pass budgets.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Problems decoded per call.")
+_TAUS = flags.DEFINE_list("taus", "0.5,0.7,0.9,0.95,0.99", "Adaptive thresholds (empty: none).")
+_ALSO = flags.DEFINE_list("also", [], "More run directories from the same warm-up: their arms.")
+LEARNED = Adaptive(tau=0.5, confidence="learned")  # greedy decisions: keep iff p(keep) >= 0.5
 
 
-def systems(workdir: Path):
-    """(name, thought mode, loader) for every system the run directory holds."""
+def checkpoints(workdir: Path, prefix: str = ""):
+    """(name, loader, learned) of the RL arms of a run directory, in a fixed order; learned:
+    the arm trained learned emission (`rl.thought_mode='learned'`)."""
+    learned = ckpt.read_run(workdir).rl.thought_mode == "learned"
+    return [
+        (f"{prefix}rl_{arm}", lambda a=arm: load_rl_system(workdir / f"rl_{a}")[0], learned)
+        for arm in ("drafter", "main", "both")
+        if (workdir / f"rl_{arm}" / "checkpoints").exists()
+    ]
+
+
+def systems(workdir: Path, taus=(), also=()):
+    """(name, loader, [(thought mode, urgency, budgets or None for the given ones)]) for every
+    system the run directory (and the `also` ones) holds."""
     warm = lambda: ckpt.load_system(workdir / "warmup")[0]
-    out = [("slow", "slow", warm), ("fast/supervised", "fast", warm)]
-    for arm in ("drafter", "main", "both"):
-        if (workdir / f"rl_{arm}" / "checkpoints").exists():
-            out.append(
-                (f"fast/rl_{arm}", "fast", lambda a=arm: load_rl_system(workdir / f"rl_{a}")[0])
-            )
+    ckpts = [("supervised", warm, False), *checkpoints(workdir)]
+    for other in also:
+        ckpts += checkpoints(Path(other), f"{Path(other).name}/")
+    out = [("slow", warm, [("slow", None, None)])]
+    for name, load, learned in ckpts:
+        evals = [("fast", None, None)] + [(Adaptive(tau=t), None, (0,)) for t in taus]
+        out.append((name, load, evals + [(LEARNED, u, (0,)) for u in (0.0, 1.0) if learned]))
     return out
 
 
-def measure(workdir, n: int, budgets: list[int], batch_size: int = 64, log=print) -> list[dict]:
+def label(ckpt_name: str, mode, urgency) -> str:
+    if mode == "slow":
+        return "slow"
+    if mode == "fast":
+        return f"fast/{ckpt_name}"
+    if mode.confidence == "learned":
+        return f"learned/{ckpt_name}"
+    return f"adaptive/{ckpt_name}"
+
+
+def measure(workdir, n: int, budgets: list[int], batch_size: int = 64, taus=(), also=(),
+            log=print) -> list[dict]:  # fmt: skip
     workdir = Path(workdir)
     run = ckpt.read_run(workdir)
     if run.rl is None:
@@ -65,23 +102,76 @@ def measure(workdir, n: int, budgets: list[int], batch_size: int = 64, log=print
     task, _ = parse_task_spec(run.rl.task)
     tok = tokenizer_of(run)
     rows = []
-    for name, mode, load in systems(workdir):
+    for name, load, evals in systems(workdir, taus, also):
         system = load()
-        for budget in budgets:
-            ev = TaskAccuracy(
-                task, tok, n, thought_mode=mode, think_budget=budget,
-                answer_max_tokens=run.rl.answer_max_tokens, batch_size=batch_size,
-            )  # fmt: skip
-            r = dict(ev.run(system))
-            rows.append({"system": name, "budget": budget} | r)
-            log(f"{name:18s} budget {budget or 'none':>4}: accuracy {r['accuracy']:.3f}, "
-                f"passes {r['passes']:.1f}")  # fmt: skip
+        for mode, urgency, at in evals:
+            for budget in budgets if at is None else at:
+                ev = TaskAccuracy(
+                    task, tok, n, thought_mode=mode, think_budget=budget, urgency=urgency,
+                    answer_max_tokens=run.rl.answer_max_tokens, batch_size=batch_size,
+                )  # fmt: skip
+                r = dict(ev.run(system))
+                row = {"system": label(name, mode, urgency), "budget": budget}
+                if isinstance(mode, Adaptive) and mode is not LEARNED:
+                    row["tau"] = mode.tau
+                if urgency is not None:
+                    row["urgency"] = urgency
+                rows.append(row | r)
+                log(f"{row['system']:24s} budget {budget or 'none':>4} tau {row.get('tau', '-')}"
+                    f" urgency {row.get('urgency', '-')}: accuracy {r['accuracy']:.3f}, "
+                    f"passes {r['passes']:.1f}")  # fmt: skip
     return rows
 
 
+def check_adaptive(rows: list[dict], slow: dict) -> list[str]:
+    """Adaptive after joint RL within 5 points of slow at <= 50% of its passes, and ahead of
+    fast after joint RL at equal or fewer passes: stated with the numbers, met or not."""
+    adaptive = [r for r in rows if r["system"] == "adaptive/rl_both"]
+    if not adaptive:
+        return []
+    cheap = [r for r in adaptive if r["passes"] <= 0.5 * slow["passes"]]
+    if not cheap:
+        return [f"check: no adaptive/rl_both tau spends <= 50% of slow's {slow['passes']:.1f}"]
+    best = max(cheap, key=lambda r: r["accuracy"])
+    gap = 100 * (slow["accuracy"] - best["accuracy"])
+    lines = [
+        f"check: adaptive/rl_both (tau {best['tau']}) {100 * best['accuracy']:.1f}% at "
+        f"{best['passes']:.1f} passes ({100 * best['passes'] / slow['passes']:.0f}% of slow's "
+        f"{slow['passes']:.1f}), slow {100 * slow['accuracy']:.1f}%: {gap:.1f} points behind -> "
+        f"{'MET' if gap <= 5 else 'NOT met'} (aim: <= 5 points at <= 50% of the passes)"
+    ]
+    fast = [r for r in rows if r["system"] == "fast/rl_both" and r["passes"] >= best["passes"]]
+    if fast:
+        top = max(fast, key=lambda r: r["accuracy"])
+        ahead = best["accuracy"] > top["accuracy"]
+        lines.append(
+            f"check: adaptive/rl_both {100 * best['accuracy']:.1f}% vs the best fast/rl_both at "
+            f"equal or more passes ({100 * top['accuracy']:.1f}% at {top['passes']:.1f}) -> "
+            f"{'ahead' if ahead else 'NOT ahead'}"
+        )
+    return lines
+
+
+def check_urgency(rows: list[dict]) -> list[str]:
+    """Learned emission: fewer main passes at urgency 1 than at urgency 0, per checkpoint."""
+    lines = []
+    for name in dict.fromkeys(r["system"] for r in rows if r["system"].startswith("learned/")):
+        at = {r["urgency"]: r for r in rows if r["system"] == name}
+        if 0.0 in at and 1.0 in at:
+            calm, urgent = at[0.0], at[1.0]
+            fewer = urgent["passes"] < calm["passes"]
+            lines.append(
+                f"check: {name} at urgency 0 {100 * calm['accuracy']:.1f}% at "
+                f"{calm['passes']:.1f} passes, at urgency 1 {100 * urgent['accuracy']:.1f}% at "
+                f"{urgent['passes']:.1f} -> {'fewer' if fewer else 'NOT fewer'} passes when urgent"
+            )
+    return lines
+
+
 def check(rows: list[dict], k: int) -> list[str]:
-    """The aim (fast after joint RL within 5 points of slow at <= 40% of its passes), stated
-    with the measured numbers (met or not)."""
+    """The aims (fast after joint RL within 5 points of slow at <= 40% of its passes; adaptive
+    and learned emission: `check_adaptive`, `check_urgency`), stated with the measured numbers
+    (met or not)."""
     get = lambda s, b: next((r for r in rows if r["system"] == s and r["budget"] == b), None)
     slow = get("slow", 0)
     lines = []
@@ -114,10 +204,21 @@ def check(rows: list[dict], k: int) -> list[str]:
                 f"{100 * o['accuracy']:.1f}% at the same budget -> "
                 f"{'ahead' if ahead else 'NOT ahead'}"
             )
-    return lines
+    return lines + check_adaptive(rows, slow) + check_urgency(rows)
 
 
-# fast mode only: answers whose every draft is the main model's own greedy token, and accuracies
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (passes, accuracy) points no other point beats on both (fewer passes, higher
+    accuracy), by passes."""
+    front, best = [], -1.0
+    for p, a in sorted(points, key=lambda x: (x[0], -x[1])):
+        if a > best:
+            front.append((p, a))
+            best = a
+    return front
+
+
+# drafting modes only: answers whose every draft is the main model's own greedy token, and accuracies
 AGREE = ("drafts_agree", "accuracy_if_agree", "accuracy_if_not")
 
 
@@ -130,7 +231,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in dict.fromkeys(r["system"] for r in rows):
         pts = sorted((r["passes"], r["accuracy"]) for r in rows if r["system"] == name)
-        ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=name)
+        ax.plot([p for p, _ in pts], [a for _, a in pts], marker="o", label=name, alpha=0.8)
+    front = pareto([(r["passes"], r["accuracy"]) for r in rows])
+    ax.step([p for p, _ in front], [a for _, a in front], where="post", color="k", lw=2,
+            alpha=0.35, label="Pareto front")  # fmt: skip
     ax.set_xlabel("main passes per answer (thought + answer)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title, fontsize="medium", wrap=True)
@@ -141,17 +245,19 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(workdir, n: int = 256, budgets=(0,), batch_size: int = 64) -> str:
+def report(workdir, n: int = 256, budgets=(0,), batch_size: int = 64, taus=(), also=()) -> str:
     workdir = Path(workdir)
     run = ckpt.read_run(workdir)
     budgets = [int(b) for b in budgets]
-    rows = measure(workdir, n, budgets, batch_size)
+    rows = measure(workdir, n, budgets, batch_size, [float(t) for t in taus], also)
+    dash = lambda r, key: r.get(key, "-")
     table = format_table(
-        [[r["system"], r["budget"] or "none", r["accuracy"], r["passes"], r["thought_passes"],
-          r["tokens_per_pass"], r["forced_close"]] + [r.get(c, float("nan")) for c in AGREE]
-         for r in rows],
-        ["system", "thought budget", "accuracy", "main passes", "thought passes", "tokens/pass",
-         "budget hit", "drafts = main's", "acc. if so", "acc. if not"],
+        [[r["system"], r["budget"] or "none", dash(r, "tau"), dash(r, "urgency"), r["accuracy"],
+          r["passes"], r["thought_passes"], r["tokens_per_pass"], r["forced_close"]]
+         + [r.get(c, float("nan")) for c in AGREE] for r in rows],
+        ["system", "thought budget", "tau", "urgency", "accuracy", "main passes",
+         "thought passes", "tokens/pass", "budget hit", "drafts = main's", "acc. if so",
+         "acc. if not"],
     )  # fmt: skip
     title = f"{run.rl.task}, k={run.drafter.k}, {n} held-out problems, greedy"
     text = f"## RL report: {title}\n\n{table}\n\n" + "\n".join(check(rows, run.drafter.k)) + "\n"
@@ -167,7 +273,8 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:
-        print(report(_WORKDIR.value, _N.value, _BUDGETS.value, _BATCH.value))
+        print(report(_WORKDIR.value, _N.value, _BUDGETS.value, _BATCH.value, _TAUS.value,
+                     _ALSO.value))  # fmt: skip
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
 

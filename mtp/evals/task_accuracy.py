@@ -11,7 +11,8 @@ from flax import nnx
 from mtp.data.format import answer_text, encode_prompt
 from mtp.data.tasks import Task
 from mtp.data.tokenizer import Tokenizer
-from mtp.decode.engine import Decoder
+from mtp.decode.engine import Decoder, make_mode
+from mtp.decode.modes import Mode
 from mtp.decode.thinking import Thought, think_then_answer
 
 
@@ -43,10 +44,11 @@ class TaskAccuracy:
     """Decodes `n` held-out problems greedily (thought in `thought_mode` within
     `think_budget` main passes, answer in slow mode) and yields accuracy, main
     passes per answer, thought passes, tokens per pass and how often the budget
-    cut the thought; in fast mode also how many answers had every draft equal to
-    the main model's own greedy choice, and the accuracy of those and of the rest
-    (where fast mode loses to slow). Batches are padded with repeats so every call
-    has one shape.
+    cut the thought; in a drafting mode (fast, adaptive) also how many answers had
+    every draft equal to the main model's own greedy choice, and the accuracy of
+    those and of the rest (where fast mode loses to slow). `urgency` is the
+    input of every pass (None: none). Batches are padded with repeats so every
+    call has one shape.
     """
 
     def __init__(
@@ -55,19 +57,20 @@ class TaskAccuracy:
         tok: Tokenizer,
         n: int,
         *,
-        thought_mode: str = "fast",
+        thought_mode: str | Mode = "fast",
         think_budget: int = 0,
         answer_max_tokens: int = 16,
         batch_size: int = 64,
+        urgency: float | None = None,
     ):
         self.task, self.tok = task, tok
         self.prompts = [ex.prompt for ex in task.examples("eval", n)]
         self.kw = dict(
             thought_mode=thought_mode, think_budget=think_budget,
-            answer_max_tokens=answer_max_tokens,
+            answer_max_tokens=answer_max_tokens, urgency_b=urgency,
         )  # fmt: skip
         self.batch_size = min(batch_size, n)
-        self.fast = thought_mode == "fast"
+        self.drafting = make_mode(thought_mode).name != "slow"
 
     def run(self, system):
         dec = Decoder(system, self.tok.specials)
@@ -88,7 +91,7 @@ class TaskAccuracy:
             thought.append(th.thought.passes[:n])
             generated.append((th.thought.lengths + th.answer.lengths)[:n])
             forced.append(th.forced[:n])
-            if self.fast:
+            if self.drafting:
                 agree.append(drafts_agree(system, th, self.tok.specials.pad)[:n])
         cat = np.concatenate
         scores = np.asarray(scores)
@@ -97,7 +100,7 @@ class TaskAccuracy:
         yield "thought_passes", float(cat(thought).mean())
         yield "tokens_per_pass", float(cat(generated).sum() / max(cat(passes).sum(), 1))
         yield "forced_close", float(cat(forced).mean())
-        if self.fast:
+        if self.drafting:
             agree = cat(agree)
             share = lambda x: float(x.mean()) if x.size else float("nan")
             yield "drafts_agree", share(agree)

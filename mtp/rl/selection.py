@@ -7,7 +7,7 @@ import numpy as np
 
 from mtp.config import RLConfig
 from mtp.errors import UserError
-from mtp.rl.advantages import ADVANTAGES
+from mtp.rl.advantages import ADVANTAGES, resolve_advantage
 from mtp.rl.rollouts import Rollouts
 
 
@@ -64,6 +64,7 @@ def group_advantages(ro: Rollouts, group_size: int, rl_config: RLConfig, log=pri
             log(f"rl: skipped a group: {e}")
     bad_g = ro.bad.reshape(-1, group_size).any(1)
     rewards_gn = np.where(bad_g[:, None], 0.0, ro.rewards.reshape(-1, group_size))
-    adv = ADVANTAGES[rl_config.advantage](rewards_gn)
+    name = resolve_advantage(rl_config.advantage, rl_config.pass_price > 0)
+    adv = ADVANTAGES[name](rewards_gn)
     keep = np.repeat(~bad_g, group_size)
     return np.where(keep, adv.reshape(-1), 0.0).astype(np.float32), keep

@@ -10,6 +10,8 @@ from mtp.decode.modes.slow import Slow
 from mtp.decode.modes.speculative import Speculative
 from mtp.decode.modes.think import Think
 
-MODES: dict[str, type[Mode]] = {m.name: m for m in (Slow, Fast, Adaptive, Speculative, Think, Pause)}
+MODES: dict[str, type[Mode]] = {
+    m.name: m for m in (Slow, Fast, Adaptive, Speculative, Think, Pause)
+}
 
 __all__ = ["MODES", "Adaptive", "Fast", "Mode", "Pause", "Slow", "Speculative", "Think"]

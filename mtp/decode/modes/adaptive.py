@@ -71,8 +71,10 @@ class Adaptive(Mode):
                     "adaptive confidence 'learned' needs a drafter with a keep head "
                     "(drafter.emission=True)"
                 )
-            u_bk = None if ctx.urgency_b is None else jnp.broadcast_to(
-                ctx.urgency_b[:, None], drafts_bk.shape
+            u_bk = (
+                None
+                if ctx.urgency_b is None
+                else jnp.broadcast_to(ctx.urgency_b[:, None], drafts_bk.shape)
             )
             return jax.nn.sigmoid(ctx.system.keep_logits(x_bkd, u_bk))
         p_bku = jax.nn.softmax(logits_bku.astype(jnp.float32), axis=-1)
