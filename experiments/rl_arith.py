@@ -17,7 +17,7 @@ report (`:smoke` runs a minute-long pipeline). Measured 2026-11-23
 1.000 at 13.6 passes (33%) with the supervised drafter, after drafter-only RL
 and after joint RL alike: RL has nothing to fix at this size.
 
-Variants (`experiments/rl_arith.py:VARIANT`), measured the same day:
+Variants (`experiments/rl_arith.py:VARIANT`), measured the same day (but `mult_emit`):
 - `k8`: 8 drafts per pass; fast 1.000 at 9.6 passes (23%), RL again idle.
 - `medusa`: the warm-up detaches the taps (the main model never trained to talk);
   same main loss, fast 0.000, and RL (exact or partial credit) cannot start.
@@ -26,19 +26,25 @@ Variants (`experiments/rl_arith.py:VARIANT`), measured the same day:
   of the passes with the supervised drafter, 0.592 after drafter-only RL, 0.672
   after joint RL (512 problems). At 64 rollouts per step
   (`--config.rl.prompts_per_step=8 --config.rl.steps=60`) RL did not help.
+- `mult_emit`: `mult` with learned emission: joint RL of the keep head (adaptive
+  thought by its sampled decisions), half the groups at urgency 0 and half at 1,
+  reward = exact answer - 0.02 x urgency x main passes (RLOO advantages). Run it
+  with `mult`'s `warmup/` copied into its workdir (the same warm-up); its report
+  is `mtp.evals.rl_report --workdir=runs/rl_mult --also=runs/rl_mult_emit`.
+  (`smoke_emit`: the same at `smoke` size.)
 """
 
 import dataclasses
 
 from mtp.config import RLConfig, default_config
 
-VARIANTS = ("smoke", "medusa", "k8", "mult")
+VARIANTS = ("smoke", "medusa", "k8", "mult", "mult_emit", "smoke_emit")
 
 
 def get_config(arg=None):
     if arg not in (None, *VARIANTS):
         raise ValueError(f"experiments/rl_arith.py:{arg}: the argument is one of {VARIANTS}")
-    smoke = arg == "smoke"
+    smoke = arg in ("smoke", "smoke_emit")
     c = default_config()
     c.model.update(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_len=128)
     c.drafter.update(kind="transformer", k=4, n_layers=1, n_heads=4)
@@ -77,11 +83,15 @@ def get_config(arg=None):
         c.rl.update(reward="partial", lr=3e-4, steps=100)  # exact answers: no signal at all
     if arg == "k8":  # twice the drafts per pass, same warm-up recipe
         c.drafter.k = 8
-    if arg == "mult":  # 2x2-digit multiplication, partial products computed in one step each
+    if arg in ("mult", "mult_emit"):  # 2x2-digit multiplication, partial products in one step each
         task = "multiplication:digits=2,multiplier_digits=2"
         c.data.corpus = f"task:{task},n=100000"
         c.rl.update(task=task, prompts_per_step=32, steps=90, eval_every=30)  # 256 rollouts/step
         c.drafter.emission = True  # a keep head for learned emission (unused until RL prices)
+    if arg in ("mult_emit", "smoke_emit"):  # learned emission: keep decisions priced by urgency
+        c.drafter.emission = True
+        c.rl.update(thought_mode="learned", urgency=True, pass_price=0.02, advantage="auto",
+                    trainable=("both",), think_budget=16)  # fmt: skip
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)

@@ -287,3 +287,85 @@ def test_distill_gradient_reaches_main_model_through_the_taps():
     main, drafter = _grad_norms(steps.rl_grads(_system(detach=True), batch, rl_config, "both")[1])
     assert main == 0.0 and drafter > 1e-6
     assert _grad_norms(steps.rl_grads(_system(), batch, RC, "both")[1]) == (0.0, 0.0)  # no distill
+
+
+def _emission_system(detach=False):
+    """A system with a keep head whose logit varies with the drafter state and the urgency."""
+    cfg = DrafterConfig(k=K, n_heads=2, detach=detach, emission=True)
+    system = MTPSystem(MAIN, cfg, pad_id=0, rngs=nnx.Rngs(0))
+    kernel = jax.random.normal(jax.random.key(1), system.drafter.keep.kernel.shape)
+    system.drafter.keep.kernel.set_value(kernel)
+    return system
+
+
+# passes of 1..K + 1 tokens after a 4-token prompt: (length, stopped by the policy)
+EMIT_PASSES = [3, 1, 2, 3, 2, 1, 3, 1]
+
+
+def _emission_batch(b=2, prompt=4, seed=0):
+    rng = np.random.default_rng(seed)
+    offset, pass_, stop = [0] * prompt, [0] * prompt, [0] * prompt
+    for i, n in enumerate(EMIT_PASSES):
+        offset += list(range(n))
+        pass_ += [i] * n
+        stop += [0] * (n - 1) + [int(n < K + 1)]
+    l = len(offset)
+    tile = lambda x, dt: np.broadcast_to(np.asarray(x, dt), (b, l)).copy()
+    batch = dict(
+        tokens=rng.integers(1, MAIN.vocab_size, (b, l)).astype(np.int32),
+        offset=tile(offset, np.int32), pass_=tile(pass_, np.int32),
+        mask=tile([0] * prompt + [1] * (l - prompt), np.float32),
+        stop=tile(stop, np.float32), adv=np.linspace(-1, 1, b).astype(np.float32),
+        old_lp=np.zeros((b, l), np.float32), ref_lp=np.zeros((b, l), np.float32),
+        urgency=np.array([0.0, 1.0][:b], np.float32),
+    )  # fmt: skip
+    return {key: jnp.asarray(v) for key, v in batch.items()}
+
+
+def test_keep_decisions_join_the_pass_logprob():
+    """Each pass's log-prob gains log p(keep) for every draft it emitted and log p(stop) after
+    its last token when shorter than 1 + K, read on the incremental drafter's states
+    (`system.draft`, fed the pass's own tokens) at the rollout's urgency."""
+    system, batch = _emission_system(), _emission_batch()
+    without = {key: v for key, v in batch.items() if key != "stop"}
+    extra = np.asarray(_lp(system, batch) - _lp(system, without))
+    taps = system.main_taps(batch["tokens"])
+    tok = np.asarray(batch["tokens"])
+    for b in range(2):
+        s = 4
+        for n in EMIT_PASSES:
+            nxt = np.append(tok[b], [0] * (K + 1))[s + 1 : s + 1 + K]  # the tokens it drafted
+            teacher = lambda logits_bu, j, nxt=nxt: jnp.asarray(nxt)[j][None]
+            _, _, x_bkd = system.draft(
+                taps[b : b + 1, s - 1], jnp.asarray(tok[b, s])[None], teacher
+            )
+            keep_k = np.asarray(system.keep_logits(x_bkd, jnp.full((1, K), float(b))))[0]
+            want = np.zeros(n)
+            want[1:] += np.log(jax.nn.sigmoid(keep_k[: n - 1]))  # draft j kept on state j - 1
+            if n < K + 1:  # stopped: the state that would have scored draft n
+                want[-1] += np.log(jax.nn.sigmoid(-keep_k[n - 1]))
+            np.testing.assert_allclose(extra[b, s : s + n], want, rtol=1e-4, atol=1e-5)
+            s += n
+
+
+def test_keep_gradient_reaches_the_head_the_drafter_and_main_through_the_taps():
+    """The keep decisions' log-prob alone: its gradient reaches the keep head, the drafter
+    and, through the taps, the main model; with detached taps, not the main model."""
+    batch = _emission_batch()
+    u_btk = jnp.broadcast_to(batch["urgency"][:, None, None], (*batch["tokens"].shape, K))
+
+    def decisions(system):
+        _, drafts = system.forward(batch["tokens"], batch["urgency"])
+        keep_btk = system.keep_logits(drafts.hidden_btkd, u_btk)
+        lp_bt = objectives.emission_logprob(keep_btk, batch["offset"], batch["stop"])
+        return (lp_bt * batch["mask"]).sum()
+
+    for detach in (False, True):
+        grads = nnx.grad(decisions)(_emission_system(detach))
+        main, drafter = _grad_norms(grads)
+        keep = float(jnp.abs(nnx.to_pure_dict(grads)["drafter"]["keep"]["kernel"]).sum())
+        assert keep > 1e-6 and drafter > keep
+        assert (main == 0.0) if detach else (main > 1e-6)
+    # ... and the RL loss trains the keep head
+    _, grads = steps.rl_grads(_emission_system(), _emission_batch(), RC, "both")
+    assert float(jnp.abs(nnx.to_pure_dict(grads)["drafter"]["keep"]["kernel"]).sum()) > 1e-6

@@ -126,6 +126,9 @@ def _checked(run: Run, min_vocab: int = 262) -> Run:
     )
     if run.program == "rl":
         check(run.rl.rollout == "think", "rl.rollout", "program 'rl' runs 'think' rollouts")
+        if run.rl.thought_mode == "learned":
+            check(run.drafter.emission, "rl.thought_mode",
+                  "'learned' needs a keep head: set drafter.emission=True")  # fmt: skip
     if run.program == "pause":
         check(run.model.use_urgency, "model.use_urgency", "must be True for program 'pause'")
         check(run.rl.rollout == "pause", "rl.rollout", "program 'pause' runs 'pause' rollouts")

@@ -56,7 +56,12 @@ class RLConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0  # rollout sampling; log-probs are of the same tempered policy
+    # 'fast', 'slow', or 'learned': adaptive thought whose keep decisions are the drafter's keep
+    # head (drafter.emission), sampled in rollouts and scored by the RL objective
     thought_mode: str = "fast"
+    # think rollouts: half the groups at urgency 0, half at 1, an input of the keep head (and of
+    # the main model with model.use_urgency); the pass price is then paid times the urgency
+    urgency: bool = False
     think_budget: int = 0  # main passes for the thought; then </think> is forced
     answer_max_tokens: int = 16
     # 'exact': reward = the verifier's score; 'partial': the share of the answer's characters

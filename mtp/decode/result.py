@@ -85,7 +85,7 @@ class DecodeResult:
         if self.mode == "adaptive":  # tokens per pass: 1 + the drafts kept
             n_k = np.arange(self.k + 1)
             out["tokens_per_pass_hist"] = {
-                int(n + 1): int(c) for n, c in zip(n_k, self.accept_hist)
+                int(n + 1): int(c) for n, c in zip(n_k, self.accept_hist, strict=True)
             }
             out["mean_kept"] = float((n_k * self.accept_hist).sum() / max(verified, 1))
         if self.mode == "speculative":

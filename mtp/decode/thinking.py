@@ -6,8 +6,9 @@ Prompts end inside a thinking span (`<bos> P <think>`). Two engine calls:
 1. the thought, in `thought_mode` (`fast`: 1 + k tokens per pass, drafts
    unverified; `adaptive`: 1 to 1 + k; `slow`: one), stopping at `</think>` or
    after `think_budget` passes (and at most `budget * width` tokens; 0: until
-   the cache leaves just room for the answer); drafts after a `</think>` are dropped, as the `think` mode does. A
-   thought cut by the budget gets a `</think>` the policy did not choose (`forced`);
+   the cache leaves just room for the answer); drafts after a `</think>` are
+   dropped, as the `think` mode does. A thought cut by the budget gets a
+   `</think>` the policy did not choose (`forced`);
 2. the answer, in `answer_mode` (`slow`, or a `Pause` policy) from prompt +
    thought, stopping at `<eos>`.
 

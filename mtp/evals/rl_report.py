@@ -42,8 +42,8 @@ from absl import app, flags, logging
 
 from mtp import checkpoint as ckpt
 from mtp.data.task_data import parse_task_spec
-from mtp.decode.modes import Adaptive
 from mtp.data.tokenizer import tokenizer_of
+from mtp.decode.modes import Adaptive
 from mtp.errors import UserError
 from mtp.evals.task_accuracy import TaskAccuracy
 from mtp.metrics import format_table
@@ -218,7 +218,8 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front
 
 
-# drafting modes only: answers whose every draft is the main model's own greedy token, and accuracies
+# drafting modes only: answers whose every draft is the main model's own greedy token, and
+# the accuracy of those and of the rest
 AGREE = ("drafts_agree", "accuracy_if_agree", "accuracy_if_not")
 
 

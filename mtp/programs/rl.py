@@ -22,7 +22,7 @@ from mtp.evals.task_accuracy import TaskAccuracy
 from mtp.metrics import format_table, is_main_process
 from mtp.programs.phases import Phase, run_phases
 from mtp.rl.learner import load_rl_system, train_rl
-from mtp.rl.rollouts import ThinkRollout
+from mtp.rl.rollouts import ThinkRollout, thought_mode_of
 from mtp.train.supervised import train_and_evaluate
 
 
@@ -31,7 +31,8 @@ def evaluator(run: Run, tok: Tokenizer, thought_mode: str | None = None):
     rl_config = run.rl
     task, _ = parse_task_spec(rl_config.task)
     ev = TaskAccuracy(
-        task, tok, rl_config.eval_prompts, thought_mode=thought_mode or rl_config.thought_mode,
+        task, tok, rl_config.eval_prompts,
+        thought_mode=thought_mode_of(thought_mode or rl_config.thought_mode, sample=False),
         think_budget=rl_config.think_budget, answer_max_tokens=rl_config.answer_max_tokens,
         batch_size=rl_config.prompts_per_step * rl_config.group_size,
     )  # fmt: skip

@@ -29,14 +29,23 @@ Batch of rollouts (`mtp.rl.rollouts.Rollouts.batch`), all (B, T) but `adv`:
   old_lp, ref_lp  float: log-probs of the rollout policy / frozen reference
   teacher  float (B, T, V), only with rl.distill: the frozen reference main
           model's log-distribution for token t (computed at t - 1)
-  urgency  float (B,), optional: the urgency input of the forward
+  urgency  float (B,), optional: the urgency input of the forward (and of the
+          keep head)
+  stop    float (B, T), optional (learned emission): the policy ended its pass
+          after the token
 
 With `rl.distill` > 0 the loss adds, at every drafted token, the KL from that
 teacher to the drafter's distribution on the states the rollout visited
-(on-policy distillation, DistillSpec, Zhou et al. 2024). A rollout kind may
-replace the log-prob of the tokens where its policy chose something other
-than the token itself (`token_logprob`; the pause decision of
-`mtp.rl.rollouts.PauseRollout`).
+(on-policy distillation, DistillSpec, Zhou et al. 2024).
+
+With learned emission (`drafter.emission`, batches with `stop`) a pass's
+log-prob also holds its keep decisions: log sigmoid(s) for every draft it
+emitted and log sigmoid(-s) for the stop after its last token, s the keep
+head's logit on the drafter state that scored that draft (`emission_logprob`),
+so the decisions' gradient reaches the keep head, the drafter and, through
+the taps, the main model. A rollout kind may replace the log-prob of the
+tokens where its policy chose something other than the token itself
+(`token_logprob`; the pause decision of `mtp.rl.rollouts.PauseRollout`).
 """
 
 from __future__ import annotations
@@ -95,6 +104,23 @@ def token_dists(logits_btv, draft, offset_bt, temperature: float):
     return dist_btv, main_prev_btv
 
 
+def emission_logprob(keep_btk, offset_bt, stop_bt):
+    """Log-prob (B, T) of the keep decisions at each token, from keep logits (B, T, K) on the
+    teacher-forced drafter states (the state at (t, j) scores draft j + 1 of a pass drafting
+    from t). A draft at t with offset j >= 1 was kept: log sigmoid(keep[t - 1 - j, j - 1]). A
+    token at t with offset o < K after which the pass stopped: log sigmoid(-keep[t - 1 - o, o])
+    (the state that would have scored draft o + 1, fed the pass's tokens up to t)."""
+    t, k = offset_bt.shape[1], keep_btk.shape[2]
+    at = lambda back, j: keep_btk[:, jnp.clip(jnp.arange(t) - 1 - back, 0, t - 1), j]
+    out_bt = jnp.zeros(offset_bt.shape, jnp.float32)
+    for j in range(1, k + 1):
+        out_bt += jnp.where(offset_bt == j, jax.nn.log_sigmoid(at(j, j - 1)), 0.0)
+    for o in range(k):
+        stopped_bt = (offset_bt == o) & (stop_bt > 0)
+        out_bt += jnp.where(stopped_bt, jax.nn.log_sigmoid(-at(o, o)), 0.0)
+    return out_bt
+
+
 def token_stats(system, batch: dict, temperature: float = 1.0, token_logprob=None):
     """Per-token statistics of a batch under `system`'s teacher-forced forward.
 
@@ -111,6 +137,13 @@ def token_stats(system, batch: dict, temperature: float = 1.0, token_logprob=Non
     lp_bt = jnp.take_along_axis(dist_btv, tokens_bt[..., None], -1)[..., 0]
     if token_logprob is not None:
         lp_bt = token_logprob(previous(logits_btv), batch, lp_bt, temperature)
+    if "stop" in batch:
+        u = batch.get("urgency")
+        u_btk = (
+            None if u is None else jnp.broadcast_to(u[:, None, None], drafts.hidden_btkd.shape[:3])
+        )
+        keep_btk = system.keep_logits(drafts.hidden_btkd, u_btk)
+        lp_bt = lp_bt + emission_logprob(keep_btk, batch["offset"], batch["stop"])
     inside_btv = dist_btv > -jnp.inf  # a trimmed drafter gives no mass outside its vocabulary
     safe_btv = jnp.where(inside_btv, dist_btv, 0.0)
     ent_bt = -(jnp.exp(safe_btv) * safe_btv * inside_btv).sum(-1)

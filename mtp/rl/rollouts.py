@@ -10,7 +10,10 @@ the token's own log-prob), and keeps its decoder's weights current
 
 - `think`: `<bos> P <think>`, a thought in `rl.thought_mode` within
   `rl.think_budget` passes, `</think>`, an answer in slow mode
-  (`mtp.decode.thinking`); cost: main passes.
+  (`mtp.decode.thinking`); cost: main passes. With `thought_mode='learned'`
+  each pass keeps drafts by the keep head's sampled decisions (`stop` marks the
+  tokens after which the policy ended a pass); with `rl.urgency` half the
+  groups run at urgency 0, half at 1, and the cost is urgency x passes.
 - `pause`: `<bos> P <think> thought </think>` with the worked thought given,
   then the answer with the `learned` pause policy: the model decides pass by
   pass whether to spend a `<pause>`, decisions sampled at `rl.temperature`,
@@ -37,7 +40,7 @@ from mtp.config import RLConfig
 from mtp.data.format import answer_text, encode_prompt
 from mtp.data.tokenizer import Tokenizer
 from mtp.decode.engine import Decoder
-from mtp.decode.modes import Pause
+from mtp.decode.modes import Adaptive, Mode, Pause
 from mtp.decode.sampling import Sampling
 from mtp.decode.thinking import think_then_answer
 
@@ -58,6 +61,7 @@ class Rollouts:
     forced_close: np.ndarray  # (B,) bool: the thought hit its budget
     cost: np.ndarray  # (B,) what rl.pass_price prices
     urgency: np.ndarray | None = None  # (B,) the urgency input, if the kind sets one
+    stop: np.ndarray | None = None  # (B, T) float32: the policy ended its pass after the token
     pauses: np.ndarray | None = None  # (B,) pauses spent, pause rollouts
     scores: np.ndarray = None  # (B,) verifier scores (NaN where bad)
     rewards: np.ndarray = None  # (B,) score - price * cost (NaN where bad)
@@ -86,6 +90,8 @@ class Rollouts:
         )
         if self.urgency is not None:
             out["urgency"] = self.urgency.astype(np.float32)
+        if self.stop is not None:
+            out["stop"] = self.stop
         return out
 
     def stats(self) -> dict:
@@ -101,6 +107,11 @@ class Rollouts:
             "forced_close": float(self.forced_close.mean()),
             "bad_rollouts": float((~good).sum()),
         }
+        if self.urgency is not None and self.pauses is None:
+            for u in (0, 1):
+                at_u = self.urgency == u
+                if at_u.any():
+                    out[f"passes_u{u}"] = float(self.passes[at_u].mean())
         if self.urgency is not None and self.pauses is not None:
             for u in (0, 1):
                 at_u = self.urgency == u
@@ -131,6 +142,19 @@ def _rows(prompt_ids, parts, offsets, passes, masks, length_multiple: int, pad: 
     return tokens, offset, pass_, mask
 
 
+def thought_mode_of(name: str, sample: bool) -> str | Mode:
+    """The decoding mode of `rl.thought_mode`: 'learned' is adaptive by the keep head, its
+    decisions drawn (rollouts, `sample`) or thresholded at p(keep) = 0.5 (evaluation)."""
+    if name == "learned":
+        return Adaptive(tau=0.5, confidence="learned", sample=sample)
+    return name
+
+
+def group_urgency(b: int, group_size: int) -> np.ndarray:
+    """(B,) urgency 0 for even groups, 1 for odd ones."""
+    return ((np.arange(b) // group_size) % 2).astype(np.float32)
+
+
 class ThinkRollout:
     """Think-mode rollouts of one system (module docstring); `set_weights` after each update."""
 
@@ -159,13 +183,15 @@ class ThinkRollout:
         rl_config, tok = self.rl_config, self.tok
         prompts = [p.prompt for p in problems]
         prompt_ids = [encode_prompt(tok, p) for p in prompts]
+        b = len(prompt_ids)
+        urgency_b = group_urgency(b, group_size) if rl_config.urgency else None
+        mode = thought_mode_of(thought_mode or rl_config.thought_mode, sample=True)
         th = think_then_answer(
-            self.dec, prompt_ids, thought_mode=thought_mode or rl_config.thought_mode,
-            think_budget=rl_config.think_budget, answer_max_tokens=rl_config.answer_max_tokens,
+            self.dec, prompt_ids, thought_mode=mode, think_budget=rl_config.think_budget,
+            answer_max_tokens=rl_config.answer_max_tokens, urgency_b=urgency_b,
             sampling=sampling or Sampling(temperature=rl_config.temperature), seed=seed,
         )  # fmt: skip
         r1, r2 = th.thought, th.answer
-        b = len(prompt_ids)
         n1 = [int(x) for x in r1.lengths]
         n2 = [int(x) for x in r2.lengths]
         parts = [(th.thoughts[i], r2.tokens[i, : n2[i]]) for i in range(b)]
@@ -181,12 +207,17 @@ class ThinkRollout:
         tokens, offset, pass_, mask = _rows(
             prompt_ids, parts, offsets, passes, masks, 32, tok.specials.pad, self.dec.max_len
         )
+        stop = None
+        if isinstance(mode, Adaptive):  # the stop decisions, laid out as the thought's tokens
+            stops = [(_fit(r1.choice[i, : n1[i]], th.thoughts[i].size), 0) for i in range(b)]
+            stop = _rows(prompt_ids, parts, offsets, passes, stops, 32, 0, self.dec.max_len)[3]
+        cost = th.passes.astype(np.float64) * (1.0 if urgency_b is None else urgency_b)
         return Rollouts(
             tokens=tokens, offset=offset, pass_=pass_, mask=mask, prompts=prompts,
             answers=[answer_text(tok, r2.row(i)) for i in range(b)],
             passes=th.passes, thought_passes=r1.passes.astype(np.int32),
             generated=(r1.lengths + r2.lengths).astype(np.int32), forced_close=th.forced,
-            cost=th.passes.astype(np.float64),
+            cost=cost, urgency=urgency_b, stop=stop,
         )  # fmt: skip
 
 
@@ -230,7 +261,7 @@ class PauseRollout:
         tok = self.tok
         b = len(problems)
         prompt_ids = [encode_prompt(tok, p.prompt, p.thought) for p in problems]
-        urgency_b = ((np.arange(b) // group_size) % 2).astype(np.float32)  # alternate groups
+        urgency_b = group_urgency(b, group_size)
         res = self.dec.generate(
             prompt_ids, mode=self.policy, max_new_tokens=self.max_answer, sampling=Sampling(),
             urgency_b=urgency_b, seed=seed,

@@ -3,8 +3,8 @@
 A span is opened by the prompt or by an emitted `<think>` and closed by
 `</think>`; drafts after a `</think>` are dropped. A pass with no row thinking
 feeds one token, as slow does. With `adaptive` (an `Adaptive` mode) the thought
-keeps only the drafts that mode keeps: adaptive thought, slow answer. A thought within a budget of passes, then an
-answer, is `mtp.decode.thinking.think_then_answer`.
+keeps only the drafts that mode keeps: adaptive thought, slow answer. A
+thought within a budget of passes, then an answer, is `mtp.decode.thinking.think_then_answer`.
 """
 
 from __future__ import annotations
