@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,33 @@ def test_drafts_agree_is_every_draft_equal_to_the_main_greedy_token(roll):
     assert drafts_agree(system, slow, TOK.specials.pad).tolist() == [True, False] + [True] * 6
 
 
+def test_learned_rollouts_mark_stops_and_price_passes_by_urgency():
+    """Keep head at p(keep) = 0.5: thought passes of several lengths, each shorter than 1 + K
+    marked as stopped after its last token; groups alternate urgency 0 / 1, the cost is
+    urgency x main passes."""
+    cfg = DrafterConfig(k=K, n_heads=2, emission=True)
+    system = MTPSystem(MAIN, cfg, pad_id=TOK.specials.pad, rngs=nnx.Rngs(0))
+    system.drafter.keep.bias.set_value(jnp.zeros((1,)))
+    rc = RLConfig(thought_mode="learned", urgency=True, group_size=2, pass_price=0.1)
+    ro = think_rollout(system, think_budget=8, rl_config=rc)(PROBLEMS, group_size=2, seed=0)
+    assert ro.urgency.tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(ro.cost, ro.urgency * ro.passes)
+    sizes = []
+    for b in range(len(PROBLEMS)):
+        thought = (ro.mask[b] > 0) & (
+            np.arange(ro.tokens.shape[1]) < np.argmax(ro.tokens[b] == CLOSE)
+        )
+        ids = ro.pass_[b][thought]
+        for p in np.unique(ids)[:-1]:  # the last may be cut by </think> or the budget
+            stops = ro.stop[b][thought][ids == p]
+            assert stops[:-1].sum() == 0 and stops[-1] == (stops.size < K + 1)
+            sizes.append(stops.size)
+    assert len(set(sizes)) >= 2, sizes
+    assert "stop" in ro.batch(np.zeros(4), np.ones(4, bool))
+    scored = score_rollouts(ro, lambda prompt, answer: 1.0, pass_price=0.1)
+    np.testing.assert_allclose(scored.rewards, 1.0 - 0.1 * ro.urgency * ro.passes)
+
+
 def test_rollout_budget_forces_think_close_and_masks_it(roll):
     _, r = roll
     ro = r(PROBLEMS, thought_mode="slow", sampling=GREEDY)
@@ -194,12 +222,16 @@ def test_pipeline_runs_warmup_then_rl_and_resumes(tmp_path, capsys, monkeypatch)
                  "trained_groups_with_signal", "hard_problems", "distill_kl"):  # fmt: skip
         assert np.isfinite(rows[-1][name]), name
     assert (tmp_path / "rl_summary.md").exists()
-    text = rl_report.report(tmp_path, n=4, budgets=(2, 0), batch_size=4)
-    assert "| slow | 2 |" in text and "| fast/rl_both | none |" in text and "check" in text
+    text = rl_report.report(tmp_path, n=4, budgets=(2, 0), batch_size=4, taus=(0.9,))
+    assert "| slow | 2 |" in text and "| fast/rl_both | none | - |" in text and "check" in text
+    assert "| fast/rl_both | none | 1 |" in text  # the fixed-length baseline, 1 draft per pass
+    assert "| adaptive/rl_both | none | - | 0.9 |" in text
+    assert re.search(r"check: (no )?adaptive/rl_both", text), text
+    assert rl_report.pareto([(3, 0.9), (1, 0.5), (2, 0.4), (1, 0.2)]) == [(1, 0.5), (3, 0.9)]
     assert (tmp_path / "rl_report.png").stat().st_size > 0
     rows = json.loads((tmp_path / "rl_report.json").read_text())
-    for row in rows:  # drafts-agree columns: fast rows only; acc = the split's weighted mean
-        assert ("drafts_agree" in row) == row["system"].startswith("fast"), row
+    for row in rows:  # drafts-agree columns: drafting modes only; acc = the split's weighted mean
+        assert ("drafts_agree" in row) == (row["system"] != "slow"), row
         if "drafts_agree" in row:
             parts = [(row["drafts_agree"], row["accuracy_if_agree"]),
                      (1 - row["drafts_agree"], row["accuracy_if_not"])]  # fmt: skip

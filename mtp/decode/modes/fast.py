@@ -1,4 +1,7 @@
-"""`fast`: the main token and k drafts per pass, unverified; the next pass feeds all k + 1."""
+"""`fast`: the main token and k drafts per pass, unverified; the next pass feeds all k + 1.
+
+`Fast(drafts=j)` keeps only the first j drafts of every pass (1 + j tokens per pass;
+0: all k), the fixed-length baseline of the adaptive mode."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ def pass_tokens(ctx: Ctx, c: Carry, y0_b, drafts_bk, cnt_b, forced_b=None) -> Ca
 @dataclasses.dataclass(frozen=True)
 class Fast(Mode):
     name = "fast"
+    drafts: int = 0  # drafts kept per pass (0: all k)
 
     def width(self, k: int) -> int:
         return k + 1
@@ -36,5 +40,6 @@ class Fast(Mode):
         c, (ky, kd) = split_keys(ctx, c, 2)
         c, y0_b = main_token(ctx, c, ky)
         drafts_bk, _ = draft(ctx, c.taps_bwld[:, 0], y0_b, kd)
-        cnt_b = jnp.full(y0_b.shape, ctx.k + 1, jnp.int32)
+        kept = min(self.drafts, ctx.k) if self.drafts else ctx.k
+        cnt_b = jnp.full(y0_b.shape, kept + 1, jnp.int32)
         return pass_tokens(ctx, c, y0_b, drafts_bk, cnt_b)
