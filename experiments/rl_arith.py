@@ -91,7 +91,7 @@ def get_config(arg=None):
     if arg in ("mult_emit", "smoke_emit"):  # learned emission: keep decisions priced by urgency
         c.drafter.emission = True
         c.rl.update(thought_mode="learned", urgency=True, pass_price=0.02, advantage="auto",
-                    trainable=("both",), think_budget=16)  # fmt: skip
+                    trainable=("both",), think_budget=16, keep_lr_scale=100.0)  # fmt: skip
     if smoke:
         c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
         c.drafter.update(k=2, n_heads=2)

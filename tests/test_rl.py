@@ -369,3 +369,30 @@ def test_keep_gradient_reaches_the_head_the_drafter_and_main_through_the_taps():
     # ... and the RL loss trains the keep head
     _, grads = steps.rl_grads(_emission_system(), _emission_batch(), RC, "both")
     assert float(jnp.abs(nnx.to_pure_dict(grads)["drafter"]["keep"]["kernel"]).sum()) > 1e-6
+
+
+def test_the_keep_head_has_its_own_learning_rate():
+    """Adam's first step moves each parameter by about the learning rate: the keep head's by
+    keep_lr_scale times the rest's."""
+    moved = {}
+    for scale in (1.0, 100.0):
+        system, batch = _emission_system(), _emission_batch()
+        rc = dataclasses.replace(RC, keep_lr_scale=scale, lr=1e-4, grad_clip=1e9)
+        before = nnx.to_pure_dict(nnx.state(system, nnx.Param))
+        optimizer = steps.rl_optimizer(system, rc, "both")
+        _, grads = steps.rl_grads(system, batch, rc, "both")
+        optimizer.update(system, grads)
+        after = nnx.to_pure_dict(nnx.state(system, nnx.Param))
+        moved[scale] = tuple(
+            float(jnp.abs(_at(after, keys) - _at(before, keys)).max())
+            for keys in (("drafter", "keep", "kernel"), ("main", "embed", "embedding"))
+        )
+    assert moved[1.0][0] == pytest.approx(1e-4, rel=0.05)
+    assert moved[100.0][0] == pytest.approx(1e-2, rel=0.05)
+    assert moved[100.0][1] == pytest.approx(moved[1.0][1], rel=1e-3)  # the rest unchanged
+
+
+def _at(tree, keys):
+    for key in keys:
+        tree = tree[key]
+    return tree

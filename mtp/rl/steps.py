@@ -25,11 +25,26 @@ TRAINABLE = {
 
 
 def make_rl_optimizer(rl_config: RLConfig) -> optax.GradientTransformation:
+    """Clipping, then AdamW with a linear warm-up; the keep head (learned emission) at
+    `rl.keep_lr_scale` times the learning rate."""
     warm = max(rl_config.warmup_steps, 1)
-    schedule = lambda count: rl_config.lr * jnp.minimum(1.0, (count + 1) / warm)  # first step > 0
-    return optax.chain(
-        optax.clip_by_global_norm(rl_config.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=rl_config.weight_decay),
+
+    def adamw(scale):
+        peak = rl_config.lr * scale
+        schedule = lambda count: peak * jnp.minimum(1.0, (count + 1) / warm)  # first step > 0
+        return optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=rl_config.weight_decay)
+
+    tx = adamw(1.0)
+    if rl_config.keep_lr_scale != 1.0:
+        tx = optax.multi_transform({"keep": adamw(rl_config.keep_lr_scale), "rest": tx}, _keep)
+    return optax.chain(optax.clip_by_global_norm(rl_config.grad_clip), tx)
+
+
+def _keep(params):
+    """'keep' for the keep head's parameters, 'rest' for the others (same tree)."""
+    is_keep = lambda path: any(getattr(p, "key", None) == "keep" for p in path)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "keep" if is_keep(path) else "rest", params
     )
 
 
