@@ -47,6 +47,12 @@ _CHAT = flags.DEFINE_bool(
 _THINK_BUDGET = flags.DEFINE_integer(
     "think_budget", 0, "--mode=decode: think mode thinks within N main passes, then answers."
 )
+_TAU = flags.DEFINE_float(
+    "tau", 0.9, "--mode=decode, adaptive: keep drafts while their confidence is >= tau."
+)
+_CONFIDENCE = flags.DEFINE_string(
+    "confidence", "prob", "--mode=decode, adaptive: the drafts' confidence (prob, margin, learned)."
+)
 
 
 def _config():
@@ -105,6 +111,8 @@ def _decode():
             seed=_SEED.value,
             think_budget=_THINK_BUDGET.value,
             chat=_CHAT.value,
+            tau=_TAU.value,
+            confidence=_CONFIDENCE.value,
         )
     )
 

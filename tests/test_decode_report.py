@@ -28,11 +28,12 @@ def test_think_budget_row_thinks_within_the_budget_then_answers():
 
 
 def test_decode_report_prints_every_mode_and_a_table():
-    modes = ["slow", "speculative", "fast", "think"]
-    out = decode_report(_system(), TOK, "ab<think>c", modes, max_new_tokens=8, temperature=0.0)
-    for mode in ("slow", "speculative", "fast", "think"):
+    modes = ["slow", "speculative", "fast", "think", "adaptive"]
+    out = decode_report(_system(), TOK, "ab<think>c", modes, max_new_tokens=8, tau=0.5)
+    for mode in ("slow", "speculative", "fast", "think", "adaptive"):
         assert f"### {mode}\nab<think>c" in out
         assert f"| {mode} | " in out
+    assert "passes by tokens per pass (prob >= 0.5): {" in out
     assert "| mode | tokens | main passes | tokens/pass |" in out
     assert "speculative greedy identical to slow: yes" in out
 
@@ -71,7 +72,7 @@ BAD_ENGINE = {
     ),
     "unknown mode": (
         lambda generate: generate([ROW], mode="turbo"),
-        "allowed: slow, fast, speculative, think, pause",
+        "allowed: slow, fast, adaptive, speculative, think, pause",
     ),
     "bad top_p": (
         lambda generate: generate([ROW], sampling=Sampling(temperature=1.0, top_p=0.0)),

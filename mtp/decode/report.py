@@ -15,7 +15,7 @@ import numpy as np
 
 from mtp.data.format import encode_prompt, encode_question
 from mtp.decode.engine import Decoder
-from mtp.decode.modes import MODES
+from mtp.decode.modes import MODES, Adaptive
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
 from mtp.decode.thinking import think_then_answer
@@ -57,6 +57,8 @@ def decode_report(
     seed: int = 0,
     think_budget: int = 0,
     chat: bool = True,
+    tau: float = 0.9,
+    confidence: str = "prob",
 ) -> str:
     """Decodes `<bos> prompt` in each mode; returns the texts and a markdown table.
 
@@ -64,7 +66,8 @@ def decode_report(
     can open a thinking span. With `chat` and a tokenizer that has a chat template,
     the prompt is the user's message and the model writes the assistant's reply.
     With `think_budget` > 0, the `think` row is a thought (fast, from `encode_prompt`)
-    within that many main passes, then a slow answer (`think_then_answer`). Raises
+    within that many main passes, then a slow answer (`think_then_answer`). The
+    `adaptive` row keeps drafts while their `confidence` is >= `tau`. Raises
     DecodeError (a UserError) on an empty prompt, an unknown mode or a prompt that does
     not fit the cache.
     """
@@ -94,11 +97,15 @@ def decode_report(
                 "",
             ]
             continue
-        kw = dict(mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+        obj = Adaptive(tau=tau, confidence=confidence) if mode == "adaptive" else mode
+        kw = dict(mode=obj, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
         first = dec.generate([ids], **kw)
         res = dec.generate([ids], **kw) if first.compiled else first  # timed warm
         results[mode] = res
         lines += [f"### {mode}", shown + res.texts(tokenizer)[0], ""]
+        if mode == "adaptive":
+            hist = res.stats["tokens_per_pass_hist"]
+            lines += [f"passes by tokens per pass ({confidence} >= {tau}): {hist}", ""]
         rows.append(_row(res, max(first.wall_s - res.wall_s, 0.0)))
     if rows:
         lines += [
