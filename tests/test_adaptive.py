@@ -31,21 +31,17 @@ def _gen(dec, mode, **kw):
 def test_tau_zero_is_fast_and_tau_above_one_is_slow():
     dec = Decoder(_trained("transformer"), S)
     _same(_gen(dec, Adaptive(tau=0.0)), _gen(dec, "fast"))
-    _same(_gen(dec, Adaptive(tau=1.01)), _gen(dec, "slow"))
     _same(_gen(dec, Adaptive(tau=1.01, confidence="margin")), _gen(dec, "slow"))
-    # inside a thought: adaptive thought, slow answer
+    # inside a thought within a budget of passes: adaptive thought, slow answer
     heads = [np.asarray(p) for p in _ids(["<bos>q<think>", "<bos>p<think>"])]
-    for tau, ref in ((0.0, "fast"), (1.01, "slow")):
-        a = think_then_answer(dec, heads, thought_mode=Adaptive(tau=tau), think_budget=6)
-        r = think_then_answer(dec, heads, thought_mode=ref, think_budget=6)
-        _same(a.thought, r.thought)
-        _same(a.answer, r.answer)
+    a = think_then_answer(dec, heads, thought_mode=Adaptive(tau=1.01), think_budget=6)
+    r = think_then_answer(dec, heads, thought_mode="slow", think_budget=6)
+    _same(a.thought, r.thought)
+    _same(a.answer, r.answer)
     # and the think mode with an adaptive thought
     prompts = _ids(["<bos>q<think>the", "<bos>p"])
-    for tau, ref in ((0.0, "think"), (1.01, "slow")):
-        got = dec.generate(prompts, mode=Think(Adaptive(tau=tau)), max_new_tokens=30)
-        want = dec.generate(prompts, mode=ref, max_new_tokens=30)
-        _same(got, want)
+    got = dec.generate(prompts, mode=Think(Adaptive(tau=0.0)), max_new_tokens=30)
+    _same(got, dec.generate(prompts, mode="think", max_new_tokens=30))
 
 
 def _passes(res, b):

@@ -331,15 +331,19 @@ def test_keep_decisions_join_the_pass_logprob():
     extra = np.asarray(_lp(system, batch) - _lp(system, without))
     taps = system.main_taps(batch["tokens"])
     tok = np.asarray(batch["tokens"])
+
+    @nnx.jit
+    def keep_logits(system, taps_1ld, y0_1, nxt_k, u):
+        """The incremental drafter fed the pass's own tokens: keep logits (K,)."""
+        _, _, x_1kd = system.draft(taps_1ld, y0_1, lambda logits_bu, j: nxt_k[j][None])
+        return system.keep_logits(x_1kd, jnp.full((1, K), u))[0]
+
     for b in range(2):
         s = 4
         for n in EMIT_PASSES:
             nxt = np.append(tok[b], [0] * (K + 1))[s + 1 : s + 1 + K]  # the tokens it drafted
-            teacher = lambda logits_bu, j, nxt=nxt: jnp.asarray(nxt)[j][None]
-            _, _, x_bkd = system.draft(
-                taps[b : b + 1, s - 1], jnp.asarray(tok[b, s])[None], teacher
-            )
-            keep_k = np.asarray(system.keep_logits(x_bkd, jnp.full((1, K), float(b))))[0]
+            args = (taps[b : b + 1, s - 1], tok[b, s][None], nxt, float(b))
+            keep_k = np.asarray(keep_logits(system, *args))
             want = np.zeros(n)
             want[1:] += np.log(jax.nn.sigmoid(keep_k[: n - 1]))  # draft j kept on state j - 1
             if n < K + 1:  # stopped: the state that would have scored draft n
@@ -360,8 +364,9 @@ def test_keep_gradient_reaches_the_head_the_drafter_and_main_through_the_taps():
         lp_bt = objectives.emission_logprob(keep_btk, batch["offset"], batch["stop"])
         return (lp_bt * batch["mask"]).sum()
 
+    grad = nnx.jit(nnx.grad(decisions))
     for detach in (False, True):
-        grads = nnx.grad(decisions)(_emission_system(detach))
+        grads = grad(_emission_system(detach))
         main, drafter = _grad_norms(grads)
         keep = float(jnp.abs(nnx.to_pure_dict(grads)["drafter"]["keep"]["kernel"]).sum())
         assert keep > 1e-6 and drafter > keep
