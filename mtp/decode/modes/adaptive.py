@@ -93,6 +93,14 @@ class Adaptive(Mode):
             return tau_b
         return tau_b + ctx.urgency_b * (self.tau_urgent - self.tau)
 
+    def decision_key(self, c: Carry):
+        """The carry and a key for this pass's keep decisions (None unless they are drawn,
+        which they are even when the tokens are greedy)."""
+        if not self.sample:
+            return c, None
+        key, kk = jax.random.split(c.key)
+        return c._replace(key=key), kk
+
     def kept(self, ctx: Ctx, drafts_bk, logits_bku, x_bkd, key):
         """Drafts kept per row (B,): the leading ones at or above the threshold (or drawn)."""
         conf_bk = self.confidences(ctx, drafts_bk, logits_bku, x_bkd)
@@ -105,10 +113,7 @@ class Adaptive(Mode):
     def advance(self, ctx: Ctx, c: Carry) -> Carry:
         k = ctx.k
         c, (ky, kd) = split_keys(ctx, c, 2)
-        kk = None
-        if self.sample:  # keep decisions are drawn even when the tokens are greedy
-            key, kk = jax.random.split(c.key)
-            c = c._replace(key=key)
+        c, kk = self.decision_key(c)
         c, y0_b = main_token(ctx, c, ky)
         b = y0_b.shape[0]
         drafts_bk, logits_bku, x_bkd = draft_states(ctx, c.taps_bwld[:, 0], y0_b, kd)

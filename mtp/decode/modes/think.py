@@ -57,10 +57,7 @@ class Think(Mode):
         c, (ky, kd) = split_keys(ctx, c, 2)
         c, y0_b = main_token(ctx, c, ky)
         opens_b = (thinking_b | (y0_b == s.think_open)) & (y0_b != s.think_close)
-        kk = None
-        if self.adaptive is not None and self.adaptive.sample:
-            key, kk = jax.random.split(c.key)
-            c = c._replace(key=key)
+        c, kk = (c, None) if self.adaptive is None else self.adaptive.decision_key(c)
 
         def drafted():
             drafts_bk, logits_bku, x_bkd = draft_states(ctx, c.taps_bwld[:, 0], y0_b, kd)
