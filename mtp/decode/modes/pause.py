@@ -46,6 +46,7 @@ class Pause(Mode):
     temperature: float = 0.0  # learned: the decision's temperature (0: greedy)
 
     name = "pause"
+    extra_kind = "pauses"
 
     def __post_init__(self):
         if self.kind not in POLICIES:
