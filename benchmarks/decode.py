@@ -58,7 +58,11 @@ def _args(argv):
     src.add_argument("--workdir", help="run directory; its latest (or --step) checkpoint")
     src.add_argument("--random", action="store_true", help="random-weight tiny system")
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--modes", default="slow,speculative,fast")
+    p.add_argument("--modes", default="slow,speculative,tree,fast",
+                   help="modes of mtp.decode.modes, and 'tree': speculative with a draft tree")
+    p.add_argument("--tree_nodes", type=int, default=0,
+                   help="the tree's nodes (0: k, the chain's verification width)")
+    p.add_argument("--tree_beams", type=int, default=4, help="the tree's beams per depth")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -101,13 +105,18 @@ def main(argv=None):
     from mtp.data.format import encode_question
     from mtp.data.task_data import parse_task_spec
     from mtp.decode.engine import Decoder
+    from mtp.decode.modes import Speculative
     from mtp.decode.report import _check_modes
     from mtp.decode.sampling import Sampling
 
-    modes = _check_modes(args.modes.split(","))
+    labels = args.modes.split(",")
+    _check_modes([m for m in labels if m != "tree"] or ["slow"])
     system, tok, cfg, source = _system(args)
     sampling = Sampling(temperature=args.temperature)
     dec = Decoder(system, tok.specials)
+    tree = Speculative(tree_nodes=args.tree_nodes or dec.k, tree_beams=args.tree_beams)
+    modes = {m: tree if m == "tree" else m for m in labels if m.strip()}
+    verified_modes = ("speculative", "tree")
     if args.chat_task:
         task, _ = parse_task_spec(args.chat_task)
         examples = task.examples("eval", args.prompts, start=0)
@@ -126,11 +135,11 @@ def main(argv=None):
         ]
         for m in modes:  # compile (the prefill once per prompt width bucket)
             for g in groups:
-                dec.generate(g, mode=m, **kw)
+                dec.generate(g, mode=modes[m], **kw)
         walls, last = {m: [] for m in modes}, {}
         for _ in range(args.repeats):
             for m in modes:
-                runs = [dec.generate(g, mode=m, **kw) for g in groups]
+                runs = [dec.generate(g, mode=modes[m], **kw) for g in groups]
                 assert not any(r.compiled for r in runs)
                 walls[m].append(sum(r.wall_s for r in runs))
                 last[m] = runs
@@ -148,17 +157,17 @@ def main(argv=None):
                 main_passes=sum(r.batch_passes for r in runs),
                 tokens_per_pass=tokens / sum(int(r.passes.sum()) for r in runs),
                 mean_accepted=float((np.arange(len(hist)) * hist).sum() / verified)
-                if m == "speculative"
+                if m in verified_modes
                 else None,
                 accept_rate=[float(hist[j:].sum() / verified) for j in range(1, len(hist))]
-                if m == "speculative"
+                if m in verified_modes
                 else None,
                 wall_s_median=wall,
                 wall_s_min=float(np.min(walls[m])),
                 tokens_per_s=tokens / wall,
                 speedup_vs_slow=(base / wall) if base else None,
             )
-            if m == "speculative" and "slow" in last and sampling.greedy:
+            if m in verified_modes and "slow" in last and sampling.greedy:
                 row["identical_to_slow"] = all(
                     np.array_equal(a.tokens, b.tokens)
                     for a, b in zip(runs, last["slow"], strict=True)
@@ -169,7 +178,9 @@ def main(argv=None):
     k = dec.k
     print(
         f"# decode benchmark: {source} (d_model {cfg.d_model}, {cfg.n_layers} layers, k={k}), "
-        f"{args.max_new_tokens} new tokens per row, {sampling}, median of {args.repeats}"
+        f"{args.max_new_tokens} new tokens per row, {sampling}, median of {args.repeats}; "
+        f"tree: {tree.tree_nodes} nodes ({tree.tree_beams} beams), verification width "
+        f"{tree.width(k)} against the chain's {k + 1}"
     )
     print(
         f"# {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
@@ -202,6 +213,7 @@ def main(argv=None):
         ),
         source=source,
         model=dict(d_model=cfg.d_model, n_layers=cfg.n_layers, max_len=cfg.max_len, k=k),
+        tree=dict(nodes=tree.tree_nodes, beams=tree.tree_beams),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         repeats=args.repeats,

@@ -50,6 +50,12 @@ _THINK_BUDGET = flags.DEFINE_integer(
 _TAU = flags.DEFINE_float(
     "tau", 0.9, "--mode=decode, adaptive: keep drafts while their confidence is >= tau."
 )
+_TREE_NODES = flags.DEFINE_integer(
+    "tree_nodes", 0, "--mode=decode, speculative: verify a draft tree of N nodes (0: a chain)."
+)
+_TREE_BEAMS = flags.DEFINE_integer(
+    "tree_beams", 4, "--mode=decode, speculative with --tree_nodes: beams per tree depth."
+)
 _CONFIDENCE = flags.DEFINE_string(
     "confidence", "prob", "--mode=decode, adaptive: the drafts' confidence (prob, margin, learned)."
 )
@@ -113,6 +119,8 @@ def _decode():
             chat=_CHAT.value,
             tau=_TAU.value,
             confidence=_CONFIDENCE.value,
+            tree_nodes=_TREE_NODES.value,
+            tree_beams=_TREE_BEAMS.value,
         )
     )
 

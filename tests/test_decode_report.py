@@ -38,6 +38,13 @@ def test_decode_report_prints_every_mode_and_a_table():
     assert "speculative greedy identical to slow: yes" in out
 
 
+def test_tree_nodes_make_the_speculative_row_a_tree():
+    out = decode_report(_system(), TOK, "ab", ["slow", "speculative"], max_new_tokens=8,
+                        tree_nodes=3, tree_beams=2)  # fmt: skip
+    assert "### speculative (a tree of 3 nodes, 2 beams)\nab" in out
+    assert "speculative greedy identical to slow: yes" in out
+
+
 BAD_REPORT = {
     "empty prompt": (dict(prompt=""), "--prompt is empty"),
     "unknown mode": (dict(modes=["slow", "warp"]), "'warp' is unknown; allowed: slow, fast"),

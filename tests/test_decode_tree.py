@@ -168,8 +168,11 @@ TREES = [Speculative(tree_nodes=6, tree_beams=3), Speculative(tree_nodes=4, tree
          tree_depth=2), Speculative(tree_nodes=9, tree_beams=4)]  # fmt: skip
 
 
-@pytest.mark.parametrize("mode", TREES, ids=lambda m: f"n{m.tree_nodes}b{m.tree_beams}")
-@pytest.mark.parametrize("drafter", [{}, {"draft_vocab": 4, "head": "shared"}], ids=["own", "trim"])
+@pytest.mark.parametrize(
+    "mode, drafter",
+    [(TREES[0], {}), (TREES[1], {}), (TREES[2], {"draft_vocab": 4, "head": "shared"})],
+    ids=["n6b3", "n4b2d2", "n9b4-trimmed"],
+)
 def test_tree_greedy_equals_slow(mode, drafter):
     dec = Decoder(_system(**drafter), SPECIALS)
     prompts = [np.array([1, 3]), np.array([4, 0, 2, 5, 6]), np.array([2]), np.array([6, 6]),

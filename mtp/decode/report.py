@@ -15,7 +15,7 @@ import numpy as np
 
 from mtp.data.format import encode_prompt, encode_question
 from mtp.decode.engine import Decoder
-from mtp.decode.modes import MODES, Adaptive
+from mtp.decode.modes import MODES, Adaptive, Speculative
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
 from mtp.decode.thinking import think_then_answer
@@ -59,6 +59,8 @@ def decode_report(
     chat: bool = True,
     tau: float = 0.9,
     confidence: str = "prob",
+    tree_nodes: int = 0,
+    tree_beams: int = 4,
 ) -> str:
     """Decodes `<bos> prompt` in each mode; returns the texts and a markdown table.
 
@@ -67,7 +69,8 @@ def decode_report(
     the prompt is the user's message and the model writes the assistant's reply.
     With `think_budget` > 0, the `think` row is a thought (fast, from `encode_prompt`)
     within that many main passes, then a slow answer (`think_then_answer`). The
-    `adaptive` row keeps drafts while their `confidence` is >= `tau`. Raises
+    `adaptive` row keeps drafts while their `confidence` is >= `tau`; with `tree_nodes` > 0
+    the `speculative` row verifies a draft tree of that many nodes (`tree_beams` beams). Raises
     DecodeError (a UserError) on an empty prompt, an unknown mode or a prompt that does
     not fit the cache.
     """
@@ -97,12 +100,17 @@ def decode_report(
                 "",
             ]
             continue
-        obj = Adaptive(tau=tau, confidence=confidence) if mode == "adaptive" else mode
+        obj = {
+            "adaptive": Adaptive(tau=tau, confidence=confidence),
+            "speculative": Speculative(tree_nodes=tree_nodes, tree_beams=tree_beams),
+        }.get(mode, mode)
         kw = dict(mode=obj, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
         first = dec.generate([ids], **kw)
         res = dec.generate([ids], **kw) if first.compiled else first  # timed warm
         results[mode] = res
-        lines += [f"### {mode}", shown + res.texts(tokenizer)[0], ""]
+        tree = isinstance(obj, Speculative) and obj.tree_nodes
+        tree = f" (a tree of {obj.tree_nodes} nodes, {obj.tree_beams} beams)" if tree else ""
+        lines += [f"### {mode}{tree}", shown + res.texts(tokenizer)[0], ""]
         if mode == "adaptive":
             hist = res.stats["tokens_per_pass_hist"]
             lines += [f"passes by tokens per pass ({confidence} >= {tau}): {hist}", ""]

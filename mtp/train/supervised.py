@@ -174,8 +174,13 @@ def train_and_evaluate(run: Run, workdir, tok: Tokenizer, *, init_from=None) -> 
         with sigterm_flag() as preempted, progress(run.train.steps, initial=step) as bar:
             t0, t0_step = time.perf_counter(), step
             start = step
+            in_flight = None
             while step < run.train.steps:
                 state, metrics = train_step(state, global_batch(next(train_it), mesh))
+                # at most two steps in flight: a SIGTERM saves within a step or two, not after
+                # every step Python ran ahead to (async dispatch) has finished
+                jax.block_until_ready(in_flight)
+                in_flight = metrics
                 step += 1
                 first_bad = first_nonfinite(first_bad, step, metrics)
                 bar.update(1)
