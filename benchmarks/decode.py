@@ -58,10 +58,17 @@ def _args(argv):
     src.add_argument("--workdir", help="run directory; its latest (or --step) checkpoint")
     src.add_argument("--random", action="store_true", help="random-weight tiny system")
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--modes", default="slow,speculative,tree,fast",
-                   help="modes of mtp.decode.modes, and 'tree': speculative with a draft tree")
-    p.add_argument("--tree_nodes", type=int, default=0,
-                   help="the tree's nodes (0: k, the chain's verification width)")
+    p.add_argument(
+        "--modes",
+        default="slow,speculative,tree,fast",
+        help="modes of mtp.decode.modes, and 'tree': speculative with a draft tree",
+    )
+    p.add_argument(
+        "--tree_nodes",
+        type=int,
+        default=0,
+        help="the tree's nodes (0: k, the chain's verification width)",
+    )
     p.add_argument("--tree_beams", type=int, default=4, help="the tree's beams per depth")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max_new_tokens", type=int, default=128)

@@ -36,9 +36,7 @@ def get_config(arg=None):
         raise ValueError(f"experiments/rl_smollm2.py:{arg}: the argument is one of {VARIANTS}")
     c = default_config()
     c.model.update(init_from="named:smollm2-135m-instruct", max_len=160, taps=(-1,))
-    c.drafter.update(
-        kind="transformer", k=4, n_layers=1, n_heads=8, head="shared", draft_vocab=512
-    )
+    c.drafter.update(kind="transformer", k=4, n_layers=1, n_heads=8, head="shared", draft_vocab=512)
     c.data.update(corpus=f"task:{TASK},n=4000", seq_len=96, batch_size=8)
     c.train.update(
         steps=120, lr=1e-3, warmup_steps=12, main_lr_scale=0.5, draft_decay=1.0,

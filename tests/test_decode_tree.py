@@ -63,7 +63,8 @@ def test_select_nodes_keeps_the_likeliest_paths_as_a_tree():
         assert tok_bn[r].tolist() == np.asarray(tok[r]).reshape(-1)[best].tolist()
         assert depth_bn[r].tolist() == (1 + best // m).tolist()
         for i, c in enumerate(best):
-            want = 0 if c < m else 1 + best.tolist().index((c // m - 1) * m + int(parent[r, c // m, c % m]))
+            par = (c // m - 1) * m + int(parent[r, c // m, c % m])  # the parent's candidate
+            want = 0 if c < m else 1 + best.tolist().index(par)
             assert parent_bn[r, i] == want and want <= i  # the parent is fed before the child
 
 
