@@ -65,14 +65,15 @@ class Speculative(Mode):
     def tree(self, c: Carry):
         if not self.tree_nodes:
             return None
-        return FedTree(c.extra["depth_bw"], c.extra["anc_bww"])
+        parent_bw = c.extra["parent_bw"]  # a path has at most W - 1 nodes below the root
+        return FedTree(c.extra["depth_bw"], tree.ancestors(parent_bw, parent_bw.shape[1] - 1))
 
     def init(self, b, k, v, sampling, thinking_b) -> dict:
         if self.tree_nodes:
             w = self.width(k)
             parent_bw = jnp.full((b, w), -1, jnp.int32)  # nothing pending after the prefill
-            return {"parent_bw": parent_bw, "depth_bw": jnp.zeros((b, w), jnp.int32),
-                    "anc_bww": tree.ancestors(parent_bw, self.depth(k))}  # fmt: skip
+            self.depth(k)  # checks the tree's options against k
+            return {"parent_bw": parent_bw, "depth_bw": jnp.zeros((b, w), jnp.int32)}
         return {
             "fresh_b": jnp.ones((b,), bool),  # no drafts pending yet (the last pass: prefill)
             # processed drafter log-probs of the pending drafts (sampling only)
@@ -118,7 +119,6 @@ class Speculative(Mode):
             extra={
                 "parent_bw": parent_bw,
                 "depth_bw": jnp.concatenate([jnp.zeros((b, 1), jnp.int32), depth_bn], axis=1),
-                "anc_bww": tree.ancestors(parent_bw, d),
             },
         )
 
