@@ -14,7 +14,9 @@ batch size (1 and 8 by default) every mode decodes all of them, in calls of
 interleaved so that they share the machine's noise; the table gives the
 median total wall time. Rows do not stop at EOS (every row
 emits --max_new_tokens), so all modes produce the same number of tokens;
-greedy speculative output is checked to equal slow output. Prints a markdown
+greedy speculative output is checked to equal slow output. Past
+`--spec_max_batch` rows (default: the backend's limit, 4 rows on CPU) the
+speculative and tree rows decode in slow mode, and say so. Prints a markdown
 table and the command that reproduces it, and writes the figures as JSON.
 
 XLA flags: by default this sets `--xla_cpu_experimental_ynn_fusion_type=`
@@ -36,6 +38,7 @@ import shlex
 import sys
 
 import numpy as np
+from peers import PEERS, read_bandwidth, run_peer
 
 PROMPTS = [
     "def main(",
@@ -70,6 +73,20 @@ def _args(argv):
         help="the tree's nodes (0: k, the chain's verification width)",
     )
     p.add_argument("--tree_beams", type=int, default=4, help="the tree's beams per depth")
+    p.add_argument(
+        "--spec_max_batch",
+        type=int,
+        default=None,
+        help="speculative and tree: slow past this many rows (0: never; default: the "
+        "backend's, mtp.decode.modes.speculative.MAX_BATCH)",
+    )
+    p.add_argument(
+        "--peers",
+        default="",
+        help=f"also decode with these peers (benchmarks/peers.py): any of {','.join(PEERS)}",
+    )
+    p.add_argument("--peer_repeats", type=int, default=3, help="timed passes per peer")
+    p.add_argument("--bandwidth_gib", type=float, default=1.0, help="GiB read to time bandwidth")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -82,7 +99,8 @@ def _args(argv):
 
 
 def _system(args):
-    """(system, its tokenizer, its ModelConfig, where it came from); imports JAX."""
+    """(system, its tokenizer, its ModelConfig, where it came from, its init_from or ''");
+    imports JAX."""
     from mtp.data.tokenizer import ByteTokenizer, tokenizer_of
 
     if args.random:
@@ -94,20 +112,79 @@ def _system(args):
         tok = ByteTokenizer()
         main = ModelConfig(vocab_size=264, d_model=128, n_layers=4, max_len=256)
         system = MTPSystem(main, DrafterConfig(k=4), pad_id=tok.specials.pad, rngs=nnx.Rngs(0))
-        return system, tok, main, "random"
+        return system, tok, main, "random", ""
     from mtp.checkpoint import load_system
 
     system, run = load_system(args.workdir, step=args.step)
-    return system, tokenizer_of(run), run.model, args.workdir
+    return system, tokenizer_of(run), run.model, args.workdir, run.model.init_from
+
+
+def _peer_files(system, init_from, out_dir, peers):
+    """The checkpoint's main model as the peers read it: {'hf': DIR} and, for llama.cpp,
+    {'f32': GGUF, 'f16': GGUF} with the tokenizer of the GGUF it was loaded from."""
+    from mtp.config.sources import local_source
+    from mtp.model.convert import export_gguf, export_hf
+
+    files = {"hf": os.path.join(out_dir, "hf")}
+    export_hf(system.main, files["hf"])
+    if any(p.startswith("llamacpp") for p in peers):
+        kind, _, src = local_source(init_from).partition(":") if init_from else ("", "", "")
+        if kind != "gguf":
+            raise SystemExit(
+                "--peers=llamacpp_*: the main model must come from a GGUF file (its "
+                "tokenizer is copied into the files llama.cpp reads)"
+            )
+        for dtype in ("f32", "f16"):
+            files[dtype] = os.path.join(out_dir, f"main.{dtype}.gguf")
+            export_gguf(system.main, files[dtype], "float" + dtype[1:], tokenizer_from=src)
+    return files
+
+
+def tokens_of(runs) -> int:
+    return sum(int(r.lengths.sum()) for r in runs)
+
+
+def _row(batch, mode, tokens_per_s, slow_tps) -> dict:
+    """A table row that is not an mtp mode: a peer or the bandwidth bound."""
+    return dict(
+        batch=batch, mode=mode, ran_as=mode, tokens_per_s=tokens_per_s,
+        speedup_vs_slow=tokens_per_s / slow_tps if slow_tps else None, tokens_per_pass=None,
+        mean_accepted=None, accept_rate=None, wall_s_median=None,
+    )  # fmt: skip
+
+
+def _plot(figures, path):
+    """Speedup over mtp slow against batch size, one line per mode or peer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for mode in dict.fromkeys(r["mode"] for r in figures):
+        pts = [(r["batch"], r["speedup_vs_slow"]) for r in figures if r["mode"] == mode]
+        pts = [p for p in pts if p[1] is not None]
+        if pts:
+            style = ":" if mode == "bandwidth bound" else "-"
+            ax.plot(*zip(*pts, strict=True), marker="o", label=mode, ls=style)
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set(xscale="log", xlabel="batch (rows per call)", ylabel="tokens/s over mtp slow")
+    ax.set_xticks(sorted({r["batch"] for r in figures}), labels=None)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
-    args = _args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _args(argv)
     if "jax" in sys.modules and args.xla_flags:
         print("warning: JAX already imported; --xla_flags may not apply", file=sys.stderr)
     xla_flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), args.xla_flags) if f)
     os.environ["XLA_FLAGS"] = xla_flags
     import jax
+    from flax import nnx
 
     from mtp.data.format import encode_question
     from mtp.data.task_data import parse_task_spec
@@ -118,11 +195,23 @@ def main(argv=None):
 
     labels = args.modes.split(",")
     _check_modes([m for m in labels if m != "tree"] or ["slow"])
-    system, tok, cfg, source = _system(args)
+    system, tok, cfg, source, init_from = _system(args)
+    peers = [p for p in args.peers.split(",") if p]
+    if set(peers) - set(PEERS):
+        raise SystemExit(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; allowed: {PEERS}")
+    json_path = args.json or os.path.join(args.workdir or ".", "decode_benchmark.json")
+    peer_dir = os.path.join(os.path.dirname(json_path) or ".", "peer_weights")
+    files = _peer_files(system, init_from, peer_dir, peers) if peers else {}
+    weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(system.main)))
+    bandwidth = read_bandwidth(args.bandwidth_gib)
     sampling = Sampling(temperature=args.temperature)
     dec = Decoder(system, tok.specials)
-    tree = Speculative(tree_nodes=args.tree_nodes or dec.k, tree_beams=args.tree_beams)
-    modes = {m: tree if m == "tree" else m for m in labels if m.strip()}
+    off = args.spec_max_batch
+    tree = Speculative(
+        tree_nodes=args.tree_nodes or dec.k, tree_beams=args.tree_beams, max_batch=off
+    )
+    chain = Speculative(max_batch=off)
+    modes = {m: {"tree": tree, "speculative": chain}.get(m, m) for m in labels if m.strip()}
     verified_modes = ("speculative", "tree")
     if args.chat_task:
         task, _ = parse_task_spec(args.chat_task)
@@ -132,6 +221,7 @@ def main(argv=None):
     else:
         prompts = [encode_question(tok, p, chat=False) for p in PROMPTS[: args.prompts]]
         stop_id = -1  # no row stops early, so every mode emits the same number of tokens
+    stop = tok.specials.eos if stop_id is None else stop_id  # the peers stop alike
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_id=stop_id)
     figures = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -153,21 +243,23 @@ def main(argv=None):
         base = float(np.median(walls["slow"])) if "slow" in walls else None
         for m in modes:
             runs, wall = last[m], float(np.median(walls[m]))
-            tokens = sum(int(r.lengths.sum()) for r in runs)
+            verifies = m in verified_modes and runs[0].mode == "speculative"
+            tokens = tokens_of(runs)
             hist = sum(r.accept_hist for r in runs)
             verified = max(int(hist.sum()), 1)
             row = dict(
                 batch=batch,
                 mode=m,
+                ran_as=runs[0].mode,  # speculation is off past max_batch rows: slow
                 calls=len(runs),
                 tokens=tokens,
                 main_passes=sum(r.batch_passes for r in runs),
                 tokens_per_pass=tokens / sum(int(r.passes.sum()) for r in runs),
                 mean_accepted=float((np.arange(len(hist)) * hist).sum() / verified)
-                if m in verified_modes
+                if verifies
                 else None,
                 accept_rate=[float(hist[j:].sum() / verified) for j in range(1, len(hist))]
-                if m in verified_modes
+                if verifies
                 else None,
                 wall_s_median=wall,
                 wall_s_min=float(np.min(walls[m])),
@@ -180,8 +272,28 @@ def main(argv=None):
                     for a, b in zip(runs, last["slow"], strict=True)
                 )
             figures.append(row)
+        slow_tps = tokens_of(last["slow"]) / base if base else None
+        bound = batch * bandwidth / weight_bytes  # tokens/s if a pass only read the weights
+        figures.append(_row(batch, "bandwidth bound", bound, slow_tps))
+        for name in peers:
+            got = run_peer(
+                name, files, prompts, batch, eos_id=stop, pad_id=tok.specials.pad,
+                max_new=args.max_new_tokens, n_ctx=cfg.max_len, repeats=args.peer_repeats,
+            )  # fmt: skip
+            if got is None:
+                continue
+            outs, wall = got
+            row = _row(batch, name, sum(len(o) for o in outs) / wall, slow_tps)
+            mine = [r.row(i) for r in last.get("slow", ()) for i in range(r.lengths.size)]
+            same = [np.array_equal(a, b) for a, b in zip(outs, mine, strict=False)]
+            row |= dict(
+                wall_s_median=wall,
+                tokens=sum(len(o) for o in outs),
+                same_rows=float(np.mean(same)) if same else None,  # greedy rows equal mtp slow's
+            )
+            figures.append(row)
 
-    cmd = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = "python benchmarks/decode.py " + " ".join(shlex.quote(a) for a in argv)
     k = dec.k
     print(
         f"# decode benchmark: {source} (d_model {cfg.d_model}, {cfg.n_layers} layers, k={k}), "
@@ -191,7 +303,8 @@ def main(argv=None):
     )
     print(
         f"# {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-        f"XLA_FLAGS={xla_flags!r}\n"
+        f"XLA_FLAGS={xla_flags!r}; main weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s (bandwidth bound: batch x bandwidth / weight bytes)\n"
     )
     print(
         "| batch | mode | tokens/s | speedup vs slow | tokens/pass | mean accepted "
@@ -203,9 +316,15 @@ def main(argv=None):
         mean_acc = f"{r['mean_accepted']:.2f}" if r["mean_accepted"] is not None else "-"
         speed = f"{r['speedup_vs_slow']:.2f}x" if r["speedup_vs_slow"] else "-"
         same = {True: " (= slow)", False: " (DIFFERS from slow)"}.get(r.get("identical_to_slow"))
+        if r["ran_as"] != r["mode"].replace("tree", "speculative"):
+            same = f" (off: ran as {r['ran_as']})"
+        if r.get("same_rows") is not None:
+            same = f" ({r['same_rows']:.0%} of rows = mtp slow)"
+        tpp = f"{r['tokens_per_pass']:.2f}" if r["tokens_per_pass"] is not None else "-"
+        wall = f"{1e3 * r['wall_s_median']:.1f}" if r["wall_s_median"] is not None else "-"
         print(
             f"| {r['batch']} | {r['mode']}{same or ''} | {r['tokens_per_s']:.0f} | {speed} "
-            f"| {r['tokens_per_pass']:.2f} | {mean_acc} | {acc} | {1e3 * r['wall_s_median']:.1f} |"
+            f"| {tpp} | {mean_acc} | {acc} | {wall} |"
         )
     print(f"\nreproduce: {cmd}")
     out = dict(
@@ -224,13 +343,17 @@ def main(argv=None):
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         repeats=args.repeats,
+        weight_bytes=weight_bytes,
+        read_bandwidth_bytes_per_s=bandwidth,
+        peers=peers,
         results=figures,
     )
-    path = args.json or os.path.join(args.workdir or ".", "decode_benchmark.json")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    with open(json_path, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"wrote {path}")
+    png = os.path.splitext(json_path)[0] + ".png"
+    _plot(figures, png)
+    print(f"wrote {json_path} and {png}")
     return out
 
 

@@ -197,6 +197,55 @@ def test_export_then_import_is_exact(tmp_path, family, arch, dtype):
         np.testing.assert_array_equal(mine[k], theirs[k], err_msg=k)
 
 
+def _tokenizer_gguf(path, n):
+    """A GGUF holding only a tokenizer of n tokens (what export_gguf copies)."""
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(n)])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "dtype, scaling", [("float32", ()), ("float16", ()), ("float32", (8.0, 1.0, 4.0, 8192.0))]
+)
+def test_export_gguf_then_import_is_exact(tmp_path, dtype, scaling):
+    """float32 files import exactly; float16 ones as the float16 rounding of every matrix.
+    Llama 3 RoPE scaling travels as llama.cpp's rope_freqs tensor."""
+    src = f"hf:{HF / 'llama'}"
+    model = _model(src, rope_scaling=scaling)
+    want = convert.checkpoint_fields(src) | dict(rope_scaling=scaling)
+    tok = _tokenizer_gguf(tmp_path / "tok.gguf", want["vocab_size"])
+    convert.export_gguf(model, tmp_path / "m.gguf", dtype, tokenizer_from=tok)
+    back = f"gguf:{tmp_path / 'm.gguf'}"
+    assert convert.checkpoint_fields(back) == want
+    got, ref = convert.read_weights(back), convert.read_weights(src)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        if dtype == "float16" and ref[k].ndim > 1:
+            assert got[k].dtype == np.float32 and not np.array_equal(got[k], ref[k]), k
+            ref[k] = ref[k].astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["tokenizer.ggml.tokens"].contents()[-1] == f"t{want['vocab_size'] - 1}"
+
+
+def test_export_gguf_bad_input_is_one_line(tmp_path):
+    model = _model(f"hf:{HF / 'llama'}", rope_scaling=())
+    tok = _tokenizer_gguf(tmp_path / "tok.gguf", 7)
+    with pytest.raises(ConvertError, match="has 7 tokens, the model 272 rows"):
+        convert.export_gguf(model, tmp_path / "m.gguf", "float32", tokenizer_from=tok)
+    with pytest.raises(ConvertError, match="allowed: float32, float16"):
+        convert.export_gguf(model, tmp_path / "m.gguf", "bfloat16", tokenizer_from=tok)
+    with pytest.raises(ConvertError, match="qkv_bias=True"):
+        convert.export_gguf(_model(f"hf:{HF / 'qwen2'}"), tmp_path / "m.gguf", "float32", tok)
+    with pytest.raises(ConvertError, match=r"RoPE scaling \(4.0, 1.0, 4.0, 64.0\) cannot"):
+        convert.export_gguf(_model(f"hf:{HF / 'llama'}"), tmp_path / "m.gguf", "float32", tok)
+
+
 def test_export_refuses_a_model_its_family_cannot_hold(tmp_path):
     model = _model(f"hf:{HF / 'qwen2'}")
     with pytest.raises(ConvertError, match="qkv_bias=True"):

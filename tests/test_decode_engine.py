@@ -13,10 +13,10 @@ import verify_rules
 from flax import nnx
 from scipy import stats
 
-from mtp.config import DrafterConfig, ModelConfig
+from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.engine import TRACES, Decoder, make_mode
-from mtp.decode.modes import Pause
+from mtp.decode.modes import Pause, Speculative
 from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.speculative import verify_sampled
 from mtp.decode.thinking import think_then_answer
@@ -170,6 +170,27 @@ def test_batched_rows_equal_rows_decoded_alone():
         np.testing.assert_array_equal(alone.row(0), batch.row(b))
 
 
+def test_speculation_is_off_past_max_batch():
+    """Up to max_batch rows a call speculates; past it the call decodes in slow mode, with the
+    same greedy tokens; None is the backend's limit (4 rows on CPU), 0 no limit."""
+    dec = Decoder(_trained("transformer"), S)
+    four, five = _ids(PROMPTS), _ids([*PROMPTS, "<bos>p"])
+    gen = lambda rows, mode: dec.generate(rows, mode=mode, max_new_tokens=24)
+    slow = gen(five, "slow")
+    for mode, rows, ran in [
+        ("speculative", four, "speculative"), ("speculative", five, "slow"),
+        (Speculative(max_batch=2), four, "slow"), (Speculative(max_batch=5), five, "speculative"),
+        (Speculative(max_batch=0), five, "speculative"),
+    ]:  # fmt: skip
+        res = gen(rows, mode)
+        assert res.mode == ran, (mode, len(rows))
+        assert (res.stats.get("mean_accepted", 0) > 1) == (ran == "speculative")
+        np.testing.assert_array_equal(res.tokens, slow.tokens[: len(rows), : res.tokens.shape[1]])
+    assert jax.default_backend() != "cpu" or Speculative().for_batch(5).name == "slow"
+    with pytest.raises(ConfigError, match="max_batch"):
+        Speculative(max_batch=-1)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_fast_emits_k_plus_1_tokens_per_pass_and_feeds_them_all(k):
     system = _system("transformer", k, seed=1)
@@ -234,6 +255,7 @@ def test_think_without_a_span_is_slow():
 LAW_MAIN = dataclasses.replace(MAIN, vocab_size=5, max_len=16)
 LAW_SAMPLING = Sampling(temperature=1.5, top_k=4, top_p=0.9)
 LAW_PROMPT, N_LAW, LAW_ROWS = np.array([1, 3]), 5, 8000
+SPEC = Speculative(max_batch=0)  # speculates at LAW_ROWS rows too
 
 
 @functools.cache
@@ -302,7 +324,7 @@ def test_speculative_sampling_is_distributed_as_slow_sampling():
     _, exact, kept = _law_case()
     assert set(np.unique(kept)) == {3, 4}  # top-k cuts one token everywhere, top-p more
     slow, _ = _law_samples("slow")
-    spec, res = _law_samples("speculative")
+    spec, res = _law_samples(SPEC)
     assert min(res.stats["accept_rate"]) > 0.3, res.stats  # every offset, the last included
     bonus = (res.offset[:, 1:N_LAW] == [1, 2, 3, 0]).all(1)  # all 3 drafts, then the bonus
     assert bonus.mean() > 0.3
@@ -312,15 +334,15 @@ def test_speculative_sampling_is_distributed_as_slow_sampling():
 
 def test_the_engine_runs_the_rebuilt_rule_exactly(engine_verify_rule):
     """The rule the negative controls below break, rebuilt, gives the same tokens."""
-    right, _ = _law_samples("speculative")
+    right, _ = _law_samples(SPEC)
     engine_verify_rule(verify_rules.RIGHT)
-    np.testing.assert_array_equal(_law_samples("speculative")[0], right)
+    np.testing.assert_array_equal(_law_samples(SPEC)[0], right)
 
 
 @pytest.mark.parametrize("wrong", verify_rules.WRONG)
 def test_the_same_check_rejects_a_wrong_rule_in_the_engine(wrong, engine_verify_rule):
     engine_verify_rule(verify_rules.WRONG[wrong])
-    samples, _ = _law_samples("speculative")
+    samples, _ = _law_samples(SPEC)
     assert _law_fit(samples, _law_case()[1]) < 1e-6
 
 

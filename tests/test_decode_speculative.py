@@ -12,6 +12,7 @@ from scipy import stats
 from mtp.config import DrafterConfig, ModelConfig, UserError
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.engine import Decoder
+from mtp.decode.modes import Speculative
 from mtp.decode.sampling import Sampling, choose, log_probs
 from mtp.decode.speculative import verify_greedy, verify_sampled
 from mtp.model.system import MTPSystem, to_full_vocab
@@ -180,11 +181,11 @@ def test_speculative_sampling_with_a_trimmed_draft_vocabulary_is_distributed_as_
     """The joint law of the first N_NEW tokens, speculative against slow sampling."""
     dec = Decoder(_trimmed_system(), TOK_SPECIALS)
     samples = {}
-    for mode in ("slow", "speculative"):
+    for mode in ("slow", Speculative(max_batch=0)):  # speculates at ROWS rows too
         res = dec.generate([PROMPT] * ROWS, mode=mode, max_new_tokens=N_NEW, sampling=SAMPLING,
                            seed=11, stop_id=-1)  # fmt: skip
-        samples[mode] = np.ravel_multi_index(res.tokens[:, :N_NEW].T, (5,) * N_NEW)
-        if mode == "speculative":
+        samples[res.mode] = np.ravel_multi_index(res.tokens[:, :N_NEW].T, (5,) * N_NEW)
+        if mode != "slow":
             assert (res.offset[:, 1:N_NEW] > 0).mean() > 0.2  # drafts accepted often
     table = np.stack([np.bincount(s, minlength=5**N_NEW) for s in samples.values()])
     table = table[:, table.sum(0) > 0]

@@ -165,8 +165,11 @@ def _system(**drafter):
     return MTPSystem(TINY, cfg, pad_id=0, draft_ids=ids, rngs=nnx.Rngs(0))
 
 
-TREES = [Speculative(tree_nodes=6, tree_beams=3), Speculative(tree_nodes=4, tree_beams=2,
-         tree_depth=2), Speculative(tree_nodes=9, tree_beams=4)]  # fmt: skip
+TREES = [
+    Speculative(tree_nodes=6, tree_beams=3, max_batch=0),
+    Speculative(tree_nodes=4, tree_beams=2, tree_depth=2, max_batch=0),
+    Speculative(tree_nodes=9, tree_beams=4, max_batch=0),
+]  # fmt: skip  (max_batch 0: speculative at any batch size)
 
 
 @pytest.mark.parametrize(

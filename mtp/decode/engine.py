@@ -262,14 +262,15 @@ class Decoder:
         """Decodes every prompt (a list of token-id sequences, ragged allowed).
 
         mode: a name of `mtp.decode.modes.MODES` or a mode object (e.g.
-        `Pause("confidence", threshold=0.9)`); sampling: greedy by default;
+        `Pause("confidence", threshold=0.9)`), or the mode it hands this batch size to
+        (`Mode.for_batch`; the result's `mode` names the one that ran); sampling: greedy by default;
         seed: an int or a jax PRNG key. k must be None or the system's k.
         urgency_b (B,) or a scalar: passed to every main pass (the model must
         have `use_urgency`). stop_id: a row stops after emitting it (default the
         tokenizer's eos; -1: never). max_passes: a row stops after emitting what that many
         main passes give, the prefill included (0: no limit).
         """
-        mode = make_mode(mode)
+        mode = make_mode(mode).for_batch(len(prompts))
         rows = self._rows(prompts, mode, max_new_tokens, k)
         b = len(rows)
         plen = np.array([r.size for r in rows], np.int32)

@@ -17,7 +17,9 @@ once per mode value) with:
   (think mode with no row thinking); None if never;
 - `extra_positions(max_new)`: cache positions it may need besides the prompt
   and `max_new` emitted tokens (pauses); `prompt_pauses()`: pauses appended to
-  every prompt.
+  every prompt;
+- `for_batch(b)`: the mode that decodes a call of b rows (itself, or one that
+  pays better at that batch size: `speculative` hands large batches to `slow`).
 
 Everything here is traced inside the loop: shapes are static, rows masked,
 nothing goes to the host. B rows, W fed per pass, O = max_len, K drafts, V vocab.
@@ -101,6 +103,9 @@ class Mode(abc.ABC):
     def prompt_pauses(self) -> int:
         """Pauses appended to every prompt before the prefill."""
         return 0
+
+    def for_batch(self, b: int) -> Mode:
+        return self
 
     @abc.abstractmethod
     def advance(self, ctx: Ctx, c: Carry) -> Carry:

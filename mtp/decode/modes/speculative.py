@@ -10,6 +10,12 @@ default K, the N likeliest paths' nodes kept), verified in the same one pass
 under a tree attention mask (the rules of `mtp.decode.tree`); the accepted
 path's keys and values move to their positions' cache slots, the rest is left
 to be overwritten.
+
+Verification feeds W tokens per row, so a pass costs about W times a slow one
+where the machine is compute-bound (a CPU at batch 8) and about the same where
+it is bandwidth-bound (batch 1, or a GPU at small batch). Past `max_batch` rows
+a call therefore decodes in `slow` mode (as vLLM and SGLang turn speculation
+off past a batch size); greedy output is the same either way.
 """
 
 from __future__ import annotations
@@ -22,8 +28,13 @@ import jax.numpy as jnp
 from mtp.config import ConfigError
 from mtp.decode import speculative, tree
 from mtp.decode.modes.base import Carry, Ctx, Mode, at, draft, emit, split_keys
+from mtp.decode.modes.slow import Slow
 from mtp.decode.sampling import choose, log_probs
 from mtp.model.transformer import FedTree
+
+# Rows per call past which speculation is off, by backend (absent: never off). On 2 CPU cores
+# a verification pass at 8 rows costs about its width times a slow pass (benchmarks/decode.py).
+MAX_BATCH = {"cpu": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,18 +42,29 @@ class Speculative(Mode):
     tree_nodes: int = 0  # N > 0: verify a draft tree of N nodes, not a chain of K
     tree_beams: int = 4  # M: paths kept at each expansion step
     tree_depth: int = 0  # D: expansion steps (0: K)
+    max_batch: int | None = None  # past it, slow (0: never; None: the backend's MAX_BATCH)
 
     name = "speculative"
     all_logits = True
     extra_kind = "tree slots"
 
     def __post_init__(self):
+        if self.max_batch is not None and self.max_batch < 0:
+            raise ConfigError(
+                f"speculative max_batch={self.max_batch}: need >= 0 (0: speculate at any batch "
+                "size) or None (the backend's default)"
+            )
         if self.tree_nodes < 0 or self.tree_beams < 1 or self.tree_depth < 0:
             raise ConfigError(
                 f"speculative tree: need tree_nodes >= 0 (0 = a chain), tree_beams >= 1, "
                 f"tree_depth >= 0 (0 = k), got {self.tree_nodes}, {self.tree_beams}, "
                 f"{self.tree_depth}"
             )
+
+    def for_batch(self, b: int) -> Mode:
+        limit = self.max_batch
+        limit = MAX_BATCH.get(jax.default_backend(), 0) if limit is None else limit
+        return Slow() if limit and b > limit else self
 
     def depth(self, k: int) -> int:
         d = self.tree_depth or k

@@ -5,7 +5,8 @@ Sources are 'hf:DIR' (a Hugging Face directory: Llama/SmolLM, Mistral, Qwen2, Ge
 the checkpoint fixes, `read_weights` its tensors as float32 keyed by mtp's nnx state paths
 ('blocks.0.attn.kv.kernel', ...), `load_into` copies them into a Transformer built with those
 fields (a larger vocabulary gets the extra rows set to the mean row), `export_hf` writes a
-Transformer as a Hugging Face directory. Every problem is a one-line ConvertError.
+Transformer as a Hugging Face directory, `export_gguf` as a float32 or float16 GGUF file.
+Every problem is a one-line ConvertError.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flax import nnx
 from mtp.errors import ConvertError
 from mtp.model.convert.families import FAMILY_FIELDS, check_tensors, from_hf, to_hf
 from mtp.model.convert.gguf_file import read as read_gguf
+from mtp.model.convert.gguf_file import write as write_gguf
 from mtp.model.convert.hf import fields as hf_fields
 from mtp.model.convert.hf import tensors as hf_tensors
 from mtp.model.convert.hf import write as write_hf
@@ -113,19 +115,18 @@ def load_into(model: Transformer, weights: dict[str, np.ndarray], *, source: str
         params[name].set_value(value)
 
 
-def export_hf(model: Transformer, directory, arch: str = "llama") -> None:
-    """Write the model as a Hugging Face checkpoint (config.json + model.safetensors) of the
-    family `arch` ('llama', 'qwen2', 'gemma'), in its param_dtype; importing it is exact."""
-    cfg, directory = model.cfg, Path(directory)
+def _export_fields(model: Transformer, arch: str, where) -> tuple[dict, dict[str, np.ndarray]]:
+    """(fields, HF-named numpy tensors) of the model as a checkpoint of family `arch`."""
+    cfg = model.cfg
     allowed = ("llama", "qwen2", "gemma")
     if arch not in allowed:
-        raise ConvertError(f"{directory}: export arch {arch!r} is not one of {allowed}")
+        raise ConvertError(f"{where}: export arch {arch!r} is not one of {allowed}")
     want = FAMILY_FIELDS[arch] | dict(mlp_act="gelu_tanh" if arch == "gemma" else "silu")
     bad = [f"{k}={getattr(cfg, k)}" for k, v in want.items() if getattr(cfg, k) != v]
     bad += [f"{k}={getattr(cfg, k)}" for k in ("n_registers", "use_urgency") if getattr(cfg, k)]
     if bad:
         raise ConvertError(
-            f"{directory}: a {arch} checkpoint cannot hold model {', '.join(bad)}; allowed: "
+            f"{where}: a {arch} checkpoint cannot hold model {', '.join(bad)}; allowed: "
             + ", ".join(f"{k}={v}" for k, v in want.items())
             + ", n_registers=0, use_urgency=False"
         )
@@ -135,4 +136,21 @@ def export_hf(model: Transformer, directory, arch: str = "llama") -> None:
     f |= dict(norm_eps=cfg.norm_eps, tie_embeddings=cfg.tie_embeddings)
     f |= dict(rope_scaling=cfg.rope_scaling)
     weights = {name: np.asarray(var[...]) for name, var in _params(model).items()}
-    write_hf(directory, to_hf(weights, f), f, cfg.max_len, cfg.param_dtype)
+    return f, to_hf(weights, f)
+
+
+def export_hf(model: Transformer, directory, arch: str = "llama") -> None:
+    """Write the model as a Hugging Face checkpoint (config.json + model.safetensors) of the
+    family `arch` ('llama', 'qwen2', 'gemma'), in its param_dtype; importing it is exact."""
+    directory = Path(directory)
+    f, hf = _export_fields(model, arch, directory)
+    write_hf(directory, hf, f, model.cfg.max_len, model.cfg.param_dtype)
+
+
+def export_gguf(model: Transformer, path, dtype: str, tokenizer_from) -> None:
+    """Write a llama model as a GGUF file for llama.cpp, its matrices in `dtype` ('float32'
+    or 'float16'), with the tokenizer of the GGUF `tokenizer_from`; importing a float32 file
+    is exact."""
+    path = Path(path)
+    f, hf = _export_fields(model, "llama", path)
+    write_gguf(path, hf, f, model.cfg.max_len, dtype, Path(tokenizer_from))

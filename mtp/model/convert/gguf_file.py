@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp) of the `llama` architecture, read with the `gguf` package.
 
 Tensors are dequantised to float32 and renamed to Hugging Face names; llama.cpp stores the
-Q and K projections with each head's rotary halves interleaved, which is undone here. Llama 3
+Q and K projections with each head's rotary halves interleaved, which is undone here (and
+redone by `write`, which writes float32 or float16 files for llama.cpp). Llama 3
 RoPE scaling arrives as a `rope_freqs` tensor of per-frequency factors; it is accepted when it
 equals the Llama 3.x scaling (low_freq_factor 1, high_freq_factor 4, original length 8192)
 with its largest factor.
@@ -60,6 +61,12 @@ def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half order (rows, in) to llama.cpp's interleaved one; undoes `unpermute`."""
+    rows, cols = w.shape
+    return w.reshape(n_head, 2, rows // n_head // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
 def _dequantize(t, path: Path) -> np.ndarray:
     try:
         return np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
@@ -74,17 +81,22 @@ def _rope_scaling(t, h: int, base: float, path: Path) -> tuple[float, ...]:
     """The Llama 3 scaling tuple whose per-frequency factors are the tensor `t` (H/2,)."""
     freqs = _dequantize(t, path)
     factor = float(freqs.max())
-    low, high, old_len = LLAMA3
-    inv_f = base ** (-np.arange(0, h, 2, dtype=np.float64) / h)
-    wavelen_f = 2 * np.pi / inv_f
-    smooth_f = np.clip((old_len / wavelen_f - low) / (high - low), 0.0, 1.0)
-    want_f = 1 / ((1 - smooth_f) / factor + smooth_f)
+    want_f = llama3_factors(h, base, factor)
     if freqs.shape != want_f.shape or not np.allclose(freqs, want_f, rtol=1e-4):
         raise ConvertError(
             f"{path}: rope_freqs is not Llama 3 RoPE scaling with low_freq_factor=1, "
             "high_freq_factor=4, original length 8192; allowed: those or no rope_freqs"
         )
-    return (factor, low, high, old_len)
+    return (factor, *LLAMA3)
+
+
+def llama3_factors(h: int, base: float, factor: float) -> np.ndarray:
+    """llama.cpp's rope_freqs (H/2,) for Llama 3 RoPE scaling by `factor`."""
+    low, high, old_len = LLAMA3
+    inv_f = base ** (-np.arange(0, h, 2, dtype=np.float64) / h)
+    wavelen_f = 2 * np.pi / inv_f
+    smooth_f = np.clip((old_len / wavelen_f - low) / (high - low), 0.0, 1.0)
+    return 1 / ((1 - smooth_f) / factor + smooth_f)
 
 
 def fields(r: gguf.GGUFReader, path: Path) -> dict:
@@ -134,3 +146,73 @@ def read(path: Path, with_tensors: bool = True) -> tuple[dict, dict[str, np.ndar
         elif t.name != "rope_freqs.weight":  # rope_freqs is read into the fields
             hf[t.name] = w  # reported as unexpected, under its GGUF name
     return f, hf
+
+
+GGUF_DTYPES = {
+    "float32": (np.float32, gguf.LlamaFileType.ALL_F32),
+    "float16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+}
+
+
+def write(
+    path: Path, hf: dict[str, np.ndarray], f: dict, max_len: int, dtype: str, tokenizer_from: Path
+) -> None:
+    """A llama GGUF of HF-named tensors `hf` with (plain llama) fields `f`: matrices in
+    `dtype` (float32 or float16), norms in float32 (as llama.cpp's converter writes them),
+    the tokenizer metadata copied from the GGUF `tokenizer_from`."""
+    if dtype not in GGUF_DTYPES:
+        raise ConvertError(f"{path}: GGUF dtype {dtype!r}; allowed: {', '.join(GGUF_DTYPES)}")
+    scaling = f["rope_scaling"]
+    if scaling and tuple(scaling[1:]) != LLAMA3:
+        raise ConvertError(
+            f"{path}: RoPE scaling {scaling} cannot be written as GGUF; allowed: none, or "
+            f"Llama 3's (factor, {', '.join(map(str, LLAMA3))})"
+        )
+    src = _reader(tokenizer_from)
+    tok_rows = len(_meta(src, tokenizer_from, "tokenizer.ggml.tokens"))
+    if tok_rows != f["vocab_size"]:
+        raise ConvertError(
+            f"{path}: the tokenizer of {tokenizer_from} has {tok_rows} tokens, "
+            f"the model {f['vocab_size']} rows; allowed: equal sizes"
+        )
+    np_dtype, file_type = GGUF_DTYPES[dtype]
+    head_dim = f["d_head"] or f["d_model"] // f["n_heads"]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(f["n_layers"])
+    w.add_context_length(max_len)
+    w.add_embedding_length(f["d_model"])
+    w.add_feed_forward_length(f["d_ff"])
+    w.add_head_count(f["n_heads"])
+    w.add_head_count_kv(f["n_kv_heads"])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(f["rope_base"])
+    w.add_layer_norm_rms_eps(f["norm_eps"])
+    w.add_file_type(file_type)
+    if scaling:
+        w.add_tensor(
+            "rope_freqs.weight",
+            llama3_factors(head_dim, f["rope_base"], scaling[0]).astype(np.float32),
+        )
+    for key, field in src.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub)
+    names = {v: k for k, v in TOP_NAMES.items()} | {v: k for k, v in LAYER_NAMES.items()}
+    for name, x in hf.items():
+        stem, _, kind = name.rpartition(".")
+        parts = stem.split(".")
+        if stem in names:
+            out = names[stem]
+        else:
+            out = f"blk.{parts[2]}.{names['.'.join(parts[3:])]}"
+            if out.endswith(("attn_q", "attn_k")):
+                x = permute(x, f["n_heads"] if out.endswith("attn_q") else f["n_kv_heads"])
+        w.add_tensor(
+            f"{out}.{kind}", np.ascontiguousarray(x, np_dtype if x.ndim > 1 else np.float32)
+        )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

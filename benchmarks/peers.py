@@ -1,0 +1,126 @@
+"""Peers of mtp's decoder on the same weights, prompts and machine, for benchmarks/decode.py.
+
+- transformers (torch, CPU): greedy `generate`, batched with left padding, and its
+  prompt-lookup decoding (`prompt_lookup_num_tokens`, batch 1 only);
+- llama.cpp (llama-cpp-python): plain greedy decoding of a GGUF file written from the
+  checkpoint (`mtp.model.convert.export_gguf`), float32 and float16, batch 1 only (its
+  Python API decodes one sequence at a time).
+
+Both are optional: `pip install -e ".[oracle]"` (torch 2.13 CPU wheel, transformers) and
+`pip install -e ".[peers]"` (llama-cpp-python, which builds llama.cpp with cmake, ~5 min on
+2 cores). Each runner decodes every prompt (token ids) once to warm up, then `repeats` times,
+and returns the emitted ids per prompt and the median wall time of a pass over all prompts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+PEERS = ("transformers", "prompt_lookup", "llamacpp_f32", "llamacpp_f16")
+LOOKUP_TOKENS = 10  # prompt-lookup draft length (transformers' documented example value)
+
+
+def _timed(run, groups, repeats):
+    """(outputs of the last pass, median wall s) of run(group) over all groups."""
+    for g in groups:
+        run(g)
+    walls, outs = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [o for g in groups for o in run(g)]
+        walls.append(time.perf_counter() - t0)
+    return outs, float(np.median(walls))
+
+
+def transformers_runner(hf_dir, eos_id, pad_id, max_new, prompt_lookup=False):
+    """run(prompts) -> emitted ids per prompt, with transformers + torch on this CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count())
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+    def run(prompts):
+        if prompt_lookup and len(prompts) > 1:
+            raise ValueError("transformers' prompt-lookup decoding runs at batch 1 only")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding: every row ends at the last column
+            ids[i, width - len(p) :] = torch.as_tensor(np.asarray(p, np.int64))
+            mask[i, width - len(p) :] = 1
+        kw = dict(prompt_lookup_num_tokens=LOOKUP_TOKENS) if prompt_lookup else {}
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
+                eos_token_id=eos_id, pad_token_id=pad_id, **kw,
+            )  # fmt: skip
+        rows = []
+        for r in out[:, width:].numpy():
+            stop = np.flatnonzero(r == eos_id)
+            rows.append(r[: stop[0] + 1] if stop.size else r)
+        return rows
+
+    return run
+
+
+def llamacpp_runner(gguf_path, eos_id, max_new, n_ctx):
+    """run(prompts) -> emitted ids per prompt, with llama.cpp on all this machine's cores."""
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=str(gguf_path), n_ctx=n_ctx, n_threads=os.cpu_count(),
+        n_threads_batch=os.cpu_count(), verbose=False,
+    )  # fmt: skip
+
+    def run(prompts):
+        rows = []
+        for p in prompts:
+            llm.reset()
+            out = []
+            for tok in llm.generate([int(t) for t in p], temp=0.0, top_k=1, reset=True):
+                out.append(tok)
+                if tok == eos_id or len(out) == max_new:
+                    break
+            rows.append(np.array(out, np.int64))
+        return rows
+
+    return run
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second this machine reads: the best of `repeats` jitted sums over `gib` GiB
+    of float32 (all cores), the figure a weight-bandwidth bound divides by."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
+
+
+def run_peer(name, files, prompts, batch, *, eos_id, pad_id, max_new, n_ctx, repeats):
+    """(emitted ids of every row decoded, median wall s) of peer `name` at `batch`, the
+    prompts in calls of `batch` rows (cycling to fill the last: the first rows are the
+    prompts in order), or None where the peer does not run at that batch size.
+    files: {'hf': DIR, 'f32': GGUF, 'f16': GGUF}."""
+    if name != "transformers" and batch > 1:
+        return None
+    if name in ("transformers", "prompt_lookup"):
+        run = transformers_runner(files["hf"], eos_id, pad_id, max_new, name == "prompt_lookup")
+    else:
+        run = llamacpp_runner(files[name.rpartition("_")[2]], eos_id, max_new, n_ctx)
+    groups = [
+        [prompts[(g + i) % len(prompts)] for i in range(batch)]
+        for g in range(0, len(prompts), batch)
+    ]
+    return _timed(run, groups, repeats)

@@ -1,0 +1,33 @@
+"""benchmarks/decode.py end to end on a random tiny system: every row, the JSON and the plot."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import decode  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+
+def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = "--random --modes=slow,speculative,fast --batches=1,8 --repeats=1 --max_new_tokens=8"
+    argv = [*argv.split(), "--bandwidth_gib=0.01", f"--json={path}", "--xla_flags="]
+    out = decode.main(argv)
+    rows = {(r["batch"], r["mode"]): r for r in json.loads(path.read_text())["results"]}
+    assert rows.keys() == {
+        (b, m) for b in (1, 8) for m in ("slow", "speculative", "fast", "bandwidth bound")
+    }
+    assert rows[1, "speculative"]["ran_as"] == "speculative"
+    assert rows[8, "speculative"]["ran_as"] == "slow"  # past the CPU limit of 4 rows
+    assert (
+        rows[1, "speculative"]["identical_to_slow"]
+        and rows[8, "speculative"]["mean_accepted"] is None
+    )
+    assert rows[1, "fast"]["tokens_per_pass"] > 2  # k = 4 drafts kept per pass
+    assert rows[8, "bandwidth bound"]["tokens_per_s"] == pytest.approx(
+        8 * out["read_bandwidth_bytes_per_s"] / out["weight_bytes"]
+    )
+    assert path.with_suffix(".png").stat().st_size > 1000
+    assert "reproduce: python benchmarks/decode.py --random" in capsys.readouterr().out
