@@ -117,3 +117,22 @@ def test_urgency_changes_the_models_input():
     tokens = jnp.zeros((2, 4), jnp.int32)
     a, _, _ = model(tokens, urgency_b=jnp.array([0.0, 1.0]))
     assert not np.allclose(a[0], a[1])
+
+
+def test_a_verification_pass_equals_one_token_passes_to_float32_rounding():
+    """What "speculative greedy equals slow" rests on: the logits of a (k + 1)-token cached
+    pass equal those of k + 1 one-token passes to float32 rounding, so greedy choices agree
+    but for ties that close. With bfloat16 weights and compute they agree only to bfloat16
+    rounding, so there speculative greedy can differ from slow where two logits are that
+    close."""
+    dims = dict(vocab_size=997, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_len=48)
+    tokens = jax.random.randint(jax.random.key(2), (4, 24), 0, 997)
+    gaps = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = ModelConfig(**dims, dtype=dtype, param_dtype=dtype)
+        model = Transformer(cfg, rngs=nnx.Rngs(0))
+        wide, _ = _chunks(model, tokens, [19, 5])
+        one, _ = _chunks(model, tokens, [19, 1, 1, 1, 1, 1])
+        gaps[dtype] = float(jnp.abs(wide[:, 19:] - one[:, 19:]).max() / one.std())
+    assert gaps["float32"] < 1e-5, gaps  # 4e-6 of the logits' std (jax 0.10.2, CPU)
+    assert gaps["bfloat16"] < 0.1, gaps  # 0.023: bfloat16 rounding, not a different model
