@@ -119,9 +119,10 @@ def _system(args):
     return system, tokenizer_of(run), run.model, args.workdir, run.model.init_from
 
 
-def _peer_files(system, init_from, out_dir, peers):
+def _peer_files(system, tok, init_from, out_dir, peers):
     """The checkpoint's main model as the peers read it: {'hf': DIR} and, for llama.cpp,
-    {'f32': GGUF, 'f16': GGUF} with the tokenizer of the GGUF it was loaded from."""
+    {'f32': GGUF, 'f16': GGUF} with the tokenizer of the GGUF it was loaded from (plus the
+    tokens mtp added: thinking, pause)."""
     from mtp.config.sources import local_source
     from mtp.model.convert import export_gguf, export_hf
 
@@ -134,9 +135,14 @@ def _peer_files(system, init_from, out_dir, peers):
                 "--peers=llamacpp_*: the main model must come from a GGUF file (its "
                 "tokenizer is copied into the files llama.cpp reads)"
             )
+        import gguf
+
+        n_src = len(gguf.GGUFReader(src).fields["tokenizer.ggml.tokens"].contents())
+        ids = range(n_src, system.main.cfg.vocab_size)
+        added = [tok.token(i) for i in ids]
         for dtype in ("f32", "f16"):
             files[dtype] = os.path.join(out_dir, f"main.{dtype}.gguf")
-            export_gguf(system.main, files[dtype], "float" + dtype[1:], tokenizer_from=src)
+            export_gguf(system.main, files[dtype], "float" + dtype[1:], src, added)
     return files
 
 
@@ -201,7 +207,7 @@ def main(argv=None):
         raise SystemExit(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; allowed: {PEERS}")
     json_path = args.json or os.path.join(args.workdir or ".", "decode_benchmark.json")
     peer_dir = os.path.join(os.path.dirname(json_path) or ".", "peer_weights")
-    files = _peer_files(system, init_from, peer_dir, peers) if peers else {}
+    files = _peer_files(system, tok, init_from, peer_dir, peers) if peers else {}
     weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(system.main)))
     bandwidth = read_bandwidth(args.bandwidth_gib)
     sampling = Sampling(temperature=args.temperature)

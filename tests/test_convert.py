@@ -218,8 +218,9 @@ def test_export_gguf_then_import_is_exact(tmp_path, dtype, scaling):
     src = f"hf:{HF / 'llama'}"
     model = _model(src, rope_scaling=scaling)
     want = convert.checkpoint_fields(src) | dict(rope_scaling=scaling)
-    tok = _tokenizer_gguf(tmp_path / "tok.gguf", want["vocab_size"])
-    convert.export_gguf(model, tmp_path / "m.gguf", dtype, tokenizer_from=tok)
+    tok = _tokenizer_gguf(tmp_path / "tok.gguf", want["vocab_size"] - 2)
+    added = ("<think>", "</think>")  # rows past the tokenizer's vocabulary
+    convert.export_gguf(model, tmp_path / "m.gguf", dtype, tokenizer_from=tok, added_tokens=added)
     back = f"gguf:{tmp_path / 'm.gguf'}"
     assert convert.checkpoint_fields(back) == want
     got, ref = convert.read_weights(back), convert.read_weights(src)
@@ -230,13 +231,14 @@ def test_export_gguf_then_import_is_exact(tmp_path, dtype, scaling):
             ref[k] = ref[k].astype(np.float16).astype(np.float32)
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
-    assert reader.fields["tokenizer.ggml.tokens"].contents()[-1] == f"t{want['vocab_size'] - 1}"
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    assert tokens[-3:] == [f"t{want['vocab_size'] - 3}", *added]
 
 
 def test_export_gguf_bad_input_is_one_line(tmp_path):
     model = _model(f"hf:{HF / 'llama'}", rope_scaling=())
     tok = _tokenizer_gguf(tmp_path / "tok.gguf", 7)
-    with pytest.raises(ConvertError, match="has 7 tokens, the model 272 rows"):
+    with pytest.raises(ConvertError, match="has 7 tokens with the 0 added, the model 272 rows"):
         convert.export_gguf(model, tmp_path / "m.gguf", "float32", tokenizer_from=tok)
     with pytest.raises(ConvertError, match="allowed: float32, float16"):
         convert.export_gguf(model, tmp_path / "m.gguf", "bfloat16", tokenizer_from=tok)

@@ -70,6 +70,7 @@ def test_specials_added_after_the_vocabulary_round_trip(tok):
     assert (s.bos, s.eos) == (1, 2)  # <|im_start|>, <|im_end|>
     assert [s.pad, s.think_open, s.think_close, s.pause] == list(REF["added"].values())
     assert tok.vocab_size == REF["vocab_size"] == 404
+    assert [tok.token(i) for i in range(400, 404)] == list(REF["added"])  # entries, not text
     text = "12+30=<think>2+0=2</think><pause>42"
     ids = tok.encode_with_specials(text)
     assert {s.think_open, s.think_close, s.pause} <= set(ids.tolist())

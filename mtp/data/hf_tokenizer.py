@@ -159,6 +159,10 @@ class HFTokenizer:
         out.append(self._text(ids[start:]))
         return "".join(out)
 
+    def token(self, i: int) -> str:
+        """The vocabulary entry of id i, as the tokenizer stores it ('<pad>', 'Ġthe')."""
+        return self._tk.id_to_token(int(i))
+
     def _text(self, ids: np.ndarray) -> str:
         return self._tk.decode(ids.tolist(), skip_special_tokens=False) if ids.size else ""
 

@@ -147,10 +147,10 @@ def export_hf(model: Transformer, directory, arch: str = "llama") -> None:
     write_hf(directory, hf, f, model.cfg.max_len, model.cfg.param_dtype)
 
 
-def export_gguf(model: Transformer, path, dtype: str, tokenizer_from) -> None:
+def export_gguf(model: Transformer, path, dtype: str, tokenizer_from, added_tokens=()) -> None:
     """Write a llama model as a GGUF file for llama.cpp, its matrices in `dtype` ('float32'
-    or 'float16'), with the tokenizer of the GGUF `tokenizer_from`; importing a float32 file
-    is exact."""
+    or 'float16'), with the tokenizer of the GGUF `tokenizer_from` plus `added_tokens` (the
+    strings of the rows past it); importing a float32 file is exact."""
     path = Path(path)
     f, hf = _export_fields(model, "llama", path)
-    write_gguf(path, hf, f, model.cfg.max_len, dtype, Path(tokenizer_from))
+    write_gguf(path, hf, f, model.cfg.max_len, dtype, Path(tokenizer_from), tuple(added_tokens))

@@ -155,11 +155,18 @@ GGUF_DTYPES = {
 
 
 def write(
-    path: Path, hf: dict[str, np.ndarray], f: dict, max_len: int, dtype: str, tokenizer_from: Path
+    path: Path,
+    hf: dict[str, np.ndarray],
+    f: dict,
+    max_len: int,
+    dtype: str,
+    tokenizer_from: Path,
+    added_tokens: tuple[str, ...] = (),
 ) -> None:
     """A llama GGUF of HF-named tensors `hf` with (plain llama) fields `f`: matrices in
     `dtype` (float32 or float16), norms in float32 (as llama.cpp's converter writes them),
-    the tokenizer metadata copied from the GGUF `tokenizer_from`."""
+    the tokenizer metadata copied from the GGUF `tokenizer_from`, `added_tokens` (the rows
+    past its vocabulary: mtp's thinking and pause tokens) appended."""
     if dtype not in GGUF_DTYPES:
         raise ConvertError(f"{path}: GGUF dtype {dtype!r}; allowed: {', '.join(GGUF_DTYPES)}")
     scaling = f["rope_scaling"]
@@ -169,11 +176,11 @@ def write(
             f"Llama 3's (factor, {', '.join(map(str, LLAMA3))})"
         )
     src = _reader(tokenizer_from)
-    tok_rows = len(_meta(src, tokenizer_from, "tokenizer.ggml.tokens"))
+    tok_rows = len(_meta(src, tokenizer_from, "tokenizer.ggml.tokens")) + len(added_tokens)
     if tok_rows != f["vocab_size"]:
         raise ConvertError(
-            f"{path}: the tokenizer of {tokenizer_from} has {tok_rows} tokens, "
-            f"the model {f['vocab_size']} rows; allowed: equal sizes"
+            f"{path}: the tokenizer of {tokenizer_from} has {tok_rows} tokens with the "
+            f"{len(added_tokens)} added, the model {f['vocab_size']} rows; allowed: equal sizes"
         )
     np_dtype, file_type = GGUF_DTYPES[dtype]
     head_dim = f["d_head"] or f["d_model"] // f["n_heads"]
@@ -195,10 +202,16 @@ def write(
             "rope_freqs.weight",
             llama3_factors(head_dim, f["rope_base"], scaling[0]).astype(np.float32),
         )
+    added = {  # per-token arrays grow with the added tokens (control tokens, score 0)
+        "tokenizer.ggml.tokens": list(added_tokens),
+        "tokenizer.ggml.token_type": [int(gguf.TokenType.CONTROL)] * len(added_tokens),
+        "tokenizer.ggml.scores": [0.0] * len(added_tokens),
+    }
     for key, field in src.fields.items():
         if key.startswith("tokenizer."):
             sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            w.add_key_value(key, field.contents(), field.types[0], sub)
+            value = field.contents() + added[key] if key in added else field.contents()
+            w.add_key_value(key, value, field.types[0], sub)
     names = {v: k for k, v in TOP_NAMES.items()} | {v: k for k, v in LAYER_NAMES.items()}
     for name, x in hf.items():
         stem, _, kind = name.rpartition(".")
