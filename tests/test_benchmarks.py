@@ -1,4 +1,4 @@
-"""benchmarks/decode.py end to end on a random tiny system: every row, the JSON and the plot."""
+"""The benchmark scripts end to end on tiny systems: their rows, files and commands."""
 
 import json
 import sys
@@ -8,6 +8,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import pass_cost  # noqa: E402
+
+TINY_EXPERIMENT = """
+from mtp.config import default_config
+def get_config(arg=None):
+    c = default_config()
+    c.model.update(d_model=32, n_layers=2, n_heads=4, max_len=96)
+    c.drafter.update(k=2, n_heads=4)
+    c.data.update(seq_len=64)
+    return c
+"""
 
 
 def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
@@ -31,3 +42,14 @@ def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
     )
     assert path.with_suffix(".png").stat().st_size > 1000
     assert "reproduce: python benchmarks/decode.py --random" in capsys.readouterr().out
+
+
+def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
+    exp = tmp_path / "tiny.py"
+    exp.write_text(TINY_EXPERIMENT)
+    ms = pass_cost.main([f"--config={exp}", "--context=16", "--new_tokens=8", "--repeats=2"])
+    assert set(ms) >= {"main, 1 token (slow's pass)", "main, 3 tokens (verification)",
+                       "drafter, 2 steps", "speculative loop, per pass"}  # fmt: skip
+    assert all(v > 0 for n, v in ms.items() if "loop" not in n and "bookkeeping" not in n)
+    # (the loop figures are differences of wall times: at this size, noise)
+    assert f"reproduce: python benchmarks/pass_cost.py --config={exp}" in capsys.readouterr().out

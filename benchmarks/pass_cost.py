@@ -1,0 +1,157 @@
+r"""Where a speculative pass's time goes: main pass, drafter, verification bookkeeping.
+
+    python benchmarks/pass_cost.py --workdir=runs/smollm2
+    python benchmarks/pass_cost.py --config=experiments/smollm2_drafter.py   # untrained, same cost
+
+Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
+- main, 1 token: slow mode's pass (the LM head at the one fed token);
+- main, k + 1 tokens: the verification pass of a chain (logits at every fed token);
+- drafter, k steps: `MTPSystem.draft` after one main token, greedy;
+- the whole loop per pass, from `Decoder.generate` (slow and speculative, rows never stop;
+  the extra wall time of 2n new tokens over n, per extra pass, so the prefill cancels):
+  for speculative, what is left after its main pass and drafter is the bookkeeping
+  (verification, emission, cache positions).
+Every figure is the median of `--repeats` timed calls, also as a fraction of the one-token
+main pass. Prints a markdown table and the command that reproduces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import shlex
+import sys
+import time
+
+import numpy as np
+
+XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="  # as benchmarks/decode.py
+
+
+def _args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a trained run directory (its latest checkpoint)")
+    src.add_argument("--config", help="an experiment file[:variant]: its system, untrained")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=128, help="tokens already in the cache")
+    p.add_argument("--new_tokens", type=int, default=64, help="per row, for the loop figures")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--xla_flags", default=XLA_FLAGS)
+    return p.parse_args(argv)
+
+
+def _system(args):
+    from mtp.checkpoint import load_system
+    from mtp.config import resolve
+    from mtp.data.tokenizer import tokenizer_of
+    from mtp.train.pretrained import with_checkpoint_shapes
+    from mtp.train.steps import make_system
+
+    if args.workdir:
+        system, run = load_system(args.workdir)
+        return system, tokenizer_of(run)
+    path, _, arg = args.config.partition(":")
+    run = resolve(runpy.run_path(path)["get_config"](arg or None))
+    tok = tokenizer_of(run)
+    return make_system(with_checkpoint_shapes(run, tok), tok), tok
+
+
+def _median_ms(fn, repeats):
+    import jax
+
+    jax.block_until_ready(fn())
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        walls.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(walls))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = _args(argv)
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), args.xla_flags)))
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mtp.decode.engine import Decoder
+    from mtp.decode.modes import Speculative
+    from mtp.decode.sampling import Sampling, choose
+
+    system, tok = _system(args)
+    b, k, ctx = args.batch, system.drafter_cfg.k, args.context
+    graph, state = nnx.split(system)
+    rng = np.random.default_rng(0)
+    prompt_bt = jnp.asarray(rng.integers(0, tok.vocab_size, (b, ctx)), jnp.int32)
+
+    @jax.jit
+    def prefill(state):
+        s = nnx.merge(graph, state)
+        _, taps, cache = s.main_pass(prompt_bt, jnp.zeros((b,), jnp.int32), s.init_cache(b))
+        return taps[:, -1], cache
+
+    taps_bld, cache = prefill(state)
+    pos_b = jnp.full((b,), ctx, jnp.int32)
+
+    @jax.jit
+    def main_one(state, cache):
+        s = nnx.merge(graph, state)
+        feed = jnp.zeros((b, 1), jnp.int32)
+        return s.main_pass(feed, pos_b, cache, logits_at_b=jnp.zeros((b,), jnp.int32))[0]
+
+    @jax.jit
+    def main_wide(state, cache):
+        s = nnx.merge(graph, state)
+        return s.main_pass(jnp.zeros((b, k + 1), jnp.int32), pos_b, cache)[0]
+
+    @jax.jit
+    def drafter(state, taps_bld):
+        s = nnx.merge(graph, state)
+        pick = lambda logits_bu, j: choose(logits_bu, Sampling(), None)
+        return s.draft(taps_bld, jnp.zeros((b,), jnp.int32), pick)[0]
+
+    r = args.repeats
+    ms = {
+        "main, 1 token (slow's pass)": _median_ms(lambda: main_one(state, cache), r),
+        f"main, {k + 1} tokens (verification)": _median_ms(lambda: main_wide(state, cache), r),
+        f"drafter, {k} steps": _median_ms(lambda: drafter(state, taps_bld), r),
+    }
+    dec = Decoder(system, tok.specials)
+    prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
+    for label, mode in (("slow", "slow"), ("speculative", Speculative(max_batch=0))):
+        # marginal: (wall, passes) at 2n new tokens less those at n (the prefill cancels)
+        calls = {}
+        for n in (args.new_tokens, 2 * args.new_tokens):
+            kw = dict(mode=mode, max_new_tokens=n, stop_id=-1)
+            dec.generate(prompts, **kw)
+            runs = [dec.generate(prompts, **kw) for _ in range(max(3, r // 4))]
+            calls[n] = (np.median([x.wall_s for x in runs]), runs[0].batch_passes)
+        (w1, p1), (w2, p2) = calls.values()
+        ms[f"{label} loop, per pass"] = 1e3 * (w2 - w1) / (p2 - p1)
+    spec_loop = ms["speculative loop, per pass"]
+    ms["speculative bookkeeping (loop - main - drafter)"] = (
+        spec_loop - ms[f"main, {k + 1} tokens (verification)"] - ms[f"drafter, {k} steps"]
+    )
+    base = ms["main, 1 token (slow's pass)"]
+    cfg = system.main.cfg
+    cmd = "python benchmarks/pass_cost.py " + " ".join(shlex.quote(a) for a in argv)
+    print(
+        f"# pass cost: {args.workdir or args.config}: main d_model {cfg.d_model}, "
+        f"{cfg.n_layers} layers, vocab {cfg.vocab_size}; drafter {system.drafter_cfg.kind}, "
+        f"k={k}, draft vocab {system.drafter_cfg.draft_vocab or cfg.vocab_size}; batch {b}, "
+        f"{ctx} tokens in the cache; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__}\n"
+    )
+    print("| component | ms | / main 1-token pass |\n|---|---|---|")
+    for name, v in ms.items():
+        print(f"| {name} | {v:.2f} | {v / base:.2f} |")
+    print(f"\nreproduce: {cmd}")
+    return ms
+
+
+if __name__ == "__main__":
+    main()
