@@ -15,16 +15,16 @@ interleaved so that they share the machine's noise; the table gives the
 median total wall time. Rows do not stop at EOS (every row
 emits --max_new_tokens), so all modes produce the same number of tokens;
 greedy speculative output is checked to equal slow output. Past
-`--spec_max_batch` rows (default: the backend's limit, 4 rows on CPU) the
-speculative and tree rows decode in slow mode, and say so. Prints a markdown
+`--spec_max_batch` rows (default 0: no limit) the speculative and tree rows
+decode in slow mode, and say so. Prints a markdown
 table and the command that reproduces it, and writes the figures as JSON.
 
-XLA flags: by default this sets `--xla_cpu_experimental_ynn_fusion_type=`
-(before JAX starts), which keeps XLA:CPU from handing small matrix products
-to YNNPACK; `--xla_flags=` measures JAX's defaults instead. On 2 idle cores
-(jax 0.10.2, 2026-11-23) the speculative/slow ratio at batch 1 was 1.07-1.25x
-with the flag and 0.99-1.10x without it (docs/benchmarks.md); under heavy
-load the gap was larger.
+XLA flags: `--xla_flags=FLAGS` adds FLAGS to $XLA_FLAGS before JAX starts; by
+default none (JAX's defaults). `--xla_flags=--xla_cpu_experimental_ynn_fusion_type=`
+keeps XLA:CPU from handing small matrix products to YNNPACK: on the 1M-parameter
+tiny model that was slightly faster (2026-11-23), but on SmolLM2-135M it makes a
+5-token verification pass cost 5.0x a 1-token pass instead of 1.4x
+(benchmarks/pass_cost.py, 2026-12-02; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PROMPTS = [
 ]
 
 
-XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+XLA_FLAGS = ""  # JAX's defaults (YNNPACK on): see the docstring
 
 
 def _args(argv):
@@ -76,9 +76,8 @@ def _args(argv):
     p.add_argument(
         "--spec_max_batch",
         type=int,
-        default=None,
-        help="speculative and tree: slow past this many rows (0: never; default: the "
-        "backend's, mtp.decode.modes.speculative.MAX_BATCH)",
+        default=0,
+        help="speculative and tree: slow past this many rows (0: never)",
     )
     p.add_argument(
         "--peers",

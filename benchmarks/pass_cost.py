@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="  # as benchmarks/decode.py
+XLA_FLAGS = ""  # added to $XLA_FLAGS before JAX starts; as benchmarks/decode.py
 
 
 def _args(argv):

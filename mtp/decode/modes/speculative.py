@@ -11,11 +11,11 @@ under a tree attention mask (the rules of `mtp.decode.tree`); the accepted
 path's keys and values move to their positions' cache slots, the rest is left
 to be overwritten.
 
-Verification feeds W tokens per row, so a pass costs about W times a slow one
-where the machine is compute-bound (a CPU at batch 8) and about the same where
-it is bandwidth-bound (batch 1, or a GPU at small batch). Past `max_batch` rows
-a call therefore decodes in `slow` mode (as vLLM and SGLang turn speculation
-off past a batch size); greedy output is the same either way.
+Verification feeds W tokens per row: a pass costs about the same as a slow one
+where the machine is bandwidth-bound and up to W times as much where it is
+compute-bound (large batches). Past `max_batch` rows (0: no limit, the default)
+a call decodes in `slow` mode instead, as vLLM and SGLang turn speculation off
+past a batch size; greedy output is the same either way.
 """
 
 from __future__ import annotations
@@ -32,27 +32,23 @@ from mtp.decode.modes.slow import Slow
 from mtp.decode.sampling import choose, log_probs
 from mtp.model.transformer import FedTree
 
-# Rows per call past which speculation is off, by backend (absent: never off). On 2 CPU cores
-# a verification pass at 8 rows costs about its width times a slow pass (benchmarks/decode.py).
-MAX_BATCH = {"cpu": 4}
-
 
 @dataclasses.dataclass(frozen=True)
 class Speculative(Mode):
     tree_nodes: int = 0  # N > 0: verify a draft tree of N nodes, not a chain of K
     tree_beams: int = 4  # M: paths kept at each expansion step
     tree_depth: int = 0  # D: expansion steps (0: K)
-    max_batch: int | None = None  # past it, slow (0: never; None: the backend's MAX_BATCH)
+    max_batch: int = 0  # calls of more rows decode in slow mode (0: never)
 
     name = "speculative"
     all_logits = True
     extra_kind = "tree slots"
 
     def __post_init__(self):
-        if self.max_batch is not None and self.max_batch < 0:
+        if self.max_batch < 0:
             raise ConfigError(
                 f"speculative max_batch={self.max_batch}: need >= 0 (0: speculate at any batch "
-                "size) or None (the backend's default)"
+                "size)"
             )
         if self.tree_nodes < 0 or self.tree_beams < 1 or self.tree_depth < 0:
             raise ConfigError(
@@ -62,9 +58,7 @@ class Speculative(Mode):
             )
 
     def for_batch(self, b: int) -> Mode:
-        limit = self.max_batch
-        limit = MAX_BATCH.get(jax.default_backend(), 0) if limit is None else limit
-        return Slow() if limit and b > limit else self
+        return Slow() if self.max_batch and b > self.max_batch else self
 
     def depth(self, k: int) -> int:
         d = self.tree_depth or k
