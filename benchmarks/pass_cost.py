@@ -2,6 +2,7 @@ r"""Where a speculative pass's time goes: main pass, drafter, verification bookk
 
     python benchmarks/pass_cost.py --workdir=runs/smollm2
     python benchmarks/pass_cost.py --config=experiments/smollm2_drafter.py   # untrained, same cost
+    python benchmarks/pass_cost.py --config=experiments/smollm2_drafter.py --dtype=bfloat16
 
 Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
 - main, 1 token: slow mode's pass (the LM head at the one fed token);
@@ -34,6 +35,11 @@ def _args(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a trained run directory (its latest checkpoint)")
     src.add_argument("--config", help="an experiment file[:variant]: its system, untrained")
+    p.add_argument(
+        "--dtype",
+        default="",
+        help="with --config: model.param_dtype and model.dtype (e.g. bfloat16)",
+    )
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     p.add_argument("--new_tokens", type=int, default=64, help="per row, for the loop figures")
@@ -53,7 +59,10 @@ def _system(args):
         system, run = load_system(args.workdir)
         return system, tokenizer_of(run)
     path, _, arg = args.config.partition(":")
-    run = resolve(runpy.run_path(path)["get_config"](arg or None))
+    config = runpy.run_path(path)["get_config"](arg or None)
+    if args.dtype:
+        config.model.update(param_dtype=args.dtype, dtype=args.dtype)
+    run = resolve(config)
     tok = tokenizer_of(run)
     return make_system(with_checkpoint_shapes(run, tok), tok), tok
 
@@ -144,7 +153,7 @@ def main(argv=None):
         f"{cfg.n_layers} layers, vocab {cfg.vocab_size}; drafter {system.drafter_cfg.kind}, "
         f"k={k}, draft vocab {system.drafter_cfg.draft_vocab or cfg.vocab_size}; batch {b}, "
         f"{ctx} tokens in the cache; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
-        f"jax {jax.__version__}\n"
+        f"jax {jax.__version__}; weights {cfg.param_dtype}, compute {cfg.dtype}\n"
     )
     print("| component | ms | / main 1-token pass |\n|---|---|---|")
     for name, v in ms.items():
