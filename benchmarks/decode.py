@@ -15,8 +15,8 @@ interleaved so that they share the machine's noise; the table gives the
 median total wall time. Rows do not stop at EOS (every row
 emits --max_new_tokens), so all modes produce the same number of tokens;
 greedy speculative output is checked to equal slow output. Past
-`--spec_max_batch` rows (default 0: no limit) the speculative and tree rows
-decode in slow mode, and say so. Prints a markdown
+`--spec_max_batch` rows (default: the backend's limit, 4 rows on CPU) the
+speculative and tree rows decode in slow mode, and say so. Prints a markdown
 table and the command that reproduces it, and writes the figures as JSON.
 
 XLA flags: `--xla_flags=FLAGS` adds FLAGS to $XLA_FLAGS before JAX starts; by
@@ -76,8 +76,9 @@ def _args(argv):
     p.add_argument(
         "--spec_max_batch",
         type=int,
-        default=0,
-        help="speculative and tree: slow past this many rows (0: never)",
+        default=None,
+        help="speculative and tree: slow past this many rows (0: never; default: the "
+        "backend's, mtp.decode.modes.speculative.MAX_BATCH)",
     )
     p.add_argument(
         "--peers",

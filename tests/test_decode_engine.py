@@ -172,7 +172,7 @@ def test_batched_rows_equal_rows_decoded_alone():
 
 def test_speculation_is_off_past_max_batch():
     """Up to max_batch rows a call speculates; past it the call decodes in slow mode, with the
-    same greedy tokens; 0 (the default) is no limit."""
+    same greedy tokens; None is the backend's limit (4 rows on CPU), 0 no limit."""
     dec = Decoder(_trained("transformer"), S)
     four, five = _ids(PROMPTS), _ids([*PROMPTS, "<bos>p"])
     gen = lambda rows, mode: dec.generate(rows, mode=mode, max_new_tokens=24)
@@ -180,12 +180,17 @@ def test_speculation_is_off_past_max_batch():
     for mode, rows, ran in [
         (Speculative(max_batch=4), four, "speculative"), (Speculative(max_batch=4), five, "slow"),
         (Speculative(max_batch=2), four, "slow"), (Speculative(max_batch=5), five, "speculative"),
-        ("speculative", five, "speculative"),
+        (Speculative(max_batch=0), five, "speculative"),
     ]:  # fmt: skip
         res = gen(rows, mode)
         assert res.mode == ran, (mode, len(rows))
         assert (res.stats.get("mean_accepted", 0) > 1) == (ran == "speculative")
         np.testing.assert_array_equal(res.tokens, slow.tokens[: len(rows), : res.tokens.shape[1]])
+    on_cpu = jax.default_backend() == "cpu"
+    assert not on_cpu or [gen(r, "speculative").mode for r in (four, five)] == [
+        "speculative",
+        "slow",
+    ]
     with pytest.raises(ConfigError, match="max_batch"):
         Speculative(max_batch=-1)
 

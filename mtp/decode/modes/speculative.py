@@ -13,9 +13,9 @@ to be overwritten.
 
 Verification feeds W tokens per row: a pass costs about the same as a slow one
 where the machine is bandwidth-bound and up to W times as much where it is
-compute-bound (large batches). Past `max_batch` rows (0: no limit, the default)
-a call decodes in `slow` mode instead, as vLLM and SGLang turn speculation off
-past a batch size; greedy output is the same either way.
+compute-bound (large batches). Past `max_batch` rows a call decodes in `slow`
+mode instead, as vLLM and SGLang turn speculation off past a batch size; greedy
+output is the same either way.
 """
 
 from __future__ import annotations
@@ -32,23 +32,28 @@ from mtp.decode.modes.slow import Slow
 from mtp.decode.sampling import choose, log_probs
 from mtp.model.transformer import FedTree
 
+# Rows per call past which speculation is off by default, by backend (absent: never). On 2 CPU
+# cores with SmolLM2-135M and its drafter (1.2 drafts accepted per pass) speculative decoding
+# ran at 1.37x slow at batch 1 and 0.90x at batch 8 (benchmarks/decode.py, 2026-12-02).
+MAX_BATCH = {"cpu": 4}
+
 
 @dataclasses.dataclass(frozen=True)
 class Speculative(Mode):
     tree_nodes: int = 0  # N > 0: verify a draft tree of N nodes, not a chain of K
     tree_beams: int = 4  # M: paths kept at each expansion step
     tree_depth: int = 0  # D: expansion steps (0: K)
-    max_batch: int = 0  # calls of more rows decode in slow mode (0: never)
+    max_batch: int | None = None  # more rows: slow (0: never; None: the backend's MAX_BATCH)
 
     name = "speculative"
     all_logits = True
     extra_kind = "tree slots"
 
     def __post_init__(self):
-        if self.max_batch < 0:
+        if self.max_batch is not None and self.max_batch < 0:
             raise ConfigError(
                 f"speculative max_batch={self.max_batch}: need >= 0 (0: speculate at any batch "
-                "size)"
+                "size) or None (the backend's default)"
             )
         if self.tree_nodes < 0 or self.tree_beams < 1 or self.tree_depth < 0:
             raise ConfigError(
@@ -58,7 +63,9 @@ class Speculative(Mode):
             )
 
     def for_batch(self, b: int) -> Mode:
-        return Slow() if self.max_batch and b > self.max_batch else self
+        limit = self.max_batch
+        limit = MAX_BATCH.get(jax.default_backend(), 0) if limit is None else limit
+        return Slow() if limit and b > limit else self
 
     def depth(self, k: int) -> int:
         d = self.tree_depth or k
