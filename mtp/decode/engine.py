@@ -112,7 +112,9 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_n
     n = system.max_len
     w = mode.width(k)
     w_out = w if mode.all_logits else 1
-    pad = lambda x: jnp.concatenate([x[:, None], jnp.zeros((b, w_out - 1, *x.shape[1:]))], 1)
+    pad = lambda x: jnp.concatenate(
+        [x[:, None], jnp.zeros((b, w_out - 1, *x.shape[1:]), x.dtype)], 1
+    )  # in the pass's dtype (bfloat16 taps stay bfloat16)
     zeros_b, zeros_bo = jnp.zeros((b,), jnp.int32), jnp.zeros((b, n), jnp.int32)
     c = Carry(
         cache=cache,
