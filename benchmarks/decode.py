@@ -2,7 +2,8 @@ r"""Decoding speed on one checkpoint: slow vs speculative vs fast, in one run.
 
     python benchmarks/decode.py --workdir=runs/tiny
     python benchmarks/decode.py --random            # random tiny system, no checkpoint
-    python benchmarks/decode.py --workdir=runs/smollm2 --chat_task=rg_gsm_symbolic
+    python benchmarks/decode.py --workdir=runs/smollm2 --chat_task=rg_gsm_symbolic \
+        --peers=transformers,prompt_lookup,llamacpp_f32,llamacpp_f16
 
 With `--chat_task=SPEC` the prompts are held-out (eval split) problems of that task as
 user messages in the model's chat template, and rows stop at the end token (a
@@ -16,15 +17,19 @@ median total wall time. Rows do not stop at EOS (every row
 emits --max_new_tokens), so all modes produce the same number of tokens;
 greedy speculative output is checked to equal slow output. Past
 `--spec_max_batch` rows (default: the backend's limit, 4 rows on CPU) the
-speculative and tree rows decode in slow mode, and say so. Prints a markdown
-table and the command that reproduces it, and writes the figures as JSON.
+speculative and tree rows decode in slow mode, and say so. `--peers` adds
+other engines on the same weights and prompts (benchmarks/peers.py), and every
+batch gets a bandwidth-bound row: batch x read bandwidth / weight bytes, the
+tokens/s of a pass that only read the weights. Prints a markdown table and the
+command that reproduces it, writes the figures as JSON and a plot of speedup
+over mtp slow against batch size as PNG beside it.
 
 XLA flags: `--xla_flags=FLAGS` adds FLAGS to $XLA_FLAGS before JAX starts; by
 default none (JAX's defaults). `--xla_flags=--xla_cpu_experimental_ynn_fusion_type=`
 keeps XLA:CPU from handing small matrix products to YNNPACK: on the 1M-parameter
 tiny model that was slightly faster (2026-11-23), but on SmolLM2-135M it makes a
-5-token verification pass cost 5.0x a 1-token pass instead of 1.4x
-(benchmarks/pass_cost.py, 2026-12-02; docs/benchmarks.md).
+5-token verification pass cost 2.98x a 1-token pass instead of 1.29x
+(benchmarks/pass_cost.py, 2026-12-02, idle; docs/benchmarks.md).
 """
 
 from __future__ import annotations
