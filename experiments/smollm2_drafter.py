@@ -20,12 +20,12 @@ compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
 taps move).
 
-2 CPU cores, measured 2026-12-02 (docs/benchmarks.md): 22 min (answers 11.3 min,
-taps 3.6 min, 200 drafter steps 6.5 min). On the 35 held-out prompts the drafter's
-accepted length is 1.00 per pass at k = 4 (2.00 tokens per pass; draft top-1
-0.52 / 0.46 / 0.46 / 0.43 by offset), short of the aim of 2.0. Its held-out loss
-was still falling (2.78 at step 100, 2.21 at 200): more steps, within the 45-minute
-budget, are the next thing to try.
+2 CPU cores, measured 2026-12-02 (docs/benchmarks.md): answers 11.3 min, taps 3.6
+min, drafter steps 1.9 s each idle (600 steps: 19 min), about 35 min in all. On the
+35 held-out prompts the drafter's accepted length is 1.33 per pass at k = 4 (2.33
+tokens per pass; draft top-1 0.60 / 0.55 / 0.53 / 0.50 by offset), short of the
+aim of 2.0 (200 steps gave 1.00; on its training rows it now reaches 3.3 tokens
+per pass: more self-distilled data is the next lever).
 """
 
 from mtp.config import default_config
@@ -47,8 +47,8 @@ def get_config(arg=None):
         eval_fraction=0.06, cache_taps=True,
     )  # fmt: skip
     c.train.update(
-        steps=200, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
-        eval_every=100, checkpoint_every=50, eval_batches=3, log_every=10,
+        steps=600, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        eval_every=200, checkpoint_every=100, eval_batches=3, log_every=10,
     )  # fmt: skip
     if arg == "joint":
         c.drafter.update(detach=False, head="shared")
