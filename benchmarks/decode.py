@@ -41,9 +41,10 @@ import os
 import platform
 import shlex
 import sys
+import time
 
 import numpy as np
-from peers import PEERS, read_bandwidth, run_peer
+from peers import PEERS, run_peer
 
 PROMPTS = [
     "def main(",
@@ -140,15 +141,28 @@ def _peer_files(system, tok, init_from, out_dir, peers):
                 "--peers=llamacpp_*: the main model must come from a GGUF file (its "
                 "tokenizer is copied into the files llama.cpp reads)"
             )
-        import gguf
-
-        n_src = len(gguf.GGUFReader(src).fields["tokenizer.ggml.tokens"].contents())
-        ids = range(n_src, system.main.cfg.vocab_size)
-        added = [tok.token(i) for i in ids]
+        added = [tok.token(i) for i in range(tok.base_vocab_size, system.main.cfg.vocab_size)]
         for dtype in ("f32", "f16"):
             files[dtype] = os.path.join(out_dir, f"main.{dtype}.gguf")
             export_gguf(system.main, files[dtype], "float" + dtype[1:], src, added)
     return files
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second this machine reads: the best of `repeats` jitted sums over `gib` GiB
+    of float32 (all cores), the figure a weight-bandwidth bound divides by."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
 
 
 def tokens_of(runs) -> int:

@@ -91,23 +91,6 @@ def llamacpp_runner(gguf_path, eos_id, max_new, n_ctx):
     return run
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Bytes per second this machine reads: the best of `repeats` jitted sums over `gib` GiB
-    of float32 (all cores), the figure a weight-bandwidth bound divides by."""
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((int(gib * 2**30) // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return x.nbytes / best
-
-
 def run_peer(name, files, prompts, batch, *, eos_id, pad_id, max_new, n_ctx, repeats):
     """(emitted ids of every row decoded, median wall s) of peer `name` at `batch`, the
     prompts in calls of `batch` rows (cycling to fill the last: the first rows are the
