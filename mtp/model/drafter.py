@@ -271,7 +271,7 @@ class TransformerDrafter(DrafterBase):
         """The fused tap (B, 1, d) and an empty k-slot KV cache per block."""
         b = taps_bld.shape[0]
         acfg = self.blocks[0].attn.cfg
-        shape = (b, self.k, acfg.n_kv_heads, acfg.head_dim)
+        shape = (b, acfg.n_kv_heads, self.k, acfg.head_dim)  # as `Transformer.init_cache`
         caches = tuple({"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in self.blocks)
         return self.fuse(taps_bld[:, None]), caches
 
