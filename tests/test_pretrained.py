@@ -13,7 +13,15 @@ import pytest
 from flax import nnx
 
 from mtp import checkpoint as ckpt
-from mtp.config import ModelConfig, PauseConfig, RLConfig, SweepConfig, default_config, resolve
+from mtp.config import (
+    ConfigError,
+    ModelConfig,
+    PauseConfig,
+    RLConfig,
+    SweepConfig,
+    default_config,
+    resolve,
+)
 from mtp.config.sources import local_source
 from mtp.data.format import encode_chat_prompt
 from mtp.data.rows_dataset import read_rows
@@ -32,9 +40,9 @@ TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
 BASE_VOCAB = 400  # the fixture tokenizer's own tokens
 
 
-def _checkpoint(directory: Path, vocab: int = BASE_VOCAB) -> Path:
+def _checkpoint(directory: Path, vocab: int = BASE_VOCAB, n_layers: int = 2) -> Path:
     """A random Llama-family model in HF format, with the fixture's ChatML tokenizer."""
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1)
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=n_layers, n_heads=2, n_kv_heads=1)
     export_hf(Transformer(cfg, rngs=nnx.Rngs(3)), directory, arch="llama")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER / name, directory / name)
@@ -68,6 +76,22 @@ def test_checkpoint_fixes_the_shapes_and_a_tokenizer_larger_than_the_embedding_f
     small = _checkpoint(tmp_path / "small", vocab=BASE_VOCAB - 8)
     with pytest.raises(ConvertError, match="tokenizer has 400 tokens but the embedding only 392"):
         with_checkpoint_shapes(resolve(_config(small)), tok)
+
+
+def test_taps_are_checked_against_the_checkpoints_depth(tmp_path):
+    """A checkpoint deeper than the default model takes taps below its own top layer, and
+    a tap past it fails in one line naming the field, once the depth is read."""
+    deep = _checkpoint(tmp_path / "deep", n_layers=6)
+    c = _config(deep)
+    c.model.taps = (1, 5, -1)
+    run = resolve(c)
+    assert with_checkpoint_shapes(run, tokenizer_of(run)).model.tap_layers == (1, 5, 5)
+    c.model.taps = (6,)
+    run = resolve(c)
+    with pytest.raises(
+        ConfigError, match=r"model.taps: layer 6 is outside the model; allowed 0..5"
+    ):
+        with_checkpoint_shapes(run, tokenizer_of(run))
 
 
 def test_frozen_recipe_trains_the_drafter_on_the_main_models_own_text(tmp_path):

@@ -1,6 +1,7 @@
 """Config resolution, checkpoints, train_and_evaluate end to end, and the drafter scored one
 offset at a time (same loss, grads and metrics as all at once, less memory)."""
 
+import dataclasses
 import json
 
 import jax
@@ -223,6 +224,27 @@ def test_chunked_draft_loss_and_grads_equal_the_unchunked_ones(draft_vocab, head
     covered = np.isin(tgt, CHUNK_IDS if draft_vocab else np.arange(48))
     assert float(metrics["draft_coverage"]) == pytest.approx(covered[m > 0].mean())
     assert (float(metrics["draft_coverage"]) < 1) == bool(draft_vocab)
+
+
+@pytest.mark.parametrize("draft_vocab, head", [(0, "own"), (20, "shared_frozen")])
+def test_cached_taps_carry_the_main_models_distillation_teacher(draft_vocab, head):
+    """Distillation from a frozen main model's cached taps (the last block's output through
+    the final norm and head) equals distillation from its full forward."""
+    main = dataclasses.replace(CHUNK_MAIN, n_layers=2, taps=(-1, 0))
+    cfg = DrafterConfig(k=3, n_heads=2, head=head, draft_vocab=draft_vocab, detach=True)
+    ids = CHUNK_IDS if draft_vocab else None
+    system = MTPSystem(main, cfg, pad_id=0, draft_ids=ids, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, 12), jnp.float32).at[1, 3].set(0.0)}
+    train = TrainConfig(distill_weight=0.5)
+    _, full = loss_fn(system, batch, train)
+    _, cached = loss_fn(system, batch | {"taps": system.main_taps(tokens)}, train)
+    assert float(full["loss/distill"]) > 0.1
+    assert float(cached["loss/distill"]) == pytest.approx(float(full["loss/distill"]), abs=1e-5)
+    with pytest.raises(ValueError, match="last block"):
+        no_last = MTPSystem(dataclasses.replace(main, taps=(0,)), cfg, pad_id=0, draft_ids=ids,
+                            rngs=nnx.Rngs(0))  # fmt: skip
+        no_last.main_logits_from_taps(no_last.main_taps(tokens))
 
 
 @pytest.mark.parametrize("draft_vocab", [0, 20])

@@ -102,6 +102,11 @@ class ModelConfig:
                 f"{item!r} is not NAME=TOKEN with NAME in think_open, think_close, pause",
             )
         check(len(self.taps) >= 1, "model.taps", "needs at least one layer")
+        if not self.init_from:  # a checkpoint's depth is known once it is read
+            self.check_taps()
+
+    def check_taps(self) -> None:
+        """Every tap names a layer of the model (ConfigError otherwise)."""
         for t in self.taps:
             check(
                 -self.n_layers <= t < self.n_layers,

@@ -28,6 +28,7 @@ class DataConfig:
     pause_targets: bool = False  # task corpora: those pauses are targets (learned pausing)
     prompt_targets: bool = True  # task corpora: False masks the prompt's own targets
     distill_temperature: float = 0.0  # distill corpora: 0 = the main model's greedy text
+    distill_batch_size: int = 0  # distill corpora: rows generated per call (0 = batch_size)
     cache_taps: bool = False  # distill corpora: main-model taps computed once (frozen main)
 
     def __post_init__(self):
@@ -45,6 +46,11 @@ class DataConfig:
             f"must be in [0, 1), got {self.pause_rate}",
         )
         check(self.pauses >= 0, "data.pauses", f"must be >= 0, got {self.pauses}")
+        check(
+            self.distill_batch_size >= 0,
+            "data.distill_batch_size",
+            f"must be >= 0 (0 = data.batch_size), got {self.distill_batch_size}",
+        )
         check(
             self.distill_temperature >= 0,
             "data.distill_temperature",

@@ -172,12 +172,29 @@ class MTPSystem(nnx.Module):
         columns at the draft ids; through stop_gradient for 'shared_frozen'."""
         if not self.shared:
             return None
-        embed_vd = self.main.embed.embedding[...]
-        tied = self.main.cfg.tie_embeddings
-        head_dv = embed_vd.T if tied else self.main.head.kernel[...]
-        ids_u = self.ids()
-        tables = Tables(embed_vd, head_dv if ids_u is None else head_dv[:, ids_u])
+        tables = Tables(self.main.embed.embedding[...], self._main_head_du())
         return jax.tree.map(jax.lax.stop_gradient, tables) if self.frozen else tables
+
+    def _main_head_du(self) -> jax.Array:
+        """The main model's head (D, U), its columns at the draft ids."""
+        tied = self.main.cfg.tie_embeddings
+        head_dv = self.main.embed.embedding[...].T if tied else self.main.head.kernel[...]
+        ids_u = self.ids()
+        return head_dv if ids_u is None else head_dv[:, ids_u]
+
+    def main_logits_from_taps(self, taps_btld) -> jax.Array:
+        """The main model's next-token logits over the draft vocabulary (B, T, U), from its
+        taps (B, T, L, D): the last block's output through the final norm and the head, so a
+        frozen main model's cached taps also carry its distribution (distillation teacher)."""
+        last = self.main.cfg.n_layers - 1
+        if last not in self.main.cfg.tap_layers:
+            raise ValueError(
+                f"the main model's logits need its last block among model.taps "
+                f"(-1 or {last}), got {self.main.cfg.taps}"
+            )
+        h_btd = taps_btld[:, :, self.main.cfg.tap_layers.index(last)]
+        x_btd = self.main.final_norm(h_btd.astype(jnp.dtype(self.main.cfg.dtype)))
+        return jnp.matmul(x_btd.astype(jnp.float32), self._main_head_du().astype(jnp.float32))
 
     @property
     def use_urgency(self) -> bool:

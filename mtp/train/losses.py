@@ -59,15 +59,18 @@ def supervised_terms(
     draft_weights_k,
     draft_weight: float = 1.0,
     distill_weight: float = 0.0,
+    teacher_btu=None,
 ):
     """`supervised_loss` plus the drafter's top-1 tokens pred_btk (B, T, k), full ids: returns
     (loss, metrics, pred_btk); `draft` is a `Drafts` or draft logits (B, T, k, V).
-    `logits_btv` None: the drafter alone (a frozen main model's cached taps), no main loss."""
+    `logits_btv` None: the drafter alone (a frozen main model's cached taps), no main loss;
+    `teacher_btu` (B, T, U) then gives the main model's logits over the draft vocabulary for
+    distillation (`MTPSystem.main_logits_from_taps`)."""
     drafts = _as_drafts(draft)
     k, t = drafts.k, tokens_bt.shape[1]
     if logits_btv is None:
-        if distill_weight:
-            raise ValueError("distillation needs the main model's logits, not cached taps")
+        if distill_weight and teacher_btu is None:
+            raise ValueError("distillation needs the main model's logits or teacher_btu")
         main_loss = jnp.zeros((), jnp.float32)
     else:
         main_tgt_bt, main_m_bt = (a[..., 0] for a in _targets(tokens_bt, mask_bt, 1, 1))
@@ -79,9 +82,9 @@ def supervised_terms(
     m_in_btk = m_btk * covered_btk
     teacher_bsu = None
     if distill_weight:  # the main model's distribution for x_{t+2+j} sits at t + 1 + j
-        teacher_btu = jax.lax.stop_gradient(logits_btv)
-        if drafts.ids_u is not None:
-            teacher_btu = teacher_btu[..., drafts.ids_u]
+        if teacher_btu is None:
+            teacher_btu = logits_btv if drafts.ids_u is None else logits_btv[..., drafts.ids_u]
+        teacher_btu = jax.lax.stop_gradient(teacher_btu)
         b, _, u = teacher_btu.shape
         pad_bsu = jnp.zeros((b, k + 1, u), teacher_btu.dtype)
         teacher_bsu = jax.nn.log_softmax(jnp.concatenate([teacher_btu, pad_bsu], 1))

@@ -37,7 +37,9 @@ def with_checkpoint_shapes(run: Run, tok: Tokenizer) -> Run:
         )
     # Added specials take ids base..base+added-1: rows a padded embedding may already have.
     fields["vocab_size"] = max(rows, tok.base_vocab_size + added)
-    return run.replace(model=dataclasses.replace(run.model, **fields))
+    model = dataclasses.replace(run.model, **fields)
+    model.check_taps()
+    return run.replace(model=model)
 
 
 def load_pretrained(main: Transformer, run: Run) -> None:

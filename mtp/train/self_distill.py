@@ -57,7 +57,8 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
     task, n = parse_task_spec(run.data.corpus.removeprefix(PREFIX))
     if split == "eval":
         n = max(1, round(n * run.data.eval_fraction))  # generating is costly: no floor of 64
-    t, b = run.data.seq_len, run.data.batch_size
+    # Wider generation calls amortise each pass's weight reads over more rows.
+    t, b = run.data.seq_len, run.data.distill_batch_size or run.data.batch_size
     prompts = [encode_chat_prompt(tok, ex.prompt) for ex in task.examples(split, n, start=0)]
     longest = max(p.size for p in prompts)
     if longest >= t:

@@ -100,8 +100,11 @@ def loss_fn(system: MTPSystem, batch, train_config):
     """(loss, metrics): the supervised loss and the accuracy metrics of one batch; the drafter
     scored one offset at a time (`supervised_terms`)."""
     tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
+    teacher_btu = None
     if "taps" in batch:  # a frozen main model's taps, computed once: the drafter alone
         logits_btv, drafts = None, system.drafts_from_taps(tokens_bt, batch["taps"])
+        if train_config.distill_weight:
+            teacher_btu = system.main_logits_from_taps(batch["taps"])
     else:
         logits_btv, drafts = system.forward(tokens_bt, batch.get("urgency"))
     loss, metrics, pred_btk = supervised_terms(
@@ -112,6 +115,7 @@ def loss_fn(system: MTPSystem, batch, train_config):
         draft_weights_k=offset_weights(system.k, train_config.draft_decay),
         draft_weight=train_config.draft_weight,
         distill_weight=train_config.distill_weight,
+        teacher_btu=teacher_btu,
     )
     logits_btv = None if logits_btv is None else jax.lax.stop_gradient(logits_btv)
     metrics.update(accuracy_metrics(logits_btv, pred_btk, tokens_bt, mask_bt))
