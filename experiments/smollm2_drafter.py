@@ -37,7 +37,9 @@ def get_config(arg=None):
     if arg not in (None, *VARIANTS):
         raise ValueError(f"experiments/smollm2_drafter.py:{arg}: the argument is one of {VARIANTS}")
     c = default_config()
-    c.model.update(init_from="named:smollm2-135m-instruct", max_len=512, taps=(-1,))
+    # low, middle and top layer (EAGLE-3's fused features); the top one also gives the
+    # main model's own distribution, the distillation teacher, from the cached taps
+    c.model.update(init_from="named:smollm2-135m-instruct", max_len=512, taps=(2, 15, -1))
     c.drafter.update(
         kind="transformer", k=4, n_layers=1, n_heads=8, detach=True,
         head="shared_frozen", draft_vocab=2048,
@@ -47,7 +49,8 @@ def get_config(arg=None):
         eval_fraction=0.06, cache_taps=True,
     )  # fmt: skip
     c.train.update(
-        steps=600, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        steps=800, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        distill_weight=1.0,
         eval_every=200, checkpoint_every=100, eval_batches=3, log_every=10,
     )  # fmt: skip
     if arg == "joint":
@@ -56,7 +59,10 @@ def get_config(arg=None):
         c.train.update(main_lr_scale=0.1, steps=200, lr=1e-3)
     if arg == "gpu":
         c.model.update(dtype="bfloat16")
-        c.data.update(corpus="distill:rg_gsm_symbolic:n=20000", batch_size=64, eval_fraction=0.02)
+        c.data.update(
+            corpus="distill:rg_gsm_symbolic:n=20000", batch_size=64, eval_fraction=0.02,
+            distill_batch_size=256,
+        )  # fmt: skip
         c.train.update(steps=6000, warmup_steps=200, eval_every=1000, checkpoint_every=500)
     if arg == "smoke":
         c.data.update(corpus="distill:rg_gsm_symbolic:n=16", batch_size=8, eval_fraction=0.5)

@@ -46,40 +46,41 @@ class FedTree(NamedTuple):
     anc_btt: jax.Array
 
 
-def cached_attention(q_btnh, k_btgh, v_btgh, k_bgsh, v_bgsh, slot_bt, tree=None):
-    """Grouped-query attention of T fed tokens (B, T, N, H) at consecutive slots `slot_bt`
-    over the S cache slots before the first (keys and values (B, G, S, H), G key/value heads)
-    and over the fed tokens themselves (their keys and values (B, T, G, H)): causally, or a
-    draft tree's ancestors. Returns (B, T, N, H).
+def attention_mask(slot_bt, s: int, tree: FedTree | None = None):
+    """(B, T, S) bool: which of S cache slots each fed token (at `slot_bt`) reads."""
+    slot_s = jnp.arange(s)
+    if tree is None:
+        return slot_s[None, None, :] <= slot_bt[:, :, None]
+    t = slot_bt.shape[1]
+    rel_bs = slot_s[None, :] - slot_bt[:, :1]  # slot relative to the root's
+    fed_bts = jnp.take_along_axis(tree.anc_btt, jnp.clip(rel_bs, 0, t - 1)[:, None, :], axis=2)
+    past_b1s = (rel_bs < 0)[:, None, :]
+    return past_b1s | (fed_bts & ((rel_bs >= 0) & (rel_bs < t))[:, None, :])
 
-    Two choices keep XLA on CPU from copying the whole cache in every layer of every pass
-    (measured: a batch-16 pass through `jax.nn.dot_product_attention` cost 12x a batch-1
-    one): the cache is read as it lies, head-major, so both products batch over (B, G); and
-    the fed tokens' own keys come from the arguments, not from the cache, so writing them
-    into the cache (`Attention`) is an in-place update nobody reads in this pass. A group's
-    N / G query heads and the T fed tokens share one row axis M = T * N / G. Logits and
-    softmax in float32, as `jax.nn.dot_product_attention`."""
+
+def cached_attention(q_btnh, k_bgsh, v_bgsh, mask_bts) -> jax.Array:
+    """Grouped-query attention of T fed tokens (B, T, N, H) over the S cache slots `mask_bts`
+    lets each read, keys and values stored key/value-head major (B, G, S, H); (B, T, N, H).
+
+    `jax.nn.dot_product_attention` takes keys as (B, S, G, H), and XLA on CPU then copies
+    the whole cache to a head-major layout in every layer of every pass (a batch-16 decoding
+    pass cost 12x a batch-1 one). Here both products batch over (B, G) as the cache lies; a
+    group's N / G query heads and the T fed tokens share one row axis M = T * N / G. Logits
+    and softmax in float32, as `jax.nn.dot_product_attention`."""
     b, t, n, h = q_btnh.shape
     g, s, q = k_bgsh.shape[1], k_bgsh.shape[2], n // k_bgsh.shape[1]
     q_bgmh = q_btnh.reshape(b, t, g, q, h).transpose(0, 2, 1, 3, 4).reshape(b, g, t * q, h)
-    dots = lambda x, y, spec: jnp.einsum(
-        spec, x, y.astype(x.dtype), preferred_element_type=jnp.float32
+    # keys first: XLA on CPU ran 'bgmh,bgsh->bgms' 2x slower at T = 1
+    logits_bgsm = jnp.einsum(
+        "bgsh,bgmh->bgsm", k_bgsh, q_bgmh.astype(k_bgsh.dtype),
+        preferred_element_type=jnp.float32,
+    )  # fmt: skip
+    mask_b1ms = jnp.broadcast_to(mask_bts[:, :, None], (b, t, q, s)).reshape(b, 1, t * q, s)
+    logits_bgms = jnp.where(
+        mask_b1ms, logits_bgsm.swapaxes(2, 3) * h**-0.5, jnp.finfo(jnp.float32).min
     )
-    past_bgms = dots(k_bgsh, q_bgmh, "bgsh,bgmh->bgsm").swapaxes(2, 3)  # 2x faster than bgmh,
-    new_bgmt = dots(q_bgmh, k_btgh, "bgmh,btgh->bgmt")
-    past_b11s = (jnp.arange(s)[None, :] < slot_bt[:, :1])[:, None, None]
-    new_btt = jnp.tril(jnp.ones((t, t), bool))[None] if tree is None else tree.anc_btt
-    new_b1mt = jnp.broadcast_to(new_btt[:, :, None], (new_btt.shape[0], t, q, t))
-    new_b1mt = new_b1mt.reshape(-1, 1, t * q, t)
-    low = jnp.finfo(jnp.float32).min
-    logits_bgmx = jnp.concatenate(
-        [jnp.where(past_b11s, past_bgms, low), jnp.where(new_b1mt, new_bgmt, low)], axis=-1
-    ) * (h**-0.5)
-    probs_bgmx = jax.nn.softmax(logits_bgmx, axis=-1).astype(v_bgsh.dtype)
-    out_bgmh = jnp.einsum("bgms,bgsh->bgmh", probs_bgmx[..., :s], v_bgsh) + jnp.einsum(
-        "bgmt,btgh->bgmh", probs_bgmx[..., s:], v_btgh.astype(v_bgsh.dtype)
-    )
-    out_bgmh = out_bgmh.astype(q_btnh.dtype)
+    probs_bgms = jax.nn.softmax(logits_bgms, axis=-1).astype(v_bgsh.dtype)
+    out_bgmh = jnp.einsum("bgms,bgsh->bgmh", probs_bgms, v_bgsh).astype(q_btnh.dtype)
     return out_bgmh.reshape(b, g, t, q, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
@@ -141,15 +142,16 @@ class Attention(nnx.Module):
         k_btgh = rope(k_btgh, rope_bt, freqs_f)
         if cache is None:  # training / full forward: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
-        else:  # attend to the cached past and the fed tokens, then write these at their slots
-            out_btnh = cached_attention(
-                q_btnh, k_btgh, v_btgh, cache["k"], cache["v"], slot_bt, tree
-            )
+        else:  # write the new keys at their slots, attend to every slot <= own slot (or the tree's)
+            # (written before they are read: reading the old cache beside the in-place write
+            # made XLA copy each layer's whole cache on every pass)
             rows_b1 = jnp.arange(b)[:, None]
             write = lambda x_bgsh, x_btgh: x_bgsh.at[rows_b1, :, slot_bt].set(
                 x_btgh.astype(x_bgsh.dtype)
             )
             cache = {"k": write(cache["k"], k_btgh), "v": write(cache["v"], v_btgh)}
+            mask_bts = attention_mask(slot_bt, cache["k"].shape[2], tree)
+            out_btnh = cached_attention(q_btnh, cache["k"], cache["v"], mask_bts)
         return self.o(out_btnh.reshape(b, t, -1)), cache
 
 
