@@ -12,20 +12,26 @@ ChatML template. The recipe (Medusa-1 / EAGLE on a frozen base):
    someone else's text, are the drafter's data, since speculative verification
    accepts exactly the main model's own choices;
 2. the frozen main model's taps over the rows are computed once (`cache_taps`);
-3. a one-layer transformer drafter (k = 4) trains on them alone, its input
-   embedding and output head the main model's (frozen), trimmed to the 2,048
+3. a one-layer transformer drafter (k = 4) reads layers 2, 15 and 30 fused (EAGLE-3)
+   and trains on the cached taps alone: cross-entropy on the rows' tokens plus a KL
+   to the main model's own distribution (from the top layer's cached tap); its input
+   embedding and output head are the main model's (frozen), trimmed to the 2,048
    most frequent target tokens (EAGLE-3's draft vocabulary).
 `:gpu` is the same recipe at full size for one GPU (20,000 prompts, bfloat16
 compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
 taps move).
 
-2 CPU cores, measured 2026-12-02 (docs/benchmarks.md): answers 11.3 min, taps 3.6
-min, drafter steps 1.9 s each idle (600 steps: 19 min), about 35 min in all. On the
-35 held-out prompts the drafter's accepted length is 1.33 per pass at k = 4 (2.33
-tokens per pass; draft top-1 0.60 / 0.55 / 0.53 / 0.50 by offset), short of the
-aim of 2.0 (200 steps gave 1.00; on its training rows it now reaches 3.3 tokens
-per pass: more self-distilled data is the next lever).
+2 CPU cores (docs/benchmarks.md): answers 11.3 min (2026-12-02), taps 3.6 min, drafter
+steps 2.0-2.1 s each idle (800 steps: 27 min), about 43 min in all. On the 35 held-out
+prompts the drafter's accepted length is 1.40 per pass at k = 4 (2.40 tokens per pass;
+draft top-1 0.61 / 0.56 / 0.55 / 0.52 by offset; 2026-12-03), short of the aim of 2.0.
+At equal steps the fused taps and the distillation term changed nothing measurable
+(1.33 at step 600, as the single-tap recipe without them reached at its end); steps
+still help (0.90 / 1.13 / 1.33 / 1.40 at 200 / 400 / 600 / 800), and on its training rows
+the drafter reaches 3.7 tokens per pass: it is short of data, and of a way to read the
+context (an EAGLE drafter attends over the past positions' features; this one sees the
+tap at t alone).
 """
 
 from mtp.config import default_config
