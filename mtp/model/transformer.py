@@ -143,13 +143,16 @@ class Attention(nnx.Module):
         if cache is None:  # training / full forward: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
         else:  # write the new keys at their slots, attend to every slot <= own slot (or the tree's)
-            # (written before they are read: reading the old cache beside the in-place write
-            # made XLA copy each layer's whole cache on every pass)
+            # (written before they are read, behind a barrier: reading the old cache beside
+            # the in-place write, or fusing the write into the read, made XLA copy each
+            # layer's whole cache on every pass)
             rows_b1 = jnp.arange(b)[:, None]
             write = lambda x_bgsh, x_btgh: x_bgsh.at[rows_b1, :, slot_bt].set(
                 x_btgh.astype(x_bgsh.dtype)
             )
-            cache = {"k": write(cache["k"], k_btgh), "v": write(cache["v"], v_btgh)}
+            cache = jax.lax.optimization_barrier(
+                {"k": write(cache["k"], k_btgh), "v": write(cache["v"], v_btgh)}
+            )
             mask_bts = attention_mask(slot_bt, cache["k"].shape[2], tree)
             out_btnh = cached_attention(q_btnh, cache["k"], cache["v"], mask_bts)
         return self.o(out_btnh.reshape(b, t, -1)), cache
