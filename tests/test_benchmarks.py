@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import pass_cost  # noqa: E402
+import slow_batches  # noqa: E402
 
 TINY_EXPERIMENT = """
 from mtp.config import default_config
@@ -53,3 +54,14 @@ def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
     assert all(v > 0 for n, v in ms.items() if "loop" not in n and "bookkeeping" not in n)
     # (the loop figures are differences of wall times: at this size, noise)
     assert f"reproduce: python benchmarks/pass_cost.py --config={exp}" in capsys.readouterr().out
+
+
+def test_the_slow_batches_benchmark_times_every_batch(tmp_path, capsys):
+    experiment = tmp_path / "tiny_experiment.py"
+    experiment.write_text(TINY_EXPERIMENT)
+    rows = slow_batches.main(
+        [f"--config={experiment}", "--random", "--batches=1,3", "--max_new_tokens=4"]
+    )
+    assert [r["batch"] for r in rows] == [1, 3]
+    assert all(r["ms_per_pass"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert "command:" in capsys.readouterr().out
