@@ -48,7 +48,9 @@ def _args(argv):
     return p.parse_args(argv)
 
 
-def _system(args):
+def system_from_args(args):
+    """(system, tokenizer) of `--workdir` (trained) or `--config` (untrained drafter, the
+    main model's checkpoint loaded), `--dtype` applied to a config."""
     from mtp.checkpoint import load_system
     from mtp.config import resolve
     from mtp.data.tokenizer import tokenizer_of
@@ -91,7 +93,7 @@ def main(argv=None):
     from mtp.decode.modes import Speculative
     from mtp.decode.sampling import Sampling, choose
 
-    system, tok = _system(args)
+    system, tok = system_from_args(args)
     b, k, ctx = args.batch, system.drafter_cfg.k, args.context
     graph, state = nnx.split(system)
     rng = np.random.default_rng(0)

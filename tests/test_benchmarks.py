@@ -59,9 +59,7 @@ def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
 def test_the_slow_batches_benchmark_times_every_batch(tmp_path, capsys):
     experiment = tmp_path / "tiny_experiment.py"
     experiment.write_text(TINY_EXPERIMENT)
-    rows = slow_batches.main(
-        [f"--config={experiment}", "--random", "--batches=1,3", "--max_new_tokens=4"]
-    )
+    rows = slow_batches.main([f"--config={experiment}", "--batches=1,3", "--max_new_tokens=4"])
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["ms_per_pass"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert "command:" in capsys.readouterr().out

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp.config import DrafterConfig, ModelConfig
+from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.model.drafter import Tables, make_drafter
 from mtp.model.transformer import Transformer, move_slots
 
@@ -188,9 +188,9 @@ class MTPSystem(nnx.Module):
         frozen main model's cached taps also carry its distribution (distillation teacher)."""
         last = self.main.cfg.n_layers - 1
         if last not in self.main.cfg.tap_layers:
-            raise ValueError(
-                f"the main model's logits need its last block among model.taps "
-                f"(-1 or {last}), got {self.main.cfg.taps}"
+            raise ConfigError(
+                f"model.taps: distillation from cached taps needs the main model's last "
+                f"block among them (-1 or {last}), got {self.main.cfg.taps}"
             )
         h_btd = taps_btld[:, :, self.main.cfg.tap_layers.index(last)]
         x_btd = self.main.final_norm(h_btd.astype(jnp.dtype(self.main.cfg.dtype)))
