@@ -32,6 +32,7 @@ from mtp.errors import ConvertError
 from mtp.model.convert import export_hf, read_weights
 from mtp.model.transformer import Transformer
 from mtp.programs import PROGRAMS, run_program
+from mtp.train import self_distill
 from mtp.train.pretrained import with_checkpoint_shapes
 from mtp.train.self_distill import dataset_name
 from mtp.train.steps import init_train_state, jit_steps
@@ -92,6 +93,29 @@ def test_taps_are_checked_against_the_checkpoints_depth(tmp_path):
         ConfigError, match=r"model.taps: layer 6 is outside the model; allowed 0..5"
     ):
         with_checkpoint_shapes(run, tokenizer_of(run))
+
+
+@pytest.mark.parametrize("distill_batch, calls", [(0, [4, 2]), (5, [5, 1])])
+def test_self_distillation_generates_in_calls_of_distill_batch_size(
+    tmp_path, monkeypatch, distill_batch, calls
+):
+    """Answers are generated `data.distill_batch_size` rows per call (0: `data.batch_size`)."""
+    seen = []
+
+    class Recording(Decoder):
+        def generate(self, prompts, **kw):
+            seen.append(len(prompts))
+            return super().generate(prompts, **kw)
+
+    monkeypatch.setattr(self_distill, "Decoder", Recording)
+    c = _config(_checkpoint(tmp_path / "hf"))
+    c.data.update(distill_batch_size=distill_batch)
+    run = resolve(c)
+    tok = tokenizer_of(run)
+    run = with_checkpoint_shapes(run, tok)
+    system, _ = nnx.merge(*init_train_state(run, tok))
+    self_distill.generate_rows(run, tok, system, "train")
+    assert seen == calls
 
 
 def test_frozen_recipe_trains_the_drafter_on_the_main_models_own_text(tmp_path):
