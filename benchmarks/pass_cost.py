@@ -120,16 +120,16 @@ def main(argv=None):
         return s.main_pass(jnp.zeros((b, k + 1), jnp.int32), pos_b, cache)[0]
 
     @jax.jit
-    def drafter(state, taps_bld):
+    def drafter(state, taps_bld, cache):
         s = nnx.merge(graph, state)
         pick = lambda logits_bu, j: choose(logits_bu, Sampling(), None)
-        return s.draft(taps_bld, jnp.zeros((b,), jnp.int32), pick)[0]
+        return s.draft(taps_bld, jnp.zeros((b,), jnp.int32), pick, cache, pos_b - 1)[0]
 
     r = args.repeats
     ms = {
         "main, 1 token (slow's pass)": _median_ms(lambda: main_one(state, cache), r),
         f"main, {k + 1} tokens (verification)": _median_ms(lambda: main_wide(state, cache), r),
-        f"drafter, {k} steps": _median_ms(lambda: drafter(state, taps_bld), r),
+        f"drafter, {k} steps": _median_ms(lambda: drafter(state, taps_bld, cache), r),
     }
     dec = Decoder(system, tok.specials)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]

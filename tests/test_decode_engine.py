@@ -25,7 +25,7 @@ from mtp.model.system import MTPSystem, shifted
 
 TOK = ByteTokenizer()
 MAIN = ModelConfig(vocab_size=262, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=80)
-KINDS = ["transformer", "medusa", "rnn"]
+KINDS = ["transformer", "medusa", "rnn", "context"]  # context: the transformer reading it
 S = TOK.specials
 NO_STOP = -1  # a stop_id no token matches: rows run to their limit
 
@@ -43,9 +43,11 @@ def _ids(texts):
 
 
 def _system(kind="transformer", k=4, seed=0, main=MAIN):
-    return MTPSystem(
-        main, DrafterConfig(kind=kind, k=k, n_heads=4), pad_id=S.pad, rngs=nnx.Rngs(seed)
-    )
+    if kind == "context":
+        drafter = DrafterConfig(kind="transformer", k=k, n_heads=4, context=True)
+    else:
+        drafter = DrafterConfig(kind=kind, k=k, n_heads=4)
+    return MTPSystem(main, drafter, pad_id=S.pad, rngs=nnx.Rngs(seed))
 
 
 def _with_k(system, kind, k):

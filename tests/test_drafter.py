@@ -158,3 +158,54 @@ def test_a_kind_without_its_incremental_step_cannot_register(monkeypatch):
     with pytest.raises(TypeError, match="lacks step"):
         drafters.register("rnn")(NoStep)
     assert "rnn" not in drafters.DRAFTERS
+
+
+def test_a_context_drafter_drafts_as_teacher_forcing_and_reads_the_past_only():
+    """With drafter.context, drafting from root t with the context cache written over a whole
+    row (slots past t, which drafting overwrites, included) gives the teacher-forced logits
+    at t; those change with the taps at s < t and not with the taps after t."""
+    k, b, t = 4, 3, 9
+    drafter = _system("transformer", context=True).drafter
+    taps_btld = jax.random.normal(jax.random.key(1), (b, t, len(MAIN.taps), MAIN.d_model))
+    slot_bt = jnp.broadcast_to(jnp.arange(t), (b, t))
+    root_b, rows = jnp.array([0, 4, 7]), jnp.arange(b)
+    y0_b = jnp.array([3, 1, 4], jnp.int32)
+    pick = lambda logits_bu, j: jnp.argmax(logits_bu, -1)
+
+    @jax.jit
+    def drafted(taps_btld):
+        context = drafter.write_context(drafter.init_context(b), taps_btld, slot_bt, slot_bt)
+        return drafter.draft(taps_btld[rows, root_b], y0_b, pick, None, None, context, root_b)
+
+    def teacher(taps_btld, tokens_bk):
+        inputs_bk = jnp.concatenate([y0_b[:, None], tokens_bk[:, :-1]], axis=1)
+        inputs_btk = jnp.zeros((b, t, k), jnp.int32).at[rows, root_b].set(inputs_bk)
+        return drafter.logits(drafter(taps_btld, inputs_btk)[rows, root_b])
+
+    tokens_bk, logits_bku, _ = drafted(taps_btld)
+    want_bku = teacher(taps_btld, tokens_bk)
+    np.testing.assert_allclose(logits_bku, want_bku, atol=1e-5)
+    np.testing.assert_array_equal(tokens_bk, want_bku.argmax(-1))
+    noise = jax.random.normal(jax.random.key(2), taps_btld.shape[2:])
+    future = teacher(taps_btld.at[:, t - 1].set(noise), tokens_bk)  # after every root
+    np.testing.assert_allclose(future, want_bku, atol=1e-5)
+    past = teacher(taps_btld.at[:, 2].set(noise), tokens_bk)  # before the roots 4 and 7
+    assert np.abs(past - want_bku)[1:].min(axis=-1).max() > 1e-3
+    np.testing.assert_allclose(past[0], want_bku[0], atol=1e-5)
+
+
+def test_a_draft_trees_accepted_path_moves_in_the_context_cache_too():
+    system = _system("transformer", context=True)
+    tokens_bt = jnp.asarray(np.random.default_rng(0).integers(0, MAIN.vocab_size, (2, 6)))
+    _, _, cache = system.main_pass(tokens_bt, jnp.zeros((2,), jnp.int32), system.init_cache(2))
+    src_bn, dst_bn = jnp.array([[3, 5], [2, 4]]), jnp.array([[1, 2], [1, 2]])
+    moved = system.move_slots(cache, src_bn, dst_bn)
+    for old, new in zip(cache.context, moved.context, strict=True):
+        for b in range(2):
+            np.testing.assert_array_equal(new["k"][b, :, dst_bn[b]], old["k"][b, :, src_bn[b]])
+            np.testing.assert_array_equal(new["v"][b, :, dst_bn[b]], old["v"][b, :, src_bn[b]])
+
+
+def test_only_the_transformer_drafter_reads_the_context():
+    with pytest.raises(UserError, match=r"drafter.context: only the transformer"):
+        DrafterConfig(kind="medusa", context=True)

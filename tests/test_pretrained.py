@@ -225,3 +225,26 @@ def test_a_source_that_is_not_there_is_one_line(tmp_path):
     with pytest.raises(ConvertError, match="no named source 'smollm9'; known: smollm2-135m"):
         local_source("named:smollm9")
     assert local_source(f"hf:{tmp_path}") == f"hf:{tmp_path}"
+
+
+@pytest.mark.parametrize("context", [False, True])
+def test_cached_taps_keep_the_prompt_for_a_drafter_that_reads_the_context(tmp_path, context):
+    """Rows with cached taps are cut to the answer's window, unless the drafter reads the
+    context: then they keep the prompt (its taps are what the drafter attends to)."""
+    c = _config(_checkpoint(tmp_path / "hf"))
+    c.drafter.update(context=context)
+    run = resolve(c)
+    tok = tokenizer_of(run)
+    run = with_checkpoint_shapes(run, tok)
+    system, _ = nnx.merge(*init_train_state(run, tok))
+    out = self_distill.distill_arrays(run, tok, system, tmp_path / "run")["train"]
+    rows, mask = read_rows(dataset_name(run), tmp_path / "run" / "distill", 256, "train")
+    prompt = int(np.argmax(mask[0] > 0))
+    if context:
+        np.testing.assert_array_equal(out["tokens"], rows)
+        assert out["taps"].shape[:2] == rows.shape
+    else:  # from the last prompt token on
+        np.testing.assert_array_equal(out["tokens"][0, :8], rows[0, prompt - 1 : prompt + 7])
+        assert out["taps"].shape[1] < rows.shape[1]
+    want = system.main_taps(jnp.asarray(rows[:1]))[0, prompt - 1]
+    np.testing.assert_allclose(out["taps"][0, 0 if not context else prompt - 1], want, atol=1e-4)

@@ -155,6 +155,9 @@ class DrafterConfig:
     # A keep head: after each draft, the logit of emitting it or ending the pass (learned
     # emission; trained by RL, read by the adaptive decoding mode's 'learned' confidence).
     emission: bool = False
+    # Transformer drafter: its blocks also attend over the main model's fused taps at every
+    # past position (EAGLE), not only the tap at t; decoding carries them in a context cache.
+    context: bool = False
 
     def __post_init__(self):
         check(self.kind in DRAFTER_KINDS, "drafter.kind", f"{self.kind!r} not in {DRAFTER_KINDS}")
@@ -167,6 +170,11 @@ class DrafterConfig:
             f"{self.head!r} not in {DRAFTER_HEADS}",
         )
         check(self.draft_vocab >= 0, "drafter.draft_vocab", f"must be >= 0, got {self.draft_vocab}")
+        check(
+            not self.context or self.kind == "transformer",
+            "drafter.context",
+            f"only the transformer drafter reads the context, got kind {self.kind!r}",
+        )
 
 
 def model_config(config) -> ModelConfig:

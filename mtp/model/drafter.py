@@ -36,6 +36,11 @@ Kinds, registered by name in `DRAFTERS` (the names `DrafterConfig` accepts are
   learned embedding of j. (RoPE alone cannot tell steps apart when tokens
   repeat: equal inputs give equal values, so "=1" and "=11" would draft alike.)
   Incremental: one new position per step, with a k-slot KV cache per block.
+  With `drafter.context` its blocks also attend over the fused taps of every
+  position up to t (EAGLE's drafter reads the whole past; this one otherwise
+  sees the tap at t alone): decoding keeps their keys and values in a context
+  cache that every main pass writes (`write_context`, slot = position) and the
+  steps continue after the root (`context_block` is the teacher-forced form).
 - `medusa`: k independent residual-MLP heads on the tap (Cai et al. 2024).
   Incremental: all k heads at `start` (they ignore the drafted tokens).
 - `rnn`: a GRU over draft steps started from the tap (ReDrafter-style,
@@ -54,7 +59,7 @@ from flax import nnx
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.config.model import DRAFTER_KINDS
-from mtp.model.transformer import Block
+from mtp.model.transformer import Block, Cache, write_slots
 
 Choose = Callable[[jax.Array, jax.Array], jax.Array]  # (logits_bu, j) -> index in 0..U-1
 KEEP_BIAS = 3.0  # the keep head's initial logit: p(keep) 0.95
@@ -88,9 +93,11 @@ class DrafterBase(nnx.Module):
 
     A kind (`register`ed) defines `__call__(taps_btld, inputs_btk, tables=None) -> x_btkd`
     (the teacher-forced forward: taps (B, T, L, D), inputs (B, T, k), hidden states (B, T, k,
-    d) that `logits` scores), `start(taps_bld, tables=None) -> state` (one position per row)
-    and `step(state, y_b, j, tables=None) -> (state, x_bd)` (reads y_j (B,); x_bd scores
-    y_{j+1}). `tables` (`Tables`) is given exactly when the head is shared.
+    d) that `logits` scores), `start(taps_bld, tables=None, context=(), root_b=None) -> state`
+    (one position per row, the root; the context cache and the root's position (B,) are read
+    by kinds that read the context: `init_context`, `write_context`) and
+    `step(state, y_b, j, tables=None) -> (state, x_bd)` (reads y_j (B,); x_bd scores y_{j+1}).
+    `tables` (`Tables`) is given exactly when the head is shared.
     """
 
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
@@ -121,6 +128,15 @@ class DrafterBase(nnx.Module):
                 bias_init=nnx.initializers.constant(KEEP_BIAS), param_dtype=pdt, rngs=rngs,
             )  # fmt: skip
 
+    def init_context(self, b: int) -> Cache:
+        """The empty context cache of b rows (kinds that read the tap at t alone: none)."""
+        return ()
+
+    def write_context(self, context: Cache, taps_bwld, slot_bw, rope_bw) -> Cache:
+        """The context cache with the taps (B, W, L, D) of a main pass written at slots slot_bw
+        (B, W), RoPE positions rope_bw (B, W) (kinds that read the tap at t alone: unchanged)."""
+        return context
+
     def own_embed(self, main: ModelConfig, rngs: nnx.Rngs) -> None:
         """The input embedding of the kinds that read the drafted tokens (own head only)."""
         if self.own:
@@ -145,9 +161,11 @@ class DrafterBase(nnx.Module):
         return self.keep(jnp.concatenate([self.out_norm(x_xd), u_x1], axis=-1))[..., 0]
 
     def draft(
-        self, taps_bld, y0_b, choose: Choose, tables: Tables | None = None, ids_u=None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Drafts k tokens after y0 (B,) for one position per row.
+        self, taps_bld, y0_b, choose: Choose, tables: Tables | None = None, ids_u=None,
+        context: Cache = (), root_b=None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+        """Drafts k tokens after y0 (B,) for one position per row, the root (at position
+        root_b (B,), its tap taps_bld; `context`: the context cache, for kinds that read it).
 
         `choose(logits_bu, j)` picks the index of y_{j+1} among the U draft tokens (greedy
         or sampled); `ids_u` (U,) maps it to its full-vocabulary id (None: U = V, the
@@ -169,7 +187,7 @@ class DrafterBase(nnx.Module):
             )  # fmt: skip
 
         init = (
-            self.start(taps_bld, tables),
+            self.start(taps_bld, tables, context, root_b),
             y0_b,
             jnp.zeros((b, self.k), jnp.int32),
             jnp.zeros((b, self.k, self.vocab_out), jnp.float32),
@@ -179,8 +197,9 @@ class DrafterBase(nnx.Module):
         return tokens_bk, logits_bku, x_bkd
 
     def draft_tree(
-        self, taps_bld, y0_b, beams: int, depth: int, tables: Tables | None = None, ids_u=None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        self, taps_bld, y0_b, beams: int, depth: int, tables: Tables | None = None, ids_u=None,
+        context: Cache = (), root_b=None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
         """Beam expansion of a draft tree after y0 (B,) (EAGLE-2): step 0 scores y0's
         children and keeps the `beams` likeliest; each later step scores every beam's
         children and keeps the `beams` likeliest paths (sum of the drafter's log-probs).
@@ -190,7 +209,8 @@ class DrafterBase(nnx.Module):
         gathered from its parent's."""
         b, m, u = y0_b.shape[0], beams, self.vocab_out
         full = (lambda i: i) if ids_u is None else (lambda i: ids_u[i])
-        state, x_bd = self.step(self.start(taps_bld, tables), y0_b, 0, tables)
+        state = self.start(taps_bld, tables, context, root_b)
+        state, x_bd = self.step(state, y0_b, 0, tables)
         lp_bm, idx_bm = jax.lax.top_k(jax.nn.log_softmax(self.logits(x_bd, tables)), m)
         tok_bm = full(idx_bm).astype(jnp.int32)
         state = jax.tree.map(lambda x: jnp.repeat(x, m, axis=0), state)  # row b * M + beam
@@ -233,6 +253,40 @@ def register(kind: str):
     return add
 
 
+def context_block(block: Block, x_btkd, m_btd):
+    """A drafter block over every position's draft chain at once (teacher forcing) that reads
+    the context: step j of the chain at t (RoPE position t + 1 + j) attends to the context
+    vectors m_s (B, T, d) at s <= t (position s) and to its own steps <= j, as decoding's
+    steps read the context cache up to the root and their own slots after it. (B, T, K, d)."""
+    b, t, k, d = x_btkd.shape
+    attn, n, h = block.attn, block.attn.cfg.n_heads, block.attn.cfg.head_dim
+    if block.attn.cfg.n_kv_heads != n:
+        raise ValueError("context_block: the drafter's blocks have as many key heads as queries")
+    pos_tk = jnp.arange(t)[:, None] + 1 + jnp.arange(k)
+    q_xnh, kc_xnh, vc_xnh = attn.project(
+        block.attn_norm(x_btkd).reshape(b, t * k, d),
+        jnp.broadcast_to(pos_tk.reshape(-1), (b, t * k)),
+    )
+    q_btjnh, kc_btinh, vc_btinh = (x.reshape(b, t, k, n, h) for x in (q_xnh, kc_xnh, vc_xnh))
+    _, km_bsnh, vm_bsnh = attn.project(
+        block.attn_norm(m_btd), jnp.broadcast_to(jnp.arange(t), (b, t))
+    )
+    f32, low = jnp.float32, jnp.finfo(jnp.float32).min
+    mem_bntjs = jnp.einsum("btjnh,bsnh->bntjs", q_btjnh, km_bsnh, preferred_element_type=f32)
+    own_bntji = jnp.einsum("btjnh,btinh->bntji", q_btjnh, kc_btinh, preferred_element_type=f32)
+    past_t1s = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[:, None, :]
+    causal_ji = jnp.arange(k)[None, :] <= jnp.arange(k)[:, None]
+    logits = jnp.concatenate(
+        [jnp.where(past_t1s, mem_bntjs, low), jnp.where(causal_ji, own_bntji, low)], axis=-1
+    )
+    p = jax.nn.softmax(logits * h**-0.5, axis=-1)
+    out_btjnh = jnp.einsum("bntjs,bsnh->btjnh", p[..., :t], vm_bsnh) + jnp.einsum(
+        "bntji,btinh->btjnh", p[..., t:], vc_btinh
+    )
+    x_btkd = x_btkd + attn.o(out_btjnh.reshape(b, t, k, n * h))
+    return x_btkd + block.mlp(block.mlp_norm(x_btkd))
+
+
 @register("transformer")
 class TransformerDrafter(DrafterBase):
     def __init__(self, cfg: DrafterConfig, main: ModelConfig, *, rngs: nnx.Rngs):
@@ -249,6 +303,8 @@ class TransformerDrafter(DrafterBase):
             rope_scaling=(), init_from="",
         )  # fmt: skip
         self.blocks = nnx.List([Block(block_cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.context = cfg.context
+        self.max_len = main.max_len
 
     def step_inputs(self, h_xd, tokens_x, steps_x, tables=None):
         """Block input of draft steps: fused tap h (..., d), token y_j (...), step j (...)."""
@@ -258,32 +314,59 @@ class TransformerDrafter(DrafterBase):
 
     def __call__(self, taps_btld, inputs_btk, tables=None):
         b, t, k = inputs_btk.shape
-        h_btkd = jnp.broadcast_to(self.fuse(taps_btld)[:, :, None], (b, t, k, self.d))
+        h_btd = self.fuse(taps_btld)
+        h_btkd = jnp.broadcast_to(h_btd[:, :, None], (b, t, k, self.d))
         steps_btk = jnp.broadcast_to(jnp.arange(k), (b, t, k))
         x_btkd = self.step_inputs(h_btkd, inputs_btk, steps_btk, tables)
+        if self.context:
+            for block in self.blocks:
+                x_btkd = context_block(block, x_btkd, h_btd)
+            return x_btkd
         x_nkd = x_btkd.reshape(b * t, k, self.d)  # each position's draft chain on its own
         step_nk = jnp.broadcast_to(jnp.arange(k), (b * t, k))
         for block in self.blocks:
             x_nkd, _ = block(x_nkd, step_nk)
         return x_nkd.reshape(b, t, k, self.d)
 
-    def start(self, taps_bld, tables=None):
-        """The fused tap (B, 1, d) and an empty k-slot KV cache per block."""
-        b = taps_bld.shape[0]
+    def _empty_cache(self, b: int, slots: int) -> Cache:
         acfg = self.blocks[0].attn.cfg
-        shape = (b, acfg.n_kv_heads, self.k, acfg.head_dim)  # as `Transformer.init_cache`
-        caches = tuple({"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in self.blocks)
-        return self.fuse(taps_bld[:, None]), caches
+        shape = (b, acfg.n_kv_heads, slots, acfg.head_dim)  # as `Transformer.init_cache`
+        return tuple({"k": jnp.zeros(shape), "v": jnp.zeros(shape)} for _ in self.blocks)
+
+    def init_context(self, b: int) -> Cache:
+        """Per block, the keys and values of the fused taps at every position (B, G, S, H),
+        S = max_len, when the drafter reads the context."""
+        return self._empty_cache(b, self.max_len) if self.context else ()
+
+    def write_context(self, context: Cache, taps_bwld, slot_bw, rope_bw) -> Cache:
+        if not self.context:
+            return context
+        m_bwd = self.fuse(taps_bwld)
+        return tuple(
+            write_slots(layer, *block.attn.project(block.attn_norm(m_bwd), rope_bw)[1:], slot_bw)
+            for block, layer in zip(self.blocks, context, strict=True)
+        )
+
+    def start(self, taps_bld, tables=None, context: Cache = (), root_b=None):
+        """The fused tap (B, 1, d), the blocks' caches and the root's slot (B,). Step j writes
+        and reads slot root + 1 + j: after the context cache's slots up to the root (context),
+        or in an empty k-slot cache, the root at -1."""
+        b = taps_bld.shape[0]
+        if not self.context:
+            context, root_b = self._empty_cache(b, self.k), jnp.full((b,), -1, jnp.int32)
+        elif root_b is None or not context:
+            raise ValueError("a drafter that reads the context drafts from its cache and root")
+        return self.fuse(taps_bld[:, None]), context, root_b
 
     def step(self, state, y_b, j, tables=None):
-        h_b1d, caches = state
-        slot_b1 = jnp.full((y_b.shape[0], 1), j, jnp.int32)
-        x_b1d = self.step_inputs(h_b1d, y_b[:, None], slot_b1, tables)
+        h_b1d, caches, root_b = state
+        slot_b1 = (root_b + 1 + j)[:, None]
+        x_b1d = self.step_inputs(h_b1d, y_b[:, None], jnp.full_like(slot_b1, j), tables)
         new = []
         for block, cache in zip(self.blocks, caches, strict=True):
             x_b1d, cache = block(x_b1d, slot_b1, cache)
             new.append(cache)
-        return (h_b1d, tuple(new)), x_b1d[:, 0]
+        return (h_b1d, tuple(new), root_b), x_b1d[:, 0]
 
 
 @register("medusa")
@@ -302,7 +385,7 @@ class MedusaDrafter(DrafterBase):
             jnp.einsum("btd,kde->btke", h_btd, self.w_kdd[...])
         )  # (B, T, k, d)
 
-    def start(self, taps_bld, tables=None):
+    def start(self, taps_bld, tables=None, context: Cache = (), root_b=None):
         """Every head's hidden state (B, k, d) at once."""
         b = taps_bld.shape[0]
         return self(taps_bld[:, None], jnp.zeros((b, 1, self.k), jnp.int32))[:, 0]
@@ -335,7 +418,7 @@ class RNNDrafter(DrafterBase):
             outs.append(y_nd)
         return jnp.stack(outs, 1).reshape(b, t, k, self.d)
 
-    def start(self, taps_bld, tables=None):
+    def start(self, taps_bld, tables=None, context: Cache = (), root_b=None):
         """The GRU state (B, d) from the fused tap."""
         return jnp.tanh(self.fuse(taps_bld[:, None]))[:, 0]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from flax import nnx
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.model.drafter import Tables, make_drafter
-from mtp.model.transformer import Transformer, move_slots
+from mtp.model.transformer import Cache, FedTree, Transformer, move_slots
 
 
 def shifted(tokens_bt: jax.Array, k: int, pad_id: int, start: int = 1) -> jax.Array:
@@ -49,6 +50,14 @@ def to_full_vocab(x_xu: jax.Array, ids_u: jax.Array | None, v: int, fill: float)
         return x_xu
     full_xv = jnp.full((*x_xu.shape[:-1], v), fill, x_xu.dtype)
     return full_xv.at[..., ids_u].set(x_xu)
+
+
+class DecodeCache(NamedTuple):
+    """What decoding caches: the main model's keys and values (`Transformer.init_cache`) and
+    the drafter's context cache (empty unless `drafter.context`), both by position."""
+
+    main: Cache
+    context: Cache
 
 
 class DraftIds(nnx.Variable):
@@ -208,38 +217,59 @@ class MTPSystem(nnx.Module):
     def taps_for_drafter(self, taps_btld):
         return jax.lax.stop_gradient(taps_btld) if self.detach else taps_btld
 
-    def init_cache(self, batch: int):
-        """Empty main-model KV cache for `batch` rows of up to `max_len` tokens."""
-        return self.main.init_cache(batch)
+    def init_cache(self, batch: int) -> DecodeCache:
+        """Empty decoding caches for `batch` rows of up to `max_len` tokens."""
+        return DecodeCache(self.main.init_cache(batch), self.drafter.init_context(batch))
 
-    def main_pass(self, tokens_bw, pos_b, cache, urgency_b=None, *, tree=None, logits_at_b=None):
+    def main_pass(
+        self, tokens_bw, pos_b, cache: DecodeCache, urgency_b=None, *,
+        tree: FedTree | None = None, logits_at_b=None,
+    ):  # fmt: skip
         """The main model over W tokens per row at positions pos_b[:, None] + 0..W-1, with the
-        KV cache (`tree`: a draft tree, `FedTree`). Returns logits (B, W, V) (or (B, 1, V) at
-        fed token `logits_at_b`), taps (B, W, L, D) as the drafter reads them (the detach rule
-        applied) and the cache."""
+        caches (`tree`: a draft tree, `FedTree`); the taps go to the drafter's context cache
+        too. Returns logits (B, W, V) (or (B, 1, V) at fed token `logits_at_b`), taps
+        (B, W, L, D) as the drafter reads them (the detach rule applied) and the caches."""
         pos_bw = pos_b[:, None] + jnp.arange(tokens_bw.shape[1])
-        logits_bwv, taps_bwld, cache = self.main(
-            tokens_bw, pos_bw, cache, urgency_b=urgency_b, tree=tree, logits_at_b=logits_at_b
-        )
-        return logits_bwv, self.taps_for_drafter(taps_bwld), cache
+        logits_bwv, taps_bwld, main_cache = self.main(
+            tokens_bw, pos_bw, cache.main, urgency_b=urgency_b, tree=tree,
+            logits_at_b=logits_at_b,
+        )  # fmt: skip
+        taps_bwld = self.taps_for_drafter(taps_bwld)
+        rope_bw = pos_bw if tree is None else pos_b[:, None] + tree.depth_bt
+        context = self.drafter.write_context(cache.context, taps_bwld, pos_bw, rope_bw)
+        return logits_bwv, taps_bwld, DecodeCache(main_cache, context)
 
-    def move_slots(self, cache, src_bn, dst_bn):
-        """The main cache with positions src_bn (B, N) moved to dst_bn (B, N) (a draft tree's
+    def move_slots(self, cache: DecodeCache, src_bn, dst_bn) -> DecodeCache:
+        """The caches with positions src_bn (B, N) moved to dst_bn (B, N) (a draft tree's
         accepted path to the positions after the root; a dst >= max_len: not moved)."""
         r = self.main.cfg.n_registers
-        return move_slots(cache, src_bn + r, dst_bn + r)
+        return DecodeCache(
+            move_slots(cache.main, src_bn + r, dst_bn + r),
+            move_slots(cache.context, src_bn, dst_bn),
+        )
 
-    def draft(self, taps_bld, y0_b, choose):
-        """Drafts k tokens after y0 (B,) from taps (B, L, D) given by `main_pass`:
-        full-vocabulary tokens (B, k), draft-vocabulary logits (B, k, U) (`full_vocab` lays
-        them over V) and the hidden states that scored them (B, k, d) (`keep_logits` reads
-        them); `choose(logits_bu, j)` picks each, as an index among the U."""
-        return self.drafter.draft(taps_bld, y0_b, choose, self.tables(), self.ids())
+    def draft(self, taps_bld, y0_b, choose, cache: DecodeCache | None = None, root_b=None):
+        """Drafts k tokens after y0 (B,) from the root's taps (B, L, D) given by `main_pass`
+        (the root at position root_b (B,), the caches `cache`: read by a drafter that reads
+        the context): full-vocabulary tokens (B, k), draft-vocabulary logits (B, k, U)
+        (`full_vocab` lays them over V) and the hidden states that scored them (B, k, d)
+        (`keep_logits` reads them); `choose(logits_bu, j)` picks each, as an index among the U."""
+        context = () if cache is None else cache.context
+        return self.drafter.draft(
+            taps_bld, y0_b, choose, self.tables(), self.ids(), context, root_b
+        )
 
-    def draft_tree(self, taps_bld, y0_b, beams: int, depth: int):
-        """A draft tree's candidates after y0 (B,) from taps (B, L, D): full-vocabulary tokens,
-        path log-probs and parent beams, each (B, depth, beams) (`DrafterBase.draft_tree`)."""
-        return self.drafter.draft_tree(taps_bld, y0_b, beams, depth, self.tables(), self.ids())
+    def draft_tree(
+        self, taps_bld, y0_b, beams: int, depth: int, cache: DecodeCache | None = None,
+        root_b=None,
+    ):  # fmt: skip
+        """A draft tree's candidates after y0 (B,) from the root's taps (B, L, D) (as `draft`):
+        full-vocabulary tokens, path log-probs and parent beams, each (B, depth, beams)
+        (`DrafterBase.draft_tree`)."""
+        context = () if cache is None else cache.context
+        return self.drafter.draft_tree(
+            taps_bld, y0_b, beams, depth, self.tables(), self.ids(), context, root_b
+        )
 
     @property
     def emission(self) -> bool:

@@ -84,6 +84,22 @@ def cached_attention(q_btnh, k_bgsh, v_bgsh, mask_bts) -> jax.Array:
     return out_bgmh.reshape(b, g, t, q, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
+def write_slots(layer: dict[str, jax.Array], k_btgh, v_btgh, slot_bt) -> dict[str, jax.Array]:
+    """One layer's cache `{'k', 'v'}` (B, G, S, H) with keys and values (B, T, G, H) written at
+    slots slot_bt (B, T) (past the cache: dropped).
+
+    The write sits behind an optimization barrier: reading the old cache beside the in-place
+    write, or fusing the write into the read, made XLA copy each layer's whole cache on every
+    pass."""
+    rows_b1 = jnp.arange(slot_bt.shape[0])[:, None]
+    write = lambda x_bgsh, x_btgh: x_bgsh.at[rows_b1, :, slot_bt].set(
+        x_btgh.astype(x_bgsh.dtype), mode="drop"
+    )
+    return jax.lax.optimization_barrier(
+        {"k": write(layer["k"], k_btgh), "v": write(layer["v"], v_btgh)}
+    )
+
+
 def move_slots(cache: Cache, src_bn, dst_bn) -> Cache:
     """The cache with the keys and values of slots src_bn (B, N) copied to slots dst_bn (B, N)
     of the same rows (all read before any is written; a dst past the cache: not moved)."""
@@ -129,7 +145,9 @@ class Attention(nnx.Module):
         self.kv = nnx.Linear(d, 2 * cfg.n_kv_heads * h, use_bias=cfg.qkv_bias, **kw)  # [k | v]
         self.o = nnx.Linear(cfg.n_heads * h, d, use_bias=False, **kw)
 
-    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None):
+    def project(self, x_btd, rope_bt):
+        """Queries (B, T, N, H), keys and values (B, T, G, H) of inputs x (B, T, D) at RoPE
+        positions rope_bt (B, T)."""
         cfg = self.cfg
         b, t, _ = x_btd.shape
         q_btnh = self.q(x_btd).reshape(b, t, cfg.n_heads, cfg.head_dim)
@@ -137,22 +155,16 @@ class Attention(nnx.Module):
             self.kv(x_btd).reshape(b, t, 2 * cfg.n_kv_heads, cfg.head_dim), 2, axis=2
         )
         freqs_f = rope_freqs(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+        return rope(q_btnh, rope_bt, freqs_f), rope(k_btgh, rope_bt, freqs_f), v_btgh
+
+    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None):
+        b, t, _ = x_btd.shape
         rope_bt = slot_bt if tree is None else slot_bt[:, :1] + tree.depth_bt
-        q_btnh = rope(q_btnh, rope_bt, freqs_f)
-        k_btgh = rope(k_btgh, rope_bt, freqs_f)
+        q_btnh, k_btgh, v_btgh = self.project(x_btd, rope_bt)
         if cache is None:  # training / full forward: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
         else:  # write the new keys at their slots, attend to every slot <= own slot (or the tree's)
-            # (written before they are read, behind a barrier: reading the old cache beside
-            # the in-place write, or fusing the write into the read, made XLA copy each
-            # layer's whole cache on every pass)
-            rows_b1 = jnp.arange(b)[:, None]
-            write = lambda x_bgsh, x_btgh: x_bgsh.at[rows_b1, :, slot_bt].set(
-                x_btgh.astype(x_bgsh.dtype)
-            )
-            cache = jax.lax.optimization_barrier(
-                {"k": write(cache["k"], k_btgh), "v": write(cache["v"], v_btgh)}
-            )
+            cache = write_slots(cache, k_btgh, v_btgh, slot_bt)
             mask_bts = attention_mask(slot_bt, cache["k"].shape[2], tree)
             out_btnh = cached_attention(q_btnh, cache["k"], cache["v"], mask_bts)
         return self.o(out_btnh.reshape(b, t, -1)), cache

@@ -100,7 +100,10 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
         for split in SPLITS:
             n = out[split]["tokens"].shape[0]
             split_taps, start = taps[start : start + n], start + n
-            out[split] = generated_windows(**out[split], taps=split_taps, pad=tok.specials.pad)
+            if run.drafter.context:  # the drafter reads the prompt's taps: whole rows
+                out[split]["taps"] = split_taps
+            else:
+                out[split] = generated_windows(**out[split], taps=split_taps, pad=tok.specials.pad)
     return out
 
 

@@ -116,7 +116,7 @@ class Adaptive(Mode):
         c, kk = self.decision_key(c)
         c, y0_b = main_token(ctx, c, ky)
         b = y0_b.shape[0]
-        drafts_bk, logits_bku, x_bkd = draft_states(ctx, c.taps_bwld[:, 0], y0_b, kd)
+        drafts_bk, logits_bku, x_bkd = draft_states(ctx, c, c.taps_bwld[:, 0], y0_b, kd)
         n_b = self.kept(ctx, drafts_bk, logits_bku, x_bkd, kk)
         tok_bw = jnp.concatenate([y0_b[:, None], drafts_bk], axis=1)  # (B, K + 1)
         j_w = jnp.arange(k + 1)

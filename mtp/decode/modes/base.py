@@ -127,22 +127,23 @@ def split_keys(ctx: Ctx, c: Carry, n: int):
     return c._replace(key=key), subkeys
 
 
-def draft_states(ctx: Ctx, taps_bld, y0_b, key):
+def draft_states(ctx: Ctx, c: Carry, taps_bld, y0_b, key):
     """Drafts (B, K) after y0, chosen by the call's sampling, with the drafter's logits
-    (B, K, U) and the hidden states that scored them (B, K, d)."""
+    (B, K, U) and the hidden states that scored them (B, K, d). The root, whose taps are
+    taps_bld, is the position before `c.pos_b` (where the next pass feeds y0)."""
     s = ctx.sampling
     if s.greedy:
         pick = lambda logits_bu, j: choose(logits_bu, s, key)
     else:
         keys = jax.random.split(key, ctx.k)
         pick = lambda logits_bu, j: choose(logits_bu, s, keys[j])
-    return ctx.system.draft(taps_bld, y0_b, pick)
+    return ctx.system.draft(taps_bld, y0_b, pick, c.cache, c.pos_b - 1)
 
 
-def draft(ctx: Ctx, taps_bld, y0_b, key):
+def draft(ctx: Ctx, c: Carry, taps_bld, y0_b, key):
     """Drafts (B, K) after y0 and, when sampling, the processed log-probs (B, K, V) they were
     drawn from: over the drafter's U tokens, -inf elsewhere (a trimmed draft vocabulary)."""
-    drafts_bk, logits_bku, _ = draft_states(ctx, taps_bld, y0_b, key)
+    drafts_bk, logits_bku, _ = draft_states(ctx, c, taps_bld, y0_b, key)
     s = ctx.sampling
     return drafts_bk, (None if s.greedy else ctx.system.full_vocab(log_probs(logits_bku, s)))
 

@@ -39,7 +39,7 @@ class Fast(Mode):
     def advance(self, ctx: Ctx, c: Carry) -> Carry:
         c, (ky, kd) = split_keys(ctx, c, 2)
         c, y0_b = main_token(ctx, c, ky)
-        drafts_bk, _ = draft(ctx, c.taps_bwld[:, 0], y0_b, kd)
+        drafts_bk, _ = draft(ctx, c, c.taps_bwld[:, 0], y0_b, kd)
         kept = min(self.drafts, ctx.k) if self.drafts else ctx.k
         cnt_b = jnp.full(y0_b.shape, kept + 1, jnp.int32)
         return pass_tokens(ctx, c, y0_b, drafts_bk, cnt_b)

@@ -133,7 +133,9 @@ class Speculative(Mode):
         pass_bw = jnp.where(acc_bw, c.step - 1, c.step)  # a draft belongs to the pass before
         c = emit(ctx, c, tok_bw, n_b + 1, pass_bw, jnp.where(acc_bw, j_w + 1, 0))
         # the tree holds the drafter's likeliest paths whatever the sampling: no draws
-        cand = ctx.system.draft_tree(at(c.taps_bwld, node_b), y0_b, self.tree_beams, d)
+        cand = ctx.system.draft_tree(
+            at(c.taps_bwld, node_b), y0_b, self.tree_beams, d, c.cache, c.pos_b - 1
+        )
         tok_bn, parent_bn, depth_bn = tree.select_nodes(*cand, n)
         parent_bw = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), parent_bn], axis=1)
         return c._replace(
@@ -167,7 +169,7 @@ class Speculative(Mode):
             pos_b=c.pos_b + jnp.where(running_b, n_b + 1, 0),
             hist_bk=c.hist_bk + jax.nn.one_hot(n_b, k + 1, dtype=jnp.int32) * verified_b[:, None],
         )
-        new_bk, new_logq_bkv = draft(ctx, at(c.taps_bwld, n_b), y0_b, kd)
+        new_bk, new_logq_bkv = draft(ctx, c, at(c.taps_bwld, n_b), y0_b, kd)
         j_w = jnp.arange(k + 1)
         old_bw = jnp.concatenate([drafts_bk, jnp.zeros((b, 1), jnp.int32)], axis=1)
         acc_bw = j_w < n_b[:, None]

@@ -60,7 +60,7 @@ class Think(Mode):
         c, kk = (c, None) if self.adaptive is None else self.adaptive.decision_key(c)
 
         def drafted():
-            drafts_bk, logits_bku, x_bkd = draft_states(ctx, c.taps_bwld[:, 0], y0_b, kd)
+            drafts_bk, logits_bku, x_bkd = draft_states(ctx, c, c.taps_bwld[:, 0], y0_b, kd)
             if self.adaptive is None:
                 return drafts_bk, jnp.full((b,), ctx.k, jnp.int32)
             return drafts_bk, self.adaptive.kept(ctx, drafts_bk, logits_bku, x_bkd, kk)
