@@ -194,6 +194,22 @@ def test_a_context_drafter_drafts_as_teacher_forcing_and_reads_the_past_only():
     np.testing.assert_allclose(past[0], want_bku[0], atol=1e-5)
 
 
+def test_a_rows_past_read_from_its_own_taps_equals_the_longer_row():
+    """Teacher forcing on a row's last T - c positions with the first c positions' taps given
+    as its past (right-aligned behind invalid slots) equals teacher forcing on the whole row."""
+    b, t, c, pad = 2, 9, 5, 3
+    drafter = _system("transformer", context=True).drafter
+    taps_btld = jax.random.normal(jax.random.key(1), (b, t, len(MAIN.taps), MAIN.d_model))
+    inputs_btk = jax.random.randint(jax.random.key(2), (b, t, 4), 0, MAIN.vocab_size)
+    junk = jax.random.normal(jax.random.key(3), (b, pad, *taps_btld.shape[2:]))
+    past = drafters.Past(
+        jnp.concatenate([junk, taps_btld[:, :c]], axis=1),
+        jnp.arange(pad + c)[None, :].repeat(b, 0) >= pad,
+    )
+    window = drafter(taps_btld[:, c:], inputs_btk[:, c:], past=past)
+    np.testing.assert_allclose(window, drafter(taps_btld, inputs_btk)[:, c:], atol=1e-5)
+
+
 def test_a_draft_trees_accepted_path_moves_in_the_context_cache_too():
     system = _system("transformer", context=True)
     tokens_bt = jnp.asarray(np.random.default_rng(0).integers(0, MAIN.vocab_size, (2, 6)))

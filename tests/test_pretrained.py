@@ -228,9 +228,9 @@ def test_a_source_that_is_not_there_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("context", [False, True])
-def test_cached_taps_keep_the_prompt_for_a_drafter_that_reads_the_context(tmp_path, context):
-    """Rows with cached taps are cut to the answer's window, unless the drafter reads the
-    context: then they keep the prompt (its taps are what the drafter attends to)."""
+def test_cached_taps_bring_the_prompts_taps_for_a_drafter_that_reads_the_context(tmp_path, context):
+    """Rows with cached taps are cut to the answer's window; for a drafter that reads the
+    context the taps before each window (the prompt's) come too, right-aligned."""
     c = _config(_checkpoint(tmp_path / "hf"))
     c.drafter.update(context=context)
     run = resolve(c)
@@ -239,12 +239,15 @@ def test_cached_taps_keep_the_prompt_for_a_drafter_that_reads_the_context(tmp_pa
     system, _ = nnx.merge(*init_train_state(run, tok))
     out = self_distill.distill_arrays(run, tok, system, tmp_path / "run")["train"]
     rows, mask = read_rows(dataset_name(run), tmp_path / "run" / "distill", 256, "train")
-    prompt = int(np.argmax(mask[0] > 0))
+    first = np.argmax(mask > 0, axis=1) - 1  # each row's last prompt token: its window's start
+    taps = np.asarray(system.main_taps(jnp.asarray(rows)))
+    for i, a in enumerate(first):
+        np.testing.assert_array_equal(out["tokens"][i, :8], rows[i, a : a + 8])
+        np.testing.assert_allclose(out["taps"][i, :8], taps[i, a : a + 8], atol=1e-4)
+    assert ("past_taps" in out) == context
     if context:
-        np.testing.assert_array_equal(out["tokens"], rows)
-        assert out["taps"].shape[:2] == rows.shape
-    else:  # from the last prompt token on
-        np.testing.assert_array_equal(out["tokens"][0, :8], rows[0, prompt - 1 : prompt + 7])
-        assert out["taps"].shape[1] < rows.shape[1]
-    want = system.main_taps(jnp.asarray(rows[:1]))[0, prompt - 1]
-    np.testing.assert_allclose(out["taps"][0, 0 if not context else prompt - 1], want, atol=1e-4)
+        p = out["past_taps"].shape[1]
+        assert p == first.max()
+        for i, a in enumerate(first):
+            np.testing.assert_allclose(out["past_taps"][i, p - a :], taps[i, :a], atol=1e-4)
+            assert out["past_mask"][i].tolist() == [0.0] * (p - a) + [1.0] * a

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
-from mtp.model.drafter import Tables, make_drafter
+from mtp.model.drafter import Past, Tables, make_drafter
 from mtp.model.transformer import Cache, FedTree, Transformer, move_slots
 
 
@@ -293,13 +293,15 @@ class MTPSystem(nnx.Module):
         (under jit the unused LM head is dead code and not computed)."""
         return self.taps_for_drafter(self.main(tokens_bt)[1])
 
-    def drafts_from_taps(self, tokens_bt, taps_btld) -> Drafts:
+    def drafts_from_taps(self, tokens_bt, taps_btld, past: Past | None = None) -> Drafts:
         """The teacher-forced drafts of `forward` from given taps (B, T, L, D): e.g. taps of
-        a frozen main model computed once (`mtp.train.self_distill`)."""
+        a frozen main model computed once (`mtp.train.self_distill`); `past`: the taps of the
+        positions before the rows, for a drafter that reads the context."""
         inputs_btk = shifted(tokens_bt, self.k, self.pad_id)  # y_0..y_{k-1} at each t
         tables = self.tables()
         shared = () if tables is None else (tables,)  # an own head takes no tables
-        hidden_btkd = self.drafter(taps_btld, inputs_btk, *shared)
+        past_kw = {} if past is None else {"past": past}
+        hidden_btkd = self.drafter(taps_btld, inputs_btk, *shared, **past_kw)
         logits = lambda x_xd: self.drafter.logits(x_xd, tables)
         return Drafts(hidden_btkd, logits, self.ids(), self.vocab_size)
 

@@ -100,31 +100,38 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
         for split in SPLITS:
             n = out[split]["tokens"].shape[0]
             split_taps, start = taps[start : start + n], start + n
-            if run.drafter.context:  # the drafter reads the prompt's taps: whole rows
-                out[split]["taps"] = split_taps
-            else:
-                out[split] = generated_windows(**out[split], taps=split_taps, pad=tok.specials.pad)
+            out[split] = generated_windows(
+                **out[split], taps=split_taps, pad=tok.specials.pad, past=run.drafter.context
+            )
     return out
 
 
-def generated_windows(tokens, loss_mask, taps, pad: int) -> Arrays:
+def generated_windows(tokens, loss_mask, taps, pad: int, past: bool = False) -> Arrays:
     """Rows (N, T), mask (N, T) and taps (N, T, L, D) cut to each row's window from its last
     prompt token (the first position with a target after it) to its end: (N, W) and
-    (N, W, L, D), W the longest window."""
+    (N, W, L, D), W the longest window. With `past` (a drafter that reads the context) also
+    the taps before each window, right-aligned: 'past_taps' (N, P, L, D) and 'past_mask'
+    (N, P), P the longest prompt less its last token (`mtp.model.drafter.Past`)."""
     rows, mask = tokens, loss_mask
     has = (mask > 0).any(1)  # a row the model ended at once has no window
     first = np.where(has, np.argmax(mask > 0, axis=1) - 1, 0)  # the last prompt token
     ends = np.where(has, mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
-    w = int((ends - first).max())
+    w, p = int((ends - first).max()), int(first.max())
     out = {
         "tokens": np.full((rows.shape[0], w), pad, np.int32),
         "loss_mask": np.zeros((rows.shape[0], w), np.float32),
         "taps": np.zeros((rows.shape[0], w, *taps.shape[2:]), taps.dtype),
     }
+    if past:
+        out["past_taps"] = np.zeros((rows.shape[0], p, *taps.shape[2:]), taps.dtype)
+        out["past_mask"] = np.zeros((rows.shape[0], p), np.float32)
     for i, (a, e) in enumerate(zip(first, ends, strict=True)):
         out["tokens"][i, : e - a] = rows[i, a:e]
         out["loss_mask"][i, : e - a] = mask[i, a:e]
         out["taps"][i, : e - a] = taps[i, a:e]
+        if past:
+            out["past_taps"][i, p - a :] = taps[i, :a]
+            out["past_mask"][i, p - a :] = 1.0
     return out
 
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from mtp.config import Run
 from mtp.data.tokenizer import Tokenizer
+from mtp.model.drafter import Past
 from mtp.model.system import MTPSystem
 from mtp.train.losses import accuracy_metrics, offset_weights, supervised_terms
 from mtp.train.pretrained import load_pretrained
@@ -102,7 +103,8 @@ def loss_fn(system: MTPSystem, batch, train_config):
     tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
     teacher_btu = None
     if "taps" in batch:  # a frozen main model's taps, computed once: the drafter alone
-        logits_btv, drafts = None, system.drafts_from_taps(tokens_bt, batch["taps"])
+        past = Past(batch["past_taps"], batch["past_mask"] > 0) if "past_taps" in batch else None
+        logits_btv, drafts = None, system.drafts_from_taps(tokens_bt, batch["taps"], past)
         if train_config.distill_weight:
             teacher_btu = system.main_logits_from_taps(batch["taps"])
     else:
