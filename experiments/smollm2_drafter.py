@@ -36,7 +36,7 @@ tap at t alone).
 
 from mtp.config import default_config
 
-VARIANTS = ("smoke", "joint", "gpu")
+VARIANTS = ("smoke", "joint", "gpu", "context")
 
 
 def get_config(arg=None):
@@ -59,6 +59,8 @@ def get_config(arg=None):
         distill_weight=1.0,
         eval_every=200, checkpoint_every=100, eval_batches=3, log_every=10,
     )  # fmt: skip
+    if arg == "context":  # the drafter also attends over every past position's taps
+        c.drafter.update(context=True)
     if arg == "joint":
         c.drafter.update(detach=False, head="shared")
         c.data.update(cache_taps=False)

@@ -247,6 +247,28 @@ def test_cached_taps_carry_the_main_models_distillation_teacher(draft_vocab, hea
         no_last.main_logits_from_taps(no_last.main_taps(tokens))
 
 
+def test_a_window_with_its_past_taps_trains_as_the_whole_row():
+    """For a drafter that reads the context, the loss on a window of cached taps with the
+    taps before it as its past (what self-distillation stores) equals the loss on the whole
+    row whose chains before the window have no target (every target up to position c + k
+    masked); without the past it differs."""
+    main = dataclasses.replace(CHUNK_MAIN, n_layers=2, taps=(-1, 0))
+    cfg = DrafterConfig(k=3, n_heads=2, detach=True, context=True)
+    system = MTPSystem(main, cfg, pad_id=0, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, 48)
+    taps, c = system.main_taps(tokens), 5
+    mask = jnp.ones((2, 14), jnp.float32).at[:, : c + 4].set(0.0)
+    whole = {"tokens": tokens, "loss_mask": mask, "taps": taps}
+    window = {"tokens": tokens[:, c:], "loss_mask": mask[:, c:], "taps": taps[:, c:]}
+    past = {"past_taps": taps[:, :c], "past_mask": jnp.ones((2, c), jnp.float32)}
+    train = TrainConfig()
+    want, _ = loss_fn(system, whole, train)
+    got, _ = loss_fn(system, window | past, train)
+    alone, _ = loss_fn(system, window, train)
+    assert float(got) == pytest.approx(float(want), abs=1e-5)
+    assert abs(float(alone) - float(want)) > 1e-3
+
+
 @pytest.mark.parametrize("draft_vocab", [0, 20])
 def test_chunked_rl_token_dists_and_grads_equal_the_unchunked_ones(draft_vocab):
     system = _chunk_system(draft_vocab, kind="rnn")
