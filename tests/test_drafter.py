@@ -17,6 +17,7 @@ from mtp.data.token_counts import most_frequent
 from mtp.decode.sampling import Sampling, choose
 from mtp.model import drafter as drafters
 from mtp.model.system import DraftIds, MTPSystem
+from mtp.model.taps import Past
 from mtp.train.losses import offset_weights, supervised_loss
 
 MAIN = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, taps=(0, 1))
@@ -202,7 +203,7 @@ def test_a_rows_past_read_from_its_own_taps_equals_the_longer_row():
     taps_btld = jax.random.normal(jax.random.key(1), (b, t, len(MAIN.taps), MAIN.d_model))
     inputs_btk = jax.random.randint(jax.random.key(2), (b, t, 4), 0, MAIN.vocab_size)
     junk = jax.random.normal(jax.random.key(3), (b, pad, *taps_btld.shape[2:]))
-    past = drafters.Past(
+    past = Past(
         jnp.concatenate([junk, taps_btld[:, :c]], axis=1),
         jnp.arange(pad + c)[None, :].repeat(b, 0) >= pad,
     )

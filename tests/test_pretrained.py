@@ -66,6 +66,15 @@ def _config(hf_dir, **train):
     return c
 
 
+def _shaped_system(c):
+    """The resolved run (shapes from its checkpoint), its tokenizer and a fresh system."""
+    run = resolve(c)
+    tok = tokenizer_of(run)
+    run = with_checkpoint_shapes(run, tok)
+    system, _ = nnx.merge(*init_train_state(run, tok))
+    return run, tok, system
+
+
 def test_checkpoint_fixes_the_shapes_and_a_tokenizer_larger_than_the_embedding_fails(tmp_path):
     hf = _checkpoint(tmp_path / "hf")
     run = resolve(_config(hf))
@@ -110,10 +119,7 @@ def test_self_distillation_generates_in_calls_of_distill_batch_size(
     monkeypatch.setattr(self_distill, "Decoder", Recording)
     c = _config(_checkpoint(tmp_path / "hf"))
     c.data.update(distill_batch_size=distill_batch)
-    run = resolve(c)
-    tok = tokenizer_of(run)
-    run = with_checkpoint_shapes(run, tok)
-    system, _ = nnx.merge(*init_train_state(run, tok))
+    run, tok, system = _shaped_system(c)
     self_distill.generate_rows(run, tok, system, "train")
     assert seen == calls
 
@@ -233,10 +239,7 @@ def test_cached_taps_bring_the_prompts_taps_for_a_drafter_that_reads_the_context
     context the taps before each window (the prompt's) come too, right-aligned."""
     c = _config(_checkpoint(tmp_path / "hf"))
     c.drafter.update(context=context)
-    run = resolve(c)
-    tok = tokenizer_of(run)
-    run = with_checkpoint_shapes(run, tok)
-    system, _ = nnx.merge(*init_train_state(run, tok))
+    run, tok, system = _shaped_system(c)
     out = self_distill.distill_arrays(run, tok, system, tmp_path / "run")["train"]
     rows, mask = read_rows(dataset_name(run), tmp_path / "run" / "distill", 256, "train")
     first = np.argmax(mask > 0, axis=1) - 1  # each row's last prompt token: its window's start

@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
-from mtp.model.drafter import Past, Tables, make_drafter
+from mtp.model.drafter import Tables, make_drafter
+from mtp.model.taps import Past
 from mtp.model.transformer import Cache, FedTree, Transformer, move_slots
 
 

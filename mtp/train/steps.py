@@ -17,8 +17,8 @@ from flax import nnx
 
 from mtp.config import Run
 from mtp.data.tokenizer import Tokenizer
-from mtp.model.drafter import Past
 from mtp.model.system import MTPSystem
+from mtp.model.taps import Past
 from mtp.train.losses import accuracy_metrics, offset_weights, supervised_terms
 from mtp.train.pretrained import load_pretrained
 
