@@ -97,7 +97,7 @@ def manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
         max_to_keep=keep, enable_async_checkpointing=True, create=True
     )
     return ocp.CheckpointManager(
-        Path(workdir).absolute() / "checkpoints",
+        Path(workdir).resolve() / "checkpoints",  # resolved: tensorstore refuses ".."
         options=options,
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),

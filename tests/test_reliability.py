@@ -139,6 +139,14 @@ def test_decode_names_the_damaged_file_and_the_step_to_fall_back_to(tmp_path, tr
     assert _finite(ckpt.load_system(workdir, step=3)[0])  # the older step is untouched
 
 
+def test_a_run_directory_named_through_dot_dot_loads(tmp_path, trained):
+    """A relative path with '..' (a benchmark run from benchmarks/) names the run as well."""
+    shutil.copytree(trained[0], tmp_path / "run")
+    (tmp_path / "elsewhere").mkdir()
+    system, _ = ckpt.load_system(tmp_path / "elsewhere" / ".." / "run")
+    assert _finite(system)
+
+
 def test_training_resumes_from_the_newest_intact_step(tmp_path, trained, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)
