@@ -238,6 +238,24 @@ def test_fast_emits_k_plus_1_tokens_per_pass_and_feeds_them_all(k):
             assert int(jnp.argmax(logits[0, t])) == res.row(b)[i]
 
 
+def test_fast_mode_drafts_from_the_context_its_passes_wrote():
+    """With a drafter that reads the context, each fast pass's drafts are the teacher-forced
+    drafter's greedy choices at its root over the whole emitted sequence: the context cache
+    the prefill and every fed pass wrote is the past the teacher-forced forward reads."""
+    k = 3
+    system = _system("context", k, seed=1)
+    n_new = 4 * (k + 1)
+    prompts = _ids(PROMPTS[:2])
+    res = Decoder(system, S).generate(prompts, mode="fast", max_new_tokens=n_new, stop_id=NO_STOP)
+    for b, prompt in enumerate(prompts):
+        seq = jnp.asarray(np.concatenate([prompt, res.row(b)]))[None]
+        _, draft_1tkv = system(seq)
+        for i in range(0, n_new, k + 1):
+            t = len(prompt) + i - 1  # the root: output i is its main token, i + 1.. its drafts
+            want = np.asarray(draft_1tkv[0, t].argmax(-1))
+            np.testing.assert_array_equal(res.row(b)[i + 1 : i + 1 + k], want)
+
+
 def test_think_is_fast_inside_the_span_and_slow_after_it():
     system = _trained("transformer")
     dec = Decoder(system, S)
