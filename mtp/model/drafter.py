@@ -273,7 +273,8 @@ class TransformerDrafter(DrafterBase):
         steps_btk = jnp.broadcast_to(jnp.arange(k), (b, t, k))
         x_btkd = self.step_inputs(h_btkd, inputs_btk, steps_btk, tables)
         if self.context:
-            past_m_bpd, valid_bp = (None, None) if past is None else (self.fuse(past[0]), past[1])
+            past_m_bpd = None if past is None else self.fuse(past.taps_bpld)
+            valid_bp = None if past is None else past.valid_bp
             for block in self.blocks:
                 x_btkd = context_block(block, x_btkd, h_btd, past_m_bpd, valid_bp)
             return x_btkd

@@ -33,7 +33,7 @@ from flax import nnx
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.model.drafter import Tables, make_drafter
 from mtp.model.taps import Past
-from mtp.model.transformer import Cache, FedTree, Transformer, move_slots
+from mtp.model.transformer import Cache, FedTree, Transformer, move_slots, rope_positions
 
 
 def shifted(tokens_bt: jax.Array, k: int, pad_id: int, start: int = 1) -> jax.Array:
@@ -236,7 +236,7 @@ class MTPSystem(nnx.Module):
             logits_at_b=logits_at_b,
         )  # fmt: skip
         taps_bwld = self.taps_for_drafter(taps_bwld)
-        rope_bw = pos_bw if tree is None else pos_b[:, None] + tree.depth_bt
+        rope_bw = rope_positions(pos_bw, tree)
         context = self.drafter.write_context(cache.context, taps_bwld, pos_bw, rope_bw)
         return logits_bwv, taps_bwld, DecodeCache(main_cache, context)
 

@@ -46,6 +46,12 @@ class FedTree(NamedTuple):
     anc_btt: jax.Array
 
 
+def rope_positions(slot_bt, tree: FedTree | None = None):
+    """(B, T) RoPE positions of fed tokens at consecutive slots slot_bt (B, T): the slots
+    themselves, or in a draft tree the root's plus each token's depth."""
+    return slot_bt if tree is None else slot_bt[:, :1] + tree.depth_bt
+
+
 def attention_mask(slot_bt, s: int, tree: FedTree | None = None):
     """(B, T, S) bool: which of S cache slots each fed token (at `slot_bt`) reads."""
     slot_s = jnp.arange(s)
@@ -159,8 +165,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None):
         b, t, _ = x_btd.shape
-        rope_bt = slot_bt if tree is None else slot_bt[:, :1] + tree.depth_bt
-        q_btnh, k_btgh, v_btgh = self.project(x_btd, rope_bt)
+        q_btnh, k_btgh, v_btgh = self.project(x_btd, rope_positions(slot_bt, tree))
         if cache is None:  # training / full forward: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
         else:  # write the new keys at their slots, attend to every slot <= own slot (or the tree's)

@@ -127,17 +127,23 @@ def split_keys(ctx: Ctx, c: Carry, n: int):
     return c._replace(key=key), subkeys
 
 
+def root(c: Carry):
+    """(B,) the position drafts start after: the one before `c.pos_b`, where the next pass
+    feeds y0 (a mode drafts once it has advanced `pos_b`)."""
+    return c.pos_b - 1
+
+
 def draft_states(ctx: Ctx, c: Carry, taps_bld, y0_b, key):
     """Drafts (B, K) after y0, chosen by the call's sampling, with the drafter's logits
-    (B, K, U) and the hidden states that scored them (B, K, d). The root, whose taps are
-    taps_bld, is the position before `c.pos_b` (where the next pass feeds y0)."""
+    (B, K, U) and the hidden states that scored them (B, K, d), from the taps taps_bld
+    (B, L, D) at the `root`."""
     s = ctx.sampling
     if s.greedy:
         pick = lambda logits_bu, j: choose(logits_bu, s, key)
     else:
         keys = jax.random.split(key, ctx.k)
         pick = lambda logits_bu, j: choose(logits_bu, s, keys[j])
-    return ctx.system.draft(taps_bld, y0_b, pick, c.cache, c.pos_b - 1)
+    return ctx.system.draft(taps_bld, y0_b, pick, c.cache, root(c))
 
 
 def draft(ctx: Ctx, c: Carry, taps_bld, y0_b, key):
