@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 import sys
 
 import jax
@@ -15,7 +16,7 @@ from scipy import stats
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
-from mtp.decode.engine import TRACES, Decoder, make_mode
+from mtp.decode.engine import TRACES, Decoder, Plan, make_mode, prompt_width
 from mtp.decode.modes import Pause, Speculative
 from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.speculative import verify_sampled
@@ -403,6 +404,37 @@ def test_compiles_once_per_batch_mode_k_not_as_output_grows(mode):
     assert not dec.generate(prompts, mode=mode, max_new_tokens=7, stop_id=NO_STOP).compiled
     if mode == "slow":  # another batch size is another compile
         assert dec.generate(prompts[:1], mode=mode, max_new_tokens=7, stop_id=NO_STOP).compiled
+
+
+def _loop_body_hlo(dec, prompt, mode) -> str:
+    """The optimized HLO of the engine's compiled `while` body for one prompt and mode."""
+    plen_b = jnp.array([len(prompt)], jnp.int32)
+    prompt_bt = np.zeros((1, prompt_width(len(prompt), dec.max_len)), np.int32)
+    prompt_bt[0, : len(prompt)] = prompt
+    after_prefill = jax.eval_shape(dec._prefill, dec.state, prompt_bt, plen_b, None)
+    plan = Plan(make_mode(mode), dec.k, Sampling(), S, S.eos)
+    ones_b = jnp.ones((1,), jnp.int32)
+    hlo = dec._loop.lower(
+        dec.state, *after_prefill, plen_b, jnp.zeros((1,), bool), 8 * ones_b, 99 * ones_b, None,
+        jax.random.key(0), plan=plan,
+    ).compile().as_text()  # fmt: skip
+    body = re.search(r"while\(.*body=%([\w.\-]+)", hlo).group(1)
+    return re.search(rf"^%{re.escape(body)} .*?^}}", hlo, re.M | re.S).group(0)
+
+
+@pytest.mark.parametrize("mode", ["slow", "speculative", Speculative(tree_nodes=4, tree_beams=2)])
+def test_the_decoding_loop_updates_the_kv_cache_in_place(mode):
+    """No pass copies a layer's KV cache: each is read before the pass writes its fed tokens,
+    and XLA may update it in place inside the `while` (a copy per layer per pass cost a
+    third of a batch-1 SmolLM2 pass)."""
+    system = _system("context", 2)
+    dec = Decoder(system, S)
+    b, g, s, h = system.init_cache(1).main[0]["k"].shape
+    cache_shape = f"f32[{b},{g},{s},{h}]"
+    body = _loop_body_hlo(dec, _ids(["<bos>q<think>the"])[0], mode)
+    assert "dynamic-update-slice" in body or "scatter" in body  # the cache is written here
+    copies = [ln for ln in body.splitlines() if " copy(" in ln and cache_shape in ln]
+    assert copies == [], f"{len(copies)} copies of a {cache_shape} cache buffer per pass"
 
 
 def test_urgency_reaches_every_main_pass():

@@ -52,58 +52,64 @@ def rope_positions(slot_bt, tree: FedTree | None = None):
     return slot_bt if tree is None else slot_bt[:, :1] + tree.depth_bt
 
 
-def attention_mask(slot_bt, s: int, tree: FedTree | None = None):
-    """(B, T, S) bool: which of S cache slots each fed token (at `slot_bt`) reads."""
-    slot_s = jnp.arange(s)
-    if tree is None:
-        return slot_s[None, None, :] <= slot_bt[:, :, None]
-    t = slot_bt.shape[1]
-    rel_bs = slot_s[None, :] - slot_bt[:, :1]  # slot relative to the root's
-    fed_bts = jnp.take_along_axis(tree.anc_btt, jnp.clip(rel_bs, 0, t - 1)[:, None, :], axis=2)
-    past_b1s = (rel_bs < 0)[:, None, :]
-    return past_b1s | (fed_bts & ((rel_bs >= 0) & (rel_bs < t))[:, None, :])
+def fed_mask(slot_bt, tree: FedTree | None = None):
+    """(B, T, T) bool: which fed tokens each fed token reads (itself and those before it at
+    consecutive slots, or in a draft tree its ancestors and itself)."""
+    b, t = slot_bt.shape
+    return jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t)) if tree is None else tree.anc_btt
 
 
-def cached_attention(q_btnh, k_bgsh, v_bgsh, mask_bts) -> jax.Array:
-    """Grouped-query attention of T fed tokens (B, T, N, H) over the S cache slots `mask_bts`
-    lets each read, keys and values stored key/value-head major (B, G, S, H); (B, T, N, H).
+def cached_attention(q_btnh, k_btgh, v_btgh, layer: dict[str, jax.Array], slot_bt, fed_btt):
+    """Grouped-query attention of T fed tokens (queries (B, T, N, H), keys and values
+    (B, T, G, H)) at consecutive slots from slot_bt[:, 0]: over the cache's slots before
+    the first fed one (`layer` {'k', 'v'} (B, G, S, H), key/value-head major) and over the
+    fed tokens `fed_btt` lets each read; (B, T, N, H).
 
-    `jax.nn.dot_product_attention` takes keys as (B, S, G, H), and XLA on CPU then copies
-    the whole cache to a head-major layout in every layer of every pass (a batch-16 decoding
-    pass cost 12x a batch-1 one). Here both products batch over (B, G) as the cache lies; a
-    group's N / G query heads and the T fed tokens share one row axis M = T * N / G. Logits
-    and softmax in float32, as `jax.nn.dot_product_attention`."""
+    The cache is read as it was before this pass (its slots from slot_bt[:, 0] on are stale:
+    rejected drafts, padding) and written after (`write_slots`), so no op reads a buffer that
+    is being updated in place; XLA on CPU copied every layer's cache in every pass of the
+    decoding loop otherwise. `jax.nn.dot_product_attention` takes keys as (B, S, G, H),
+    which made XLA copy the cache to head-major order instead. Both products batch over
+    (B, G) as the cache lies; a group's N / G query heads and the T fed tokens share one row
+    axis M = T * N / G. Logits and softmax in float32, as `jax.nn.dot_product_attention`."""
     b, t, n, h = q_btnh.shape
+    k_bgsh, v_bgsh = layer["k"], layer["v"]
     g, s, q = k_bgsh.shape[1], k_bgsh.shape[2], n // k_bgsh.shape[1]
     q_bgmh = q_btnh.reshape(b, t, g, q, h).transpose(0, 2, 1, 3, 4).reshape(b, g, t * q, h)
+    f32 = jnp.float32
     # keys first: XLA on CPU ran 'bgmh,bgsh->bgms' 2x slower at T = 1
-    logits_bgsm = jnp.einsum(
-        "bgsh,bgmh->bgsm", k_bgsh, q_bgmh.astype(k_bgsh.dtype),
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    mask_b1ms = jnp.broadcast_to(mask_bts[:, :, None], (b, t, q, s)).reshape(b, 1, t * q, s)
-    logits_bgms = jnp.where(
-        mask_b1ms, logits_bgsm.swapaxes(2, 3) * h**-0.5, jnp.finfo(jnp.float32).min
+    past_bgsm = jnp.einsum(
+        "bgsh,bgmh->bgsm", k_bgsh, q_bgmh.astype(k_bgsh.dtype), preferred_element_type=f32
     )
-    probs_bgms = jax.nn.softmax(logits_bgms, axis=-1).astype(v_bgsh.dtype)
-    out_bgmh = jnp.einsum("bgms,bgsh->bgmh", probs_bgms, v_bgsh).astype(q_btnh.dtype)
+    fed_bgmu = jnp.einsum(
+        "bugh,bgmh->bgmu", k_btgh.astype(k_bgsh.dtype), q_bgmh.astype(k_bgsh.dtype),
+        preferred_element_type=f32,
+    )  # fmt: skip
+    past_b1ms = jnp.broadcast_to(
+        (jnp.arange(s)[None, :] < slot_bt[:, :1])[:, None, None, :], (b, 1, t * q, s)
+    )
+    fed_b1mu = jnp.broadcast_to(fed_btt[:, :, None], (b, t, q, t)).reshape(b, 1, t * q, t)
+    logits_bgmx = jnp.where(
+        jnp.concatenate([past_b1ms, fed_b1mu], -1),
+        jnp.concatenate([past_bgsm.swapaxes(2, 3), fed_bgmu], -1) * h**-0.5,
+        jnp.finfo(f32).min,
+    )
+    probs_bgmx = jax.nn.softmax(logits_bgmx, axis=-1).astype(v_bgsh.dtype)
+    out_bgmh = jnp.einsum("bgms,bgsh->bgmh", probs_bgmx[..., :s], v_bgsh) + jnp.einsum(
+        "bgmu,bugh->bgmh", probs_bgmx[..., s:], v_btgh.astype(v_bgsh.dtype)
+    )
+    out_bgmh = out_bgmh.astype(q_btnh.dtype)
     return out_bgmh.reshape(b, g, t, q, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
 def write_slots(layer: dict[str, jax.Array], k_btgh, v_btgh, slot_bt) -> dict[str, jax.Array]:
     """One layer's cache `{'k', 'v'}` (B, G, S, H) with keys and values (B, T, G, H) written at
-    slots slot_bt (B, T) (past the cache: dropped).
-
-    The write sits behind an optimization barrier: reading the old cache beside the in-place
-    write, or fusing the write into the read, made XLA copy each layer's whole cache on every
-    pass."""
+    slots slot_bt (B, T) (past the cache: dropped)."""
     rows_b1 = jnp.arange(slot_bt.shape[0])[:, None]
     write = lambda x_bgsh, x_btgh: x_bgsh.at[rows_b1, :, slot_bt].set(
         x_btgh.astype(x_bgsh.dtype), mode="drop"
     )
-    return jax.lax.optimization_barrier(
-        {"k": write(layer["k"], k_btgh), "v": write(layer["v"], v_btgh)}
-    )
+    return {"k": write(layer["k"], k_btgh), "v": write(layer["v"], v_btgh)}
 
 
 def move_slots(cache: Cache, src_bn, dst_bn) -> Cache:
@@ -168,10 +174,10 @@ class Attention(nnx.Module):
         q_btnh, k_btgh, v_btgh = self.project(x_btd, rope_positions(slot_bt, tree))
         if cache is None:  # training / full forward: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
-        else:  # write the new keys at their slots, attend to every slot <= own slot (or the tree's)
+        else:  # attend to the cached past and the fed tokens, then write the fed tokens
+            fed_btt = fed_mask(slot_bt, tree)
+            out_btnh = cached_attention(q_btnh, k_btgh, v_btgh, cache, slot_bt, fed_btt)
             cache = write_slots(cache, k_btgh, v_btgh, slot_bt)
-            mask_bts = attention_mask(slot_bt, cache["k"].shape[2], tree)
-            out_btnh = cached_attention(q_btnh, cache["k"], cache["v"], mask_bts)
         return self.o(out_btnh.reshape(b, t, -1)), cache
 
 
