@@ -10,10 +10,12 @@ updated KV cache.
 
 KV cache: one `{'k', 'v'}` pair per layer, each `(B, G, S, H)` (G key/value heads) with
 `S = n_registers + max_len` slots. Token at logical position `p` lives in slot
-`n_registers + p`; a query at slot `q` attends to every slot `<= q`, so rows of
-a batch may sit at different positions and stale slots past a row's position
-(rejected drafts) are never read. A prefill of many tokens and later steps of
-1..k+1 tokens give the same outputs as one full forward.
+`n_registers + p`. A cached pass feeds tokens at consecutive slots; each attends to
+the cached slots before the first of them and to the fed tokens up to itself, and
+only then are they written, so rows of a batch may sit at different positions and
+stale slots past a row's position (rejected drafts) are never read. A prefill of
+many tokens and later steps of 1..k+1 tokens give the same outputs as one full
+forward.
 
 A cached pass may feed a draft tree (`FedTree`, speculative decoding with
 trees): its tokens take consecutive slots from the first one's, but each sits
@@ -85,20 +87,22 @@ def cached_attention(q_btnh, k_btgh, v_btgh, layer: dict[str, jax.Array], slot_b
         "bugh,bgmh->bgmu", k_btgh.astype(k_bgsh.dtype), q_bgmh.astype(k_bgsh.dtype),
         preferred_element_type=f32,
     )  # fmt: skip
-    past_b1ms = jnp.broadcast_to(
-        (jnp.arange(s)[None, :] < slot_bt[:, :1])[:, None, None, :], (b, 1, t * q, s)
-    )
+    past_b1ms = (jnp.arange(s)[None, :] < slot_bt[:, :1])[:, None, None, :]
     fed_b1mu = jnp.broadcast_to(fed_btt[:, :, None], (b, t, q, t)).reshape(b, 1, t * q, t)
-    logits_bgmx = jnp.where(
-        jnp.concatenate([past_b1ms, fed_b1mu], -1),
-        jnp.concatenate([past_bgsm.swapaxes(2, 3), fed_bgmu], -1) * h**-0.5,
-        jnp.finfo(f32).min,
-    )
-    probs_bgmx = jax.nn.softmax(logits_bgmx, axis=-1).astype(v_bgsh.dtype)
-    out_bgmh = jnp.einsum("bgms,bgsh->bgmh", probs_bgmx[..., :s], v_bgsh) + jnp.einsum(
-        "bgmu,bugh->bgmh", probs_bgmx[..., s:], v_btgh.astype(v_bgsh.dtype)
-    )
-    out_bgmh = out_bgmh.astype(q_btnh.dtype)
+    low = jnp.finfo(f32).min
+    past_bgms = jnp.where(past_b1ms, past_bgsm.swapaxes(2, 3) * h**-0.5, low)
+    fed_bgmu = jnp.where(fed_b1mu, fed_bgmu * h**-0.5, low)
+    # one softmax over [past | fed] without concatenating them (each token reads itself)
+    top_bgm1 = jnp.maximum(past_bgms.max(-1, keepdims=True), fed_bgmu.max(-1, keepdims=True))
+    past_bgms, fed_bgmu = jnp.exp(past_bgms - top_bgm1), jnp.exp(fed_bgmu - top_bgm1)
+    sum_bgm1 = past_bgms.sum(-1, keepdims=True) + fed_bgmu.sum(-1, keepdims=True)
+    vdt = v_bgsh.dtype
+    out_bgmh = jnp.einsum(
+        "bgms,bgsh->bgmh", past_bgms.astype(vdt), v_bgsh, preferred_element_type=f32
+    ) + jnp.einsum(
+        "bgmu,bugh->bgmh", fed_bgmu.astype(vdt), v_btgh.astype(vdt), preferred_element_type=f32
+    )  # fmt: skip
+    out_bgmh = (out_bgmh / sum_bgm1).astype(q_btnh.dtype)
     return out_bgmh.reshape(b, g, t, q, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
