@@ -287,7 +287,6 @@ def main(argv=None):
                 if verifies
                 else None,
                 wall_s=wall,
-                wall_s_median_pass=float(np.median(np.sum(walls[m], axis=1))),
                 tokens_per_s=tokens / wall,
                 speedup_vs_slow=(base / wall) if base else None,
             )

@@ -162,11 +162,8 @@ def compiler_options() -> dict | None:
     """XLA options for the decoding jits. On CPU, region-based copy insertion: without it
     XLA copies every layer's KV cache in every pass of the loop (the cache is read, then
     updated in place, inside a `while`), which cost a third of a batch-1 pass on SmolLM2."""
-    return {"xla_cpu_copy_insertion_use_region_analysis": True} if _on_cpu() else None
-
-
-def _on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
+    cpu = jax.default_backend() == "cpu"
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if cpu else None
 
 
 @functools.lru_cache(maxsize=32)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp.config import ModelConfig
-from mtp.model.transformer import Block
+from mtp.model.transformer import Block, joint_softmax
 
 
 class Past(NamedTuple):
@@ -70,12 +70,12 @@ def context_block(block: Block, x_btkd, m_btd, past_m_bpd=None, valid_bp=None):
     upto_ts = jnp.arange(s)[None, :] <= p + jnp.arange(t)[:, None]
     read_b1t1s = (upto_ts[None] & seen_bs[:, None, :])[:, None, :, None, :]
     causal_ji = jnp.arange(k)[None, :] <= jnp.arange(k)[:, None]
-    logits = jnp.concatenate(
-        [jnp.where(read_b1t1s, mem_bntjs, low), jnp.where(causal_ji, own_bntji, low)], axis=-1
+    mem_bntjs, own_bntji = joint_softmax(
+        jnp.where(read_b1t1s, mem_bntjs * h**-0.5, low),
+        jnp.where(causal_ji, own_bntji * h**-0.5, low),
     )
-    probs = jax.nn.softmax(logits * h**-0.5, axis=-1)
-    out_btjnh = jnp.einsum("bntjs,bsnh->btjnh", probs[..., :s], vm_bsnh) + jnp.einsum(
-        "bntji,btinh->btjnh", probs[..., s:], vc_btinh
+    out_btjnh = jnp.einsum("bntjs,bsnh->btjnh", mem_bntjs, vm_bsnh) + jnp.einsum(
+        "bntji,btinh->btjnh", own_bntji, vc_btinh
     )
     x_btkd = x_btkd + attn.o(out_btjnh.reshape(b, t, k, n * h))
     return x_btkd + block.mlp(block.mlp_norm(x_btkd))

@@ -61,6 +61,16 @@ def fed_mask(slot_bt, tree: FedTree | None = None):
     return jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t)) if tree is None else tree.anc_btt
 
 
+def joint_softmax(a_xs, b_xu):
+    """One softmax over the last axes of two logit arrays (..., S) and (..., U) as if they
+    were concatenated, returned as its two parts (float32), without the concatenation: an
+    attention over two memories (a cache and the fed tokens, a context and a draft chain)."""
+    top_x1 = jnp.maximum(a_xs.max(-1, keepdims=True), b_xu.max(-1, keepdims=True))
+    a_xs, b_xu = jnp.exp(a_xs - top_x1), jnp.exp(b_xu - top_x1)
+    sum_x1 = a_xs.sum(-1, keepdims=True) + b_xu.sum(-1, keepdims=True)
+    return a_xs / sum_x1, b_xu / sum_x1
+
+
 def cached_attention(q_btnh, k_btgh, v_btgh, layer: dict[str, jax.Array], slot_bt, fed_btt):
     """Grouped-query attention of T fed tokens (queries (B, T, N, H), keys and values
     (B, T, G, H)) at consecutive slots from slot_bt[:, 0]: over the cache's slots before
@@ -90,19 +100,17 @@ def cached_attention(q_btnh, k_btgh, v_btgh, layer: dict[str, jax.Array], slot_b
     past_b1ms = (jnp.arange(s)[None, :] < slot_bt[:, :1])[:, None, None, :]
     fed_b1mu = jnp.broadcast_to(fed_btt[:, :, None], (b, t, q, t)).reshape(b, 1, t * q, t)
     low = jnp.finfo(f32).min
-    past_bgms = jnp.where(past_b1ms, past_bgsm.swapaxes(2, 3) * h**-0.5, low)
-    fed_bgmu = jnp.where(fed_b1mu, fed_bgmu * h**-0.5, low)
-    # one softmax over [past | fed] without concatenating them (each token reads itself)
-    top_bgm1 = jnp.maximum(past_bgms.max(-1, keepdims=True), fed_bgmu.max(-1, keepdims=True))
-    past_bgms, fed_bgmu = jnp.exp(past_bgms - top_bgm1), jnp.exp(fed_bgmu - top_bgm1)
-    sum_bgm1 = past_bgms.sum(-1, keepdims=True) + fed_bgmu.sum(-1, keepdims=True)
+    past_bgms, fed_bgmu = joint_softmax(
+        jnp.where(past_b1ms, past_bgsm.swapaxes(2, 3) * h**-0.5, low),
+        jnp.where(fed_b1mu, fed_bgmu * h**-0.5, low),
+    )
     vdt = v_bgsh.dtype
     out_bgmh = jnp.einsum(
         "bgms,bgsh->bgmh", past_bgms.astype(vdt), v_bgsh, preferred_element_type=f32
     ) + jnp.einsum(
         "bgmu,bugh->bgmh", fed_bgmu.astype(vdt), v_btgh.astype(vdt), preferred_element_type=f32
     )  # fmt: skip
-    out_bgmh = (out_bgmh / sum_bgm1).astype(q_btnh.dtype)
+    out_bgmh = out_bgmh.astype(q_btnh.dtype)
     return out_bgmh.reshape(b, g, t, q, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
