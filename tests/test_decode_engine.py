@@ -16,7 +16,7 @@ from scipy import stats
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
-from mtp.decode.engine import TRACES, Decoder, Plan, make_mode, prompt_width
+from mtp.decode.engine import TRACES, Decoder, make_mode
 from mtp.decode.modes import Pause, Speculative
 from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.speculative import verify_sampled
@@ -408,16 +408,10 @@ def test_compiles_once_per_batch_mode_k_not_as_output_grows(mode):
 
 def _loop_body_hlo(dec, prompt, mode) -> str:
     """The optimized HLO of the engine's compiled `while` body for one prompt and mode."""
-    plen_b = jnp.array([len(prompt)], jnp.int32)
-    prompt_bt = np.zeros((1, prompt_width(len(prompt), dec.max_len)), np.int32)
-    prompt_bt[0, : len(prompt)] = prompt
-    after_prefill = jax.eval_shape(dec._prefill, dec.state, prompt_bt, plen_b, None)
-    plan = Plan(make_mode(mode), dec.k, Sampling(), S, S.eos)
-    ones_b = jnp.ones((1,), jnp.int32)
-    hlo = dec._loop.lower(
-        dec.state, *after_prefill, plen_b, jnp.zeros((1,), bool), 8 * ones_b, 99 * ones_b, None,
-        jax.random.key(0), plan=plan,
-    ).compile().as_text()  # fmt: skip
+    call = dec.prepare([prompt], mode=mode, max_new_tokens=8)
+    after_prefill = jax.eval_shape(dec._prefill, dec.state, *call.prefill_args)
+    lowered = dec._loop.lower(dec.state, *after_prefill, *call.loop_args, plan=call.plan)
+    hlo = lowered.compile().as_text()
     body = re.search(r"while\(.*body=%([\w.\-]+)", hlo).group(1)
     return re.search(rf"^%{re.escape(body)} .*?^}}", hlo, re.M | re.S).group(0)
 

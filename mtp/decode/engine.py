@@ -30,6 +30,7 @@ import dataclasses
 import functools
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -199,6 +200,16 @@ def make_mode(mode: str | Mode) -> Mode:
     return MODES[mode]()
 
 
+class Call(NamedTuple):
+    """One `generate` call's arguments: the prefill's after the weights (prompts (B, W),
+    lengths (B,), urgency), the loop's after the weights and the prefill's outputs, and the
+    loop's static `Plan`."""
+
+    prefill_args: tuple
+    loop_args: tuple
+    plan: Plan
+
+
 class Decoder:
     """Decodes batches of token prompts with one system's weights, in any mode.
 
@@ -259,6 +270,38 @@ class Decoder:
             rows.append(row)
         return rows
 
+    def prepare(
+        self, prompts, *, mode: str | Mode = "slow", max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY, k: int | None = None, seed: int | jax.Array = 0,
+        urgency_b=None, stop_id: int | None = None, max_passes: int = 0,
+    ) -> Call:  # fmt: skip
+        """The checked, padded arguments of `generate`'s two compiled calls (`Call`)."""
+        mode = make_mode(mode).for_batch(len(prompts))
+        rows = self._rows(prompts, mode, max_new_tokens, k)
+        b = len(rows)
+        plen = np.array([r.size for r in rows], np.int32)
+        width = prompt_width(int(plen.max()), self.max_len)
+        # padding: any in-vocabulary id (its cache slots are overwritten before being read)
+        prompt_bt = np.zeros((b, width), np.int32)
+        for i, r in enumerate(rows):
+            prompt_bt[i, : r.size] = r
+        if urgency_b is not None:
+            urgency_b = jnp.broadcast_to(jnp.asarray(urgency_b, jnp.float32), (b,))
+        key = jax.random.key(seed) if isinstance(seed, int | np.integer) else seed
+        stop_id = self.specials.eos if stop_id is None else int(stop_id)
+        plan = Plan(mode, self.k, sampling, self.specials, stop_id)
+        thinking_b = np.array([_thinking(r, self.specials) for r in rows])
+        plen_b = jnp.asarray(plen)
+        return Call(
+            prefill_args=(jnp.asarray(prompt_bt), plen_b, urgency_b),
+            loop_args=(
+                plen_b, jnp.asarray(thinking_b), jnp.full((b,), max_new_tokens, jnp.int32),
+                jnp.full((b,), max_passes if max_passes > 0 else self.max_len + 1, jnp.int32),
+                urgency_b, key,
+            ),
+            plan=plan,
+        )  # fmt: skip
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]] | np.ndarray,
@@ -283,34 +326,17 @@ class Decoder:
         tokenizer's eos; -1: never). max_passes: a row stops after emitting what that many
         main passes give, the prefill included (0: no limit).
         """
-        mode = make_mode(mode).for_batch(len(prompts))
-        rows = self._rows(prompts, mode, max_new_tokens, k)
-        b = len(rows)
-        plen = np.array([r.size for r in rows], np.int32)
-        width = prompt_width(int(plen.max()), self.max_len)
-        # padding: any in-vocabulary id (its cache slots are overwritten before being read)
-        prompt_bt = np.zeros((b, width), np.int32)
-        for i, r in enumerate(rows):
-            prompt_bt[i, : r.size] = r
-        if urgency_b is not None:
-            urgency_b = jnp.broadcast_to(jnp.asarray(urgency_b, jnp.float32), (b,))
-        key = jax.random.key(seed) if isinstance(seed, int | np.integer) else seed
-        stop_id = self.specials.eos if stop_id is None else int(stop_id)
-        plan = Plan(mode, self.k, sampling, self.specials, stop_id)
-        thinking_b = np.array([_thinking(r, self.specials) for r in rows])
+        call = self.prepare(
+            prompts, mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, k=k,
+            seed=seed, urgency_b=urgency_b, stop_id=stop_id, max_passes=max_passes,
+        )  # fmt: skip
         traces = sum(TRACES.values())
         t0 = time.perf_counter()
-        cache, logits_bv, taps_bld = self._prefill(
-            self.state, jnp.asarray(prompt_bt), jnp.asarray(plen), urgency_b
-        )
-        out = self._loop(
-            self.state, cache, logits_bv, taps_bld, jnp.asarray(plen), jnp.asarray(thinking_b),
-            jnp.full((b,), max_new_tokens, jnp.int32),
-            jnp.full((b,), max_passes if max_passes > 0 else self.max_len + 1, jnp.int32),
-            urgency_b, key, plan=plan,
-        )  # fmt: skip
+        after_prefill = self._prefill(self.state, *call.prefill_args)
+        out = self._loop(self.state, *after_prefill, *call.loop_args, plan=call.plan)
         out = jax.device_get(out)  # the one host transfer; blocks until done
         wall = time.perf_counter() - t0
+        mode, b = call.plan.mode, len(call.loop_args[0])
         prompt_pauses = np.full((b,), mode.prompt_pauses(), np.int32)
         return DecodeResult(
             mode=mode.name,
