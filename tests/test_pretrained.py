@@ -254,3 +254,61 @@ def test_cached_taps_bring_the_prompts_taps_for_a_drafter_that_reads_the_context
         for i, a in enumerate(first):
             np.testing.assert_allclose(out["past_taps"][i, p - a :], taps[i, :a], atol=1e-4)
             assert out["past_mask"][i].tolist() == [0.0] * (p - a) + [1.0] * a
+
+
+def test_teacher_forced_rows_carry_the_main_models_own_choices(tmp_path):
+    """`data.teacher_forced` adds a task's worked solutions, read by the frozen main model:
+    each cut to its reply's window with the taps of the full row, its targets the main
+    model's greedy choice for each token (the argmax one position before it); the model's
+    own rows keep their tokens as targets, and the held-out rows are its own alone."""
+    c = _config(_checkpoint(tmp_path / "hf"))
+    c.data.update(teacher_forced="rg_chain_sum:max_terms=3,max_digits=2,n=3")
+    run, tok, system = _shaped_system(c)
+    out = self_distill.distill_arrays(run, tok, system, tmp_path / "run")
+    train = out["train"]
+    own, _ = read_rows(dataset_name(run), tmp_path / "run" / "distill", 256, "train")
+    n = own.shape[0]
+    np.testing.assert_array_equal(train["targets"][:n], train["tokens"][:n])
+    assert "targets" not in out["eval"]
+    rows, mask = self_distill.forced_rows(run, tok)
+    assert train["tokens"].shape[0] == n + rows.shape[0]  # one piece each: replies are short
+    logits, taps, _ = system.main(jnp.asarray(rows))
+    choice = np.asarray(logits.argmax(-1))
+    for i in range(rows.shape[0]):
+        a, e = np.argmax(mask[i] > 0) - 1, np.flatnonzero(mask[i])[-1] + 1
+        got = {k: train[k][n + i, : e - a] for k in ("tokens", "targets", "taps")}
+        np.testing.assert_array_equal(got["tokens"], rows[i, a:e])
+        np.testing.assert_array_equal(got["targets"][1:], choice[i, a : e - 1])
+        np.testing.assert_allclose(got["taps"], np.asarray(taps)[i, a:e], atol=1e-4)
+        assert (got["targets"][1:] != got["tokens"][1:]).any()  # a random model's own choices
+    # worked solutions of prompts after the corpus's own n = 6
+    task = make_task("rg_chain_sum", max_terms=3, max_digits=2)
+    first = encode_chat_prompt(tok, task.examples("train", 1, start=6)[0].prompt)
+    np.testing.assert_array_equal(rows[0, : first.size], first)
+
+
+@pytest.mark.parametrize("past", [False, True])
+def test_windows_wider_than_the_width_are_cut_into_pieces(past):
+    """A window longer than `width` becomes consecutive pieces of at most `width`, each with
+    its row's tokens, mask and taps, and (`past`) every tap before it as its past."""
+    t, width = 20, 4
+    tokens = np.arange(2 * t, dtype=np.int32).reshape(2, t)
+    mask = np.zeros((2, t), np.float32)
+    mask[0, 3:13] = 1.0  # window 2..13: pieces 2-6, 6-10, 10-13
+    mask[1, 15:17] = 1.0  # window 14..17: one piece
+    taps = tokens[:, :, None, None].astype(np.float32)
+    out = self_distill.generated_windows(tokens, mask, taps, pad=-1, past=past, width=width)
+    assert out["tokens"].tolist() == [
+        [2, 3, 4, 5],
+        [6, 7, 8, 9],
+        [10, 11, 12, -1],
+        [34, 35, 36, -1],
+    ]
+    assert out["loss_mask"].sum() == mask.sum()  # each target lands in exactly one piece
+    np.testing.assert_array_equal(out["taps"][..., 0, 0][out["tokens"] >= 0],
+                                  out["tokens"][out["tokens"] >= 0])  # fmt: skip
+    if past:
+        p = out["past_taps"].shape[1]
+        assert p == 14
+        assert out["past_mask"].sum(1).tolist() == [2, 6, 10, 14]
+        np.testing.assert_array_equal(out["past_taps"][1, p - 6 :, 0, 0], tokens[0, :6])

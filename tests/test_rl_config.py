@@ -104,3 +104,11 @@ def test_pause_cap_that_overflows_the_cache_names_model_max_len():
     run = resolve(c)  # the section alone is valid; the need comes from the task's prompts
     with pytest.raises(ConfigError, match=r"config.model.max_len: must be >= 65 .*pause.cap=49"):
         check_tasks(run)
+
+
+def test_a_bad_teacher_forced_task_names_its_field():
+    c = default_config()
+    c.data.update(corpus="distill:rg_chain_sum:n=4", cache_taps=True, teacher_forced="rg_x:n=4")
+    with pytest.raises(ConfigError, match=r"^config.data.teacher_forced: .*rg_x") as e:
+        _checked(c)
+    assert "\n" not in str(e.value)

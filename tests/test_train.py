@@ -63,6 +63,7 @@ def train_and_evaluate(config, workdir):
         ("drafter.kind", "lstm", "drafter.kind: 'lstm' not in"),
         ("train.sharding", "tp", "train.sharding: 'tp' not in"),
         ("data.corpus", "http://x", "data.corpus: 'http://x' is not one of"),
+        ("data.teacher_forced", "rg_chain_sum", "data.teacher_forced: needs data.cache_taps"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -245,6 +246,27 @@ def test_cached_taps_carry_the_main_models_distillation_teacher(draft_vocab, hea
         no_last = MTPSystem(dataclasses.replace(main, taps=(0,)), cfg, pad_id=0, draft_ids=ids,
                             rngs=nnx.Rngs(0))  # fmt: skip
         no_last.main_logits_from_taps(no_last.main_taps(tokens))
+
+
+def test_a_batchs_targets_are_scored_in_place_of_its_tokens():
+    """Rows a frozen main model read teacher-forced are scored against their 'targets' (its
+    own choices) while the drafter reads the tokens: targets set to the drafter's own first
+    picks give first-offset agreement 1 and accepted length >= 1; the tokens alone do not."""
+    main = dataclasses.replace(CHUNK_MAIN, n_layers=2, taps=(-1, 0))
+    system = MTPSystem(main, DrafterConfig(k=3, n_heads=2, detach=True), pad_id=0,
+                       rngs=nnx.Rngs(0))  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
+    taps = system.main_taps(tokens)
+    drafts = system.drafts_from_taps(tokens, taps)
+    first_bt = drafts.logits(drafts.hidden_btkd[:, :, 0]).argmax(-1)  # its pick for x_{t+2}
+    targets = tokens.at[:, 2:].set(first_bt[:, :-2])
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, 12), jnp.float32), "taps": taps}
+    _, own = loss_fn(system, batch | {"targets": targets}, TrainConfig())
+    _, plain = loss_fn(system, batch, TrainConfig())
+    assert float(own["agree/draft"][0]) == float(own["acc/draft"][0]) == 1.0
+    assert float(own["accepted_len"]) >= 1.0
+    assert float(plain["agree/draft"][0]) < 0.5
+    assert float(own["loss/draft"]) < float(plain["loss/draft"])
 
 
 def test_a_window_with_its_past_taps_trains_as_the_whole_row():

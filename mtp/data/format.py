@@ -77,6 +77,17 @@ def encode_example(tok: Tokenizer, ex) -> np.ndarray:
     return np.concatenate([head, encode_text(tok, ex.answer)[1:]]).astype(np.int32)
 
 
+def encode_plain_reply(tok: Tokenizer, ex) -> tuple[np.ndarray, int]:
+    """((n,) int32, r): the example's prompt as a question (`encode_chat_prompt`) and its
+    worked solution written as the reply, in plain words with no think marks, as an instruct
+    model writes one (`thought\nThe answer is answer.` then <eos>); the reply starts at r.
+    Text for a frozen main model to read teacher-forced (`data.teacher_forced`)."""
+    head = encode_chat_prompt(tok, ex.prompt)
+    reply = tok.encode_with_specials(f"{ex.thought}\nThe answer is {ex.answer}.")
+    ids = np.concatenate([head, reply, [tok.specials.eos]]).astype(np.int32)
+    return ids, head.size
+
+
 def frame_len(tok: Tokenizer) -> int:
     """Tokens an example's row has beyond the UTF-8 bytes of `render(ex)`, at most: <bos> and
     <eos> (2), or the chat template's framing of the prompt and <eos> (a token is at least a

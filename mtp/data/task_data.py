@@ -49,6 +49,7 @@ def check_tasks(run: Run) -> None:
     distill = run.data.corpus.startswith("distill:")
     for field, spec in (
         ("data.corpus", distill and run.data.corpus.removeprefix("distill:")),
+        ("data.teacher_forced", run.data.teacher_forced),
         ("rl.task", run.rl and run.rl.task),
         ("pause.task", run.pause and run.pause.task),
     ):

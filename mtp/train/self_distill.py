@@ -16,6 +16,14 @@ parameters get no update in the frozen recipe, so its taps never change). The
 drafter at position t reads only the tap at t and the tokens after it, so each
 row is then cut to its generated window (from the last prompt token on): the
 prompt's positions, which have no targets, cost nothing.
+
+Generating is the costly part (one main pass per token per row; about 80 tokens/s
+at batch 16 on 2 CPU cores for SmolLM2-135M, against about 800 for a teacher-forced
+pass). `data.teacher_forced` adds rows at the cheaper rate: a task's prompts with
+its worked solutions, which the main model reads once. There the drafter's targets
+are the main model's own greedy choices, the argmax of its logits before each
+token, not the solution's tokens: what it would accept in verification had it
+written that prefix itself. The drafter still reads the solution's tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.config import Run
-from mtp.data.format import encode_chat_prompt
+from mtp.data.format import encode_chat_prompt, encode_plain_reply
 from mtp.data.pipeline import Arrays
 from mtp.data.rows_dataset import SPLITS, is_prepared, read_rows, write_rows
 from mtp.data.task_data import parse_task_spec
@@ -84,9 +92,30 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
     return rows, mask
 
 
+def forced_rows(run: Run, tok: Tokenizer) -> tuple:
+    """(tokens (N, T), loss_mask (N, T)): `data.teacher_forced`'s train examples as chat
+    prompts with their worked solutions as replies (`encode_plain_reply`), cut at T; only the
+    reply is a target. They start after the corpus's own n prompts, so that the two sets do not
+    share prompts when they name the same task."""
+    task, n = parse_task_spec(run.data.teacher_forced)
+    _, skip = parse_task_spec(run.data.corpus.removeprefix(PREFIX))
+    t = run.data.seq_len
+    rows = np.full((n, t), tok.specials.pad, np.int32)
+    mask = np.zeros((n, t), np.float32)
+    for i, ex in enumerate(task.examples("train", n, start=skip)):
+        ids, reply = encode_plain_reply(tok, ex)
+        ids = ids[:t]
+        rows[i, : ids.size] = ids
+        mask[i, reply : ids.size] = 1.0
+    return rows, mask
+
+
 def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict[str, Arrays]:
     """`{split: arrays}` of the self-distillation rows (+ 'taps' with data.cache_taps),
-    generated on first use and read back afterwards."""
+    generated on first use and read back afterwards. With `data.teacher_forced` the train
+    split also holds those rows (`forced_rows`), cut into pieces no wider than the widest
+    answer window, with 'targets': the main model's own greedy choice for each token there,
+    the token itself on its own rows."""
     data_dir, name, t = Path(workdir) / "distill", dataset_name(run), run.data.seq_len
     if not is_prepared(name, data_dir, t):
         write_rows(name, data_dir, {s: generate_rows(run, tok, system, s) for s in SPLITS})
@@ -94,62 +123,104 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
         split: dict(zip(("tokens", "loss_mask"), read_rows(name, data_dir, t, split), strict=True))
         for split in SPLITS
     }
-    if run.data.cache_taps:  # both splits in one call: one compilation
-        rows = np.concatenate([out[split]["tokens"] for split in SPLITS])
-        taps, start = main_taps(system, rows, run.data.batch_size), 0
-        for split in SPLITS:
-            n = out[split]["tokens"].shape[0]
-            split_taps, start = taps[start : start + n], start + n
-            out[split] = generated_windows(
-                **out[split], taps=split_taps, pad=tok.specials.pad, past=run.drafter.context
-            )
+    if not run.data.cache_taps:
+        return out
+    rows = np.concatenate([out[split]["tokens"] for split in SPLITS])  # one compilation
+    taps, start = main_taps(system, rows, run.data.batch_size), 0
+    for split in SPLITS:
+        n = out[split]["tokens"].shape[0]
+        out[split]["taps"], start = taps[start : start + n], start + n
+    pad, past = tok.specials.pad, run.drafter.context
+    train, width = out["train"], window_width(out["train"]["loss_mask"])
+    if run.data.teacher_forced:
+        f_rows, f_mask = forced_rows(run, tok)
+        f_taps, f_choices = main_taps(system, f_rows, run.data.batch_size, choices=True)
+        f_targets = np.concatenate([f_rows[:, :1], f_choices[:, :-1]], axis=1)  # for x_t
+        train = {
+            "tokens": np.concatenate([train["tokens"], f_rows]),
+            "loss_mask": np.concatenate([train["loss_mask"], f_mask]),
+            "taps": np.concatenate([train["taps"], f_taps]),
+            "targets": np.concatenate([train["tokens"], f_targets]),
+        }
+    out["train"] = generated_windows(**train, pad=pad, past=past, width=width)
+    out["eval"] = generated_windows(**out["eval"], pad=pad, past=past)
     return out
 
 
-def generated_windows(tokens, loss_mask, taps, pad: int, past: bool = False) -> Arrays:
+def _window_bounds(loss_mask) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's window (N,) starts and ends: from its last prompt token (the first position
+    with a target after it) to its last target; (0, 0) for a row without targets."""
+    has = (loss_mask > 0).any(1)
+    first = np.where(has, np.argmax(loss_mask > 0, axis=1) - 1, 0)
+    ends = np.where(has, loss_mask.shape[1] - np.argmax(loss_mask[:, ::-1] > 0, axis=1), 0)
+    return first, ends
+
+
+def window_width(loss_mask) -> int:
+    """The widest window of rows with this mask (N, T) (`generated_windows`)."""
+    first, ends = _window_bounds(loss_mask)
+    return int((ends - first).max())
+
+
+def generated_windows(
+    tokens, loss_mask, taps, pad: int, past: bool = False, width: int = 0, targets=None
+) -> Arrays:
     """Rows (N, T), mask (N, T) and taps (N, T, L, D) cut to each row's window from its last
-    prompt token (the first position with a target after it) to its end: (N, W) and
-    (N, W, L, D), W the longest window. With `past` (a drafter that reads the context) also
-    the taps before each window, right-aligned: 'past_taps' (N, P, L, D) and 'past_mask'
-    (N, P), P the longest prompt less its last token (`mtp.model.drafter.Past`)."""
-    rows, mask = tokens, loss_mask
-    has = (mask > 0).any(1)  # a row the model ended at once has no window
-    first = np.where(has, np.argmax(mask > 0, axis=1) - 1, 0)  # the last prompt token
-    ends = np.where(has, mask.shape[1] - np.argmax(mask[:, ::-1] > 0, axis=1), 0)
-    w, p = int((ends - first).max()), int(first.max())
-    out = {
-        "tokens": np.full((rows.shape[0], w), pad, np.int32),
-        "loss_mask": np.zeros((rows.shape[0], w), np.float32),
-        "taps": np.zeros((rows.shape[0], w, *taps.shape[2:]), taps.dtype),
-    }
+    prompt token (the first position with a target after it) to its end: (M, W) and
+    (M, W, L, D), W the longest window. With `width` > 0 a longer window is cut into pieces
+    of `width` (then M > N; a drafted pair whose position and target fall on two sides of a
+    cut is lost). `targets` (N, T) (the drafter's targets, where they are not the rows' own
+    tokens) are cut alike. With `past` (a drafter that reads the context) also the taps
+    before each window, right-aligned: 'past_taps' (M, P, L, D) and 'past_mask' (M, P), P
+    the longest prompt less its last token (`mtp.model.drafter.Past`)."""
+    first, ends = _window_bounds(loss_mask)
+    pieces = [  # (row, start, end)
+        (i, s, min(s + width, e) if width else e)
+        for i, (a, e) in enumerate(zip(first, ends, strict=True))
+        for s in (range(a, max(e, a + 1), width) if width else (a,))
+    ]
+    m = len(pieces)
+    w, p = max(e - s for _, s, e in pieces), max(s for _, s, _ in pieces)
+    cut = {"tokens": tokens, "loss_mask": loss_mask, "taps": taps}
+    if targets is not None:
+        cut["targets"] = targets
+    fill = {"tokens": pad, "targets": pad}
+    out = {k: np.full((m, w, *a.shape[2:]), fill.get(k, 0), a.dtype) for k, a in cut.items()}
     if past:
-        out["past_taps"] = np.zeros((rows.shape[0], p, *taps.shape[2:]), taps.dtype)
-        out["past_mask"] = np.zeros((rows.shape[0], p), np.float32)
-    for i, (a, e) in enumerate(zip(first, ends, strict=True)):
-        out["tokens"][i, : e - a] = rows[i, a:e]
-        out["loss_mask"][i, : e - a] = mask[i, a:e]
-        out["taps"][i, : e - a] = taps[i, a:e]
+        out["past_taps"] = np.zeros((m, p, *taps.shape[2:]), taps.dtype)
+        out["past_mask"] = np.zeros((m, p), np.float32)
+    for j, (i, s, e) in enumerate(pieces):
+        for k, a in cut.items():
+            out[k][j, : e - s] = a[i, s:e]
         if past:
-            out["past_taps"][i, p - a :] = taps[i, :a]
-            out["past_mask"][i, p - a :] = 1.0
+            out["past_taps"][j, p - s :] = taps[i, :s]
+            out["past_mask"][j, p - s :] = 1.0
     return out
 
 
-def main_taps(system: MTPSystem, rows: np.ndarray, batch: int) -> np.ndarray:
+def main_taps(system: MTPSystem, rows: np.ndarray, batch: int, choices: bool = False):
     """(N, T, L, D) taps of the main model over `rows` (N, T), as the drafter reads them, in
-    the main model's compute dtype."""
+    the main model's compute dtype; with `choices` also its greedy choice (N, T) at each
+    position (the argmax of its logits there: the token it would write next)."""
     graphdef, state = nnx.split(system)
 
     @jax.jit
     def taps_of(state, tokens_bt):
-        return nnx.merge(graphdef, state).main_taps(tokens_bt)
+        system = nnx.merge(graphdef, state)
+        if not choices:  # the LM head is then dead code under jit: not computed
+            return system.main_taps(tokens_bt), None
+        logits_btv, taps_btld, _ = system.main(tokens_bt)
+        return system.taps_for_drafter(taps_btld), logits_btv.argmax(-1).astype(jnp.int32)
 
     n = rows.shape[0]
     pad = -n % batch
     padded = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]) if pad else rows
-    parts = []
+    taps, picks = [], []
     with progress(padded.shape[0], desc="caching taps") as bar:
         for i in range(0, padded.shape[0], batch):
-            parts.append(np.asarray(taps_of(state, jnp.asarray(padded[i : i + batch]))))
+            t, c = jax.device_get(taps_of(state, jnp.asarray(padded[i : i + batch])))
+            taps.append(t)
+            picks.append(c)
             bar.update(batch)
-    return np.concatenate(parts)[:n]
+    taps = np.concatenate(taps)[:n]
+    return (taps, np.concatenate(picks)[:n]) if choices else taps

@@ -99,8 +99,11 @@ def _flatten(metrics: dict) -> dict:
 
 def loss_fn(system: MTPSystem, batch, train_config):
     """(loss, metrics): the supervised loss and the accuracy metrics of one batch; the drafter
-    scored one offset at a time (`supervised_terms`)."""
+    scored one offset at a time (`supervised_terms`). A batch's 'targets' (B, T), where given,
+    are scored in place of its tokens: the frozen main model's own choices on rows it read
+    teacher-forced (`mtp.train.self_distill`); the drafter still reads the tokens."""
     tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
+    targets_bt = batch.get("targets", tokens_bt)
     teacher_btu = None
     if "taps" in batch:  # a frozen main model's taps, computed once: the drafter alone
         past = Past(batch["past_taps"], batch["past_mask"] > 0) if "past_taps" in batch else None
@@ -112,7 +115,7 @@ def loss_fn(system: MTPSystem, batch, train_config):
     loss, metrics, pred_btk = supervised_terms(
         logits_btv,
         drafts,
-        tokens_bt,
+        targets_bt,
         mask_bt,
         draft_weights_k=offset_weights(system.k, train_config.draft_decay),
         draft_weight=train_config.draft_weight,
@@ -120,7 +123,7 @@ def loss_fn(system: MTPSystem, batch, train_config):
         teacher_btu=teacher_btu,
     )
     logits_btv = None if logits_btv is None else jax.lax.stop_gradient(logits_btv)
-    metrics.update(accuracy_metrics(logits_btv, pred_btk, tokens_bt, mask_bt))
+    metrics.update(accuracy_metrics(logits_btv, pred_btk, targets_bt, mask_bt))
     return loss, metrics
 
 

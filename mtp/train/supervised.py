@@ -115,7 +115,7 @@ def with_draft_vocab(graphdef, state, run: Run, tok: Tokenizer, arrays) -> dict:
     of the training rows (the specials always among them)."""
     system, optimizer = nnx.merge(graphdef, state)
     train = arrays["train"]
-    targets = train["tokens"][train["loss_mask"] > 0]
+    targets = train.get("targets", train["tokens"])[train["loss_mask"] > 0]
     s = tok.specials
     ids = most_frequent(
         [targets], run.drafter.draft_vocab, run.model.vocab_size, always=(s.eos, s.think_close)
