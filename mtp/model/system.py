@@ -185,17 +185,18 @@ class MTPSystem(nnx.Module):
         tables = Tables(self.main.embed.embedding[...], self._main_head_du())
         return jax.tree.map(jax.lax.stop_gradient, tables) if self.frozen else tables
 
-    def _main_head_du(self) -> jax.Array:
-        """The main model's head (D, U), its columns at the draft ids."""
+    def _main_head_du(self, trim: bool = True) -> jax.Array:
+        """The main model's head (D, U), its columns at the draft ids (`trim`), or (D, V)."""
         tied = self.main.cfg.tie_embeddings
         head_dv = self.main.embed.embedding[...].T if tied else self.main.head.kernel[...]
         ids_u = self.ids()
-        return head_dv if ids_u is None else head_dv[:, ids_u]
+        return head_dv if ids_u is None or not trim else head_dv[:, ids_u]
 
-    def main_logits_from_taps(self, taps_btld) -> jax.Array:
-        """The main model's next-token logits over the draft vocabulary (B, T, U), from its
-        taps (B, T, L, D): the last block's output through the final norm and the head, so a
-        frozen main model's cached taps also carry its distribution (distillation teacher)."""
+    def main_logits_from_taps(self, taps_btld, full_vocab: bool = False) -> jax.Array:
+        """The main model's next-token logits over the draft vocabulary (B, T, U) (with
+        `full_vocab`: over all V), from its taps (B, T, L, D): the last block's output through
+        the final norm and the head, so a frozen main model's cached taps also carry its
+        distribution (distillation teacher) and its greedy choices."""
         last = self.main.cfg.n_layers - 1
         if last not in self.main.cfg.tap_layers:
             raise ConfigError(
@@ -204,7 +205,8 @@ class MTPSystem(nnx.Module):
             )
         h_btd = taps_btld[:, :, self.main.cfg.tap_layers.index(last)]
         x_btd = self.main.final_norm(h_btd.astype(jnp.dtype(self.main.cfg.dtype)))
-        return jnp.matmul(x_btd.astype(jnp.float32), self._main_head_du().astype(jnp.float32))
+        head_du = self._main_head_du(trim=not full_vocab).astype(jnp.float32)
+        return jnp.matmul(x_btd.astype(jnp.float32), head_du)
 
     @property
     def use_urgency(self) -> bool:

@@ -28,6 +28,7 @@ written that prefix itself. The drafter still reads the solution's tokens.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -132,18 +133,22 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
         out[split]["taps"], start = taps[start : start + n], start + n
     pad, past = tok.specials.pad, run.drafter.context
     train, width = out["train"], window_width(out["train"]["loss_mask"])
-    if run.data.teacher_forced:
+    own = train["tokens"].shape[0]
+    if run.data.teacher_forced:  # cut with the model's own rows: one width, one past
         f_rows, f_mask = forced_rows(run, tok)
-        f_taps, f_choices = main_taps(system, f_rows, run.data.batch_size, choices=True)
-        f_targets = np.concatenate([f_rows[:, :1], f_choices[:, :-1]], axis=1)  # for x_t
+        f_taps = main_taps(system, f_rows, run.data.batch_size)
         train = {
             "tokens": np.concatenate([train["tokens"], f_rows]),
             "loss_mask": np.concatenate([train["loss_mask"], f_mask]),
             "taps": np.concatenate([train["taps"], f_taps]),
-            "targets": np.concatenate([train["tokens"], f_targets]),
         }
     out["train"] = generated_windows(**train, pad=pad, past=past, width=width)
     out["eval"] = generated_windows(**out["eval"], pad=pad, past=past)
+    if run.data.teacher_forced:  # own rows: one piece each (width is their widest window)
+        windows = out["train"]
+        choices = main_choices(system, windows["taps"][own:], run.data.batch_size)
+        forced = np.concatenate([windows["tokens"][own:, :1], choices[:, :-1]], axis=1)
+        windows["targets"] = np.concatenate([windows["tokens"][:own], forced])
     return out
 
 
@@ -163,14 +168,13 @@ def window_width(loss_mask) -> int:
 
 
 def generated_windows(
-    tokens, loss_mask, taps, pad: int, past: bool = False, width: int = 0, targets=None
+    tokens, loss_mask, taps, pad: int, past: bool = False, width: int = 0
 ) -> Arrays:
     """Rows (N, T), mask (N, T) and taps (N, T, L, D) cut to each row's window from its last
     prompt token (the first position with a target after it) to its end: (M, W) and
     (M, W, L, D), W the longest window. With `width` > 0 a longer window is cut into pieces
     of `width` (then M > N; a drafted pair whose position and target fall on two sides of a
-    cut is lost). `targets` (N, T) (the drafter's targets, where they are not the rows' own
-    tokens) are cut alike. With `past` (a drafter that reads the context) also the taps
+    cut is lost). With `past` (a drafter that reads the context) also the taps
     before each window, right-aligned: 'past_taps' (M, P, L, D) and 'past_mask' (M, P), P
     the longest prompt less its last token (`mtp.model.drafter.Past`)."""
     first, ends = _window_bounds(loss_mask)
@@ -182,9 +186,7 @@ def generated_windows(
     m = len(pieces)
     w, p = max(e - s for _, s, e in pieces), max(s for _, s, _ in pieces)
     cut = {"tokens": tokens, "loss_mask": loss_mask, "taps": taps}
-    if targets is not None:
-        cut["targets"] = targets
-    fill = {"tokens": pad, "targets": pad}
+    fill = {"tokens": pad}
     out = {k: np.full((m, w, *a.shape[2:]), fill.get(k, 0), a.dtype) for k, a in cut.items()}
     if past:
         out["past_taps"] = np.zeros((m, p, *taps.shape[2:]), taps.dtype)
@@ -198,29 +200,36 @@ def generated_windows(
     return out
 
 
-def main_taps(system: MTPSystem, rows: np.ndarray, batch: int, choices: bool = False):
+def _batched(fn, xs: np.ndarray, batch: int, desc: str) -> np.ndarray:
+    """fn over `xs` (N, ...) in batches of `batch` rows (the last padded: one compilation)."""
+    n = xs.shape[0]
+    pad = -n % batch
+    padded = np.concatenate([xs, np.repeat(xs[-1:], pad, 0)]) if pad else xs
+    parts = []
+    with progress(padded.shape[0], desc=desc) as bar:
+        for i in range(0, padded.shape[0], batch):
+            parts.append(np.asarray(fn(jnp.asarray(padded[i : i + batch]))))
+            bar.update(batch)
+    return np.concatenate(parts)[:n]
+
+
+def main_taps(system: MTPSystem, rows: np.ndarray, batch: int) -> np.ndarray:
     """(N, T, L, D) taps of the main model over `rows` (N, T), as the drafter reads them, in
-    the main model's compute dtype; with `choices` also its greedy choice (N, T) at each
-    position (the argmax of its logits there: the token it would write next)."""
+    the main model's compute dtype."""
+    graphdef, state = nnx.split(system)
+    taps_of = jax.jit(lambda state, tokens_bt: nnx.merge(graphdef, state).main_taps(tokens_bt))
+    return _batched(functools.partial(taps_of, state), rows, batch, "caching taps")
+
+
+def main_choices(system: MTPSystem, taps: np.ndarray, batch: int) -> np.ndarray:
+    """(N, T) greedy choices of the main model (the argmax of its logits over the whole
+    vocabulary: the token it would write next) at each position of cached taps (N, T, L, D);
+    only where they are read, not in the taps pass (its LM head there costs a third more)."""
     graphdef, state = nnx.split(system)
 
     @jax.jit
-    def taps_of(state, tokens_bt):
-        system = nnx.merge(graphdef, state)
-        if not choices:  # the LM head is then dead code under jit: not computed
-            return system.main_taps(tokens_bt), None
-        logits_btv, taps_btld, _ = system.main(tokens_bt)
-        return system.taps_for_drafter(taps_btld), logits_btv.argmax(-1).astype(jnp.int32)
+    def choices_of(state, taps_btld):
+        logits_btv = nnx.merge(graphdef, state).main_logits_from_taps(taps_btld, full_vocab=True)
+        return logits_btv.argmax(-1).astype(jnp.int32)
 
-    n = rows.shape[0]
-    pad = -n % batch
-    padded = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]) if pad else rows
-    taps, picks = [], []
-    with progress(padded.shape[0], desc="caching taps") as bar:
-        for i in range(0, padded.shape[0], batch):
-            t, c = jax.device_get(taps_of(state, jnp.asarray(padded[i : i + batch])))
-            taps.append(t)
-            picks.append(c)
-            bar.update(batch)
-    taps = np.concatenate(taps)[:n]
-    return (taps, np.concatenate(picks)[:n]) if choices else taps
+    return _batched(functools.partial(choices_of, state), taps, batch, "main model's choices")
