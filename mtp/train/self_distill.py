@@ -28,7 +28,6 @@ written that prefix itself. The drafter still reads the solution's tokens.
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path
 
@@ -126,8 +125,9 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
     }
     if not run.data.cache_taps:
         return out
-    rows = np.concatenate([out[split]["tokens"] for split in SPLITS])  # one compilation
-    taps, start = main_taps(system, rows, run.data.batch_size), 0
+    rows = np.concatenate([out[split]["tokens"] for split in SPLITS])
+    mask = np.concatenate([out[split]["loss_mask"] for split in SPLITS])
+    taps, start = main_taps(system, rows, run.data.batch_size, _window_bounds(mask)[1]), 0
     for split in SPLITS:
         n = out[split]["tokens"].shape[0]
         out[split]["taps"], start = taps[start : start + n], start + n
@@ -136,7 +136,7 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
     own = train["tokens"].shape[0]
     if run.data.teacher_forced:  # cut with the model's own rows: one width, one past
         f_rows, f_mask = forced_rows(run, tok)
-        f_taps = main_taps(system, f_rows, run.data.batch_size)
+        f_taps = main_taps(system, f_rows, run.data.batch_size, _window_bounds(f_mask)[1])
         train = {
             "tokens": np.concatenate([train["tokens"], f_rows]),
             "loss_mask": np.concatenate([train["loss_mask"], f_mask]),
@@ -200,25 +200,32 @@ def generated_windows(
     return out
 
 
-def _batched(fn, xs: np.ndarray, batch: int, desc: str) -> np.ndarray:
-    """fn over `xs` (N, ...) in batches of `batch` rows (the last padded: one compilation)."""
-    n = xs.shape[0]
-    pad = -n % batch
-    padded = np.concatenate([xs, np.repeat(xs[-1:], pad, 0)]) if pad else xs
-    parts = []
-    with progress(padded.shape[0], desc=desc) as bar:
-        for i in range(0, padded.shape[0], batch):
-            parts.append(np.asarray(fn(jnp.asarray(padded[i : i + batch]))))
-            bar.update(batch)
-    return np.concatenate(parts)[:n]
+WIDTH_STEP = 64  # taps passes run as wide as their longest row, rounded up to this
 
 
-def main_taps(system: MTPSystem, rows: np.ndarray, batch: int) -> np.ndarray:
+def main_taps(system: MTPSystem, rows: np.ndarray, batch: int, ends=None) -> np.ndarray:
     """(N, T, L, D) taps of the main model over `rows` (N, T), as the drafter reads them, in
-    the main model's compute dtype."""
+    the main model's compute dtype. `ends` (N,): the positions each row needs; the taps
+    after them are left zero, not computed: rows run in batches of similar `ends`, each pass
+    as wide as its longest row rounded up to `WIDTH_STEP` (a few compilations; a causal
+    model's taps do not depend on the padding after them)."""
     graphdef, state = nnx.split(system)
     taps_of = jax.jit(lambda state, tokens_bt: nnx.merge(graphdef, state).main_taps(tokens_bt))
-    return _batched(functools.partial(taps_of, state), rows, batch, "caching taps")
+    n, t = rows.shape
+    ends = np.full(n, t) if ends is None else np.asarray(ends)
+    order = np.argsort(ends, kind="stable")
+    out = None
+    with progress(n, desc="caching taps") as bar:
+        for i in range(0, n, batch):
+            idx = order[i : i + batch]
+            w = min(t, -(-max(int(ends[idx].max()), 1) // WIDTH_STEP) * WIDTH_STEP)
+            x = rows[np.concatenate([idx, np.repeat(idx[-1:], batch - idx.size)]), :w]
+            taps = np.asarray(taps_of(state, jnp.asarray(x)))[: idx.size]
+            if out is None:
+                out = np.zeros((n, t, *taps.shape[2:]), taps.dtype)
+            out[idx, :w] = taps
+            bar.update(idx.size)
+    return out
 
 
 def main_choices(system: MTPSystem, taps: np.ndarray, batch: int) -> np.ndarray:
@@ -232,4 +239,11 @@ def main_choices(system: MTPSystem, taps: np.ndarray, batch: int) -> np.ndarray:
         logits_btv = nnx.merge(graphdef, state).main_logits_from_taps(taps_btld, full_vocab=True)
         return logits_btv.argmax(-1).astype(jnp.int32)
 
-    return _batched(functools.partial(choices_of, state), taps, batch, "main model's choices")
+    parts = []
+    with progress(taps.shape[0], desc="main model's choices") as bar:
+        for i in range(0, taps.shape[0], batch):
+            x = taps[i : i + batch]  # the last batch padded: one compilation
+            x = np.concatenate([x, np.repeat(x[-1:], batch - x.shape[0], 0)])
+            parts.append(np.asarray(choices_of(state, jnp.asarray(x))))
+            bar.update(batch)
+    return np.concatenate(parts)[: taps.shape[0]]
