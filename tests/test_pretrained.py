@@ -259,8 +259,9 @@ def test_cached_taps_bring_the_prompts_taps_for_a_drafter_that_reads_the_context
 def test_teacher_forced_rows_carry_the_main_models_own_choices(tmp_path):
     """`data.teacher_forced` adds a task's worked solutions, read by the frozen main model:
     each cut to its reply's window with the taps of the full row, its targets the main
-    model's greedy choice for each token (the argmax one position before it); the model's
-    own rows keep their tokens as targets, and the held-out rows are its own alone."""
+    model's greedy choice for each token (the argmax one position before it). On the
+    model's own rows those choices, made from the cached taps, are the tokens it wrote; the
+    held-out rows are its own alone, scored against their tokens."""
     c = _config(_checkpoint(tmp_path / "hf"))
     c.data.update(teacher_forced="rg_chain_sum:max_terms=3,max_digits=2,n=3")
     run, tok, system = _shaped_system(c)
@@ -268,7 +269,8 @@ def test_teacher_forced_rows_carry_the_main_models_own_choices(tmp_path):
     train = out["train"]
     own, _ = read_rows(dataset_name(run), tmp_path / "run" / "distill", 256, "train")
     n = own.shape[0]
-    np.testing.assert_array_equal(train["targets"][:n], train["tokens"][:n])
+    written = train["loss_mask"][:n] > 0
+    np.testing.assert_array_equal(train["targets"][:n][written], train["tokens"][:n][written])
     assert "targets" not in out["eval"]
     rows, mask = self_distill.forced_rows(run, tok)
     assert train["tokens"].shape[0] == n + rows.shape[0]  # one piece each: replies are short

@@ -112,10 +112,11 @@ def forced_rows(run: Run, tok: Tokenizer) -> tuple:
 
 def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict[str, Arrays]:
     """`{split: arrays}` of the self-distillation rows (+ 'taps' with data.cache_taps),
-    generated on first use and read back afterwards. With `data.teacher_forced` the train
-    split also holds those rows (`forced_rows`), cut into pieces no wider than the widest
-    answer window, with 'targets': the main model's own greedy choice for each token there,
-    the token itself on its own rows."""
+    generated on first use and read back afterwards. With cached taps, rows are cut to their
+    answers' windows (`generated_windows`; train windows to at most `data.window_len`). With
+    `data.teacher_forced` the train split also holds those rows (`forced_rows`), and its
+    'targets' are the main model's own greedy choice for each token (on its own rows, the
+    token itself, up to float ties), from the cached taps (`main_choices`)."""
     data_dir, name, t = Path(workdir) / "distill", dataset_name(run), run.data.seq_len
     if not is_prepared(name, data_dir, t):
         write_rows(name, data_dir, {s: generate_rows(run, tok, system, s) for s in SPLITS})
@@ -131,10 +132,8 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
     for split in SPLITS:
         n = out[split]["tokens"].shape[0]
         out[split]["taps"], start = taps[start : start + n], start + n
-    pad, past = tok.specials.pad, run.drafter.context
-    train, width = out["train"], window_width(out["train"]["loss_mask"])
-    own = train["tokens"].shape[0]
-    if run.data.teacher_forced:  # cut with the model's own rows: one width, one past
+    pad, past, train = tok.specials.pad, run.drafter.context, out["train"]
+    if run.data.teacher_forced:
         f_rows, f_mask = forced_rows(run, tok)
         f_taps = main_taps(system, f_rows, run.data.batch_size, _window_bounds(f_mask)[1])
         train = {
@@ -142,13 +141,12 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
             "loss_mask": np.concatenate([train["loss_mask"], f_mask]),
             "taps": np.concatenate([train["taps"], f_taps]),
         }
-    out["train"] = generated_windows(**train, pad=pad, past=past, width=width)
+    out["train"] = generated_windows(**train, pad=pad, past=past, width=run.data.window_len)
     out["eval"] = generated_windows(**out["eval"], pad=pad, past=past)
-    if run.data.teacher_forced:  # own rows: one piece each (width is their widest window)
+    if run.data.teacher_forced:  # the choice for x_t is made at t - 1
         windows = out["train"]
-        choices = main_choices(system, windows["taps"][own:], run.data.batch_size)
-        forced = np.concatenate([windows["tokens"][own:, :1], choices[:, :-1]], axis=1)
-        windows["targets"] = np.concatenate([windows["tokens"][:own], forced])
+        choices = main_choices(system, windows["taps"], run.data.batch_size)
+        windows["targets"] = np.concatenate([windows["tokens"][:, :1], choices[:, :-1]], axis=1)
     return out
 
 
@@ -159,12 +157,6 @@ def _window_bounds(loss_mask) -> tuple[np.ndarray, np.ndarray]:
     first = np.where(has, np.argmax(loss_mask > 0, axis=1) - 1, 0)
     ends = np.where(has, loss_mask.shape[1] - np.argmax(loss_mask[:, ::-1] > 0, axis=1), 0)
     return first, ends
-
-
-def window_width(loss_mask) -> int:
-    """The widest window of rows with this mask (N, T) (`generated_windows`)."""
-    first, ends = _window_bounds(loss_mask)
-    return int((ends - first).max())
 
 
 def generated_windows(
@@ -245,5 +237,5 @@ def main_choices(system: MTPSystem, taps: np.ndarray, batch: int) -> np.ndarray:
             x = taps[i : i + batch]  # the last batch padded: one compilation
             x = np.concatenate([x, np.repeat(x[-1:], batch - x.shape[0], 0)])
             parts.append(np.asarray(choices_of(state, jnp.asarray(x))))
-            bar.update(batch)
+            bar.update(min(batch, taps.shape[0] - i))
     return np.concatenate(parts)[: taps.shape[0]]
