@@ -464,3 +464,25 @@ def test_think_budget_forces_the_close_then_answers_slow():
     np.testing.assert_array_equal(slow.row(0), th.answer.row(0))
     with pytest.raises(DecodeError, match="think_budget must be >= 0"):
         think_then_answer(dec, head, think_budget=-1)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "context"])
+def test_a_shorter_cache_decodes_the_same_rows(kind):
+    """`with_max_len` gives the same weights caches of fewer slots (each pass's attention
+    reads them all): rows that fit decode to the same tokens, slow and speculative, while
+    the caches hold only those slots."""
+    system = _trained(kind)
+    short = system.with_max_len(48)
+    assert (
+        short.init_cache(1).main[0]["k"].shape[2] == system.init_cache(1).main[0]["k"].shape[2] - 32
+    )
+    if kind == "context":
+        assert jax.tree.leaves(short.init_cache(1).context)[0].shape[2] == 48
+    prompts = _ids(PROMPTS)
+    for mode in ("slow", "speculative"):
+        want = Decoder(system, S).generate(prompts, mode=mode, max_new_tokens=24)
+        got = Decoder(short, S).generate(prompts, mode=mode, max_new_tokens=24)
+        for i in range(len(prompts)):
+            np.testing.assert_array_equal(got.row(i), want.row(i))
+    with pytest.raises(ConfigError, match="with_max_len: n must be in 1..model.max_len=80"):
+        system.with_max_len(81)

@@ -76,7 +76,7 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
         )
     rows = np.full((n, t), tok.specials.pad, np.int32)
     mask = np.zeros((n, t), np.float32)
-    dec = Decoder(system, tok.specials)
+    dec = Decoder(system.with_max_len(t), tok.specials)  # rows end by t: a cache of t
     sampling = Sampling(temperature=run.data.distill_temperature)
     with progress(n, desc=f"self-distillation ({split})") as bar:
         for i in range(0, n, b):
