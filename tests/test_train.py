@@ -65,6 +65,7 @@ def train_and_evaluate(config, workdir):
         ("data.corpus", "http://x", "data.corpus: 'http://x' is not one of"),
         ("data.teacher_forced", "rg_chain_sum", "data.teacher_forced: needs data.cache_taps"),
         ("data.window_len", -1, "data.window_len: must be >= 0"),
+        ("data.window_len", 64, "data.window_len: needs data.cache_taps=True"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

@@ -67,6 +67,11 @@ class DataConfig:
         )
         check(self.window_len >= 0, "data.window_len", f"must be >= 0, got {self.window_len}")
         check(
+            not self.window_len or self.cache_taps,
+            "data.window_len",
+            "needs data.cache_taps=True (it cuts the cached taps' windows)",
+        )
+        check(
             not self.teacher_forced or self.cache_taps,
             "data.teacher_forced",
             "needs data.cache_taps=True (the frozen main model reads those rows once)",
