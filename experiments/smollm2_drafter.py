@@ -43,7 +43,7 @@ At equal steps the fused taps and the distillation term changed nothing measurab
 still help (0.90 / 1.13 / 1.33 / 1.40 at 200 / 400 / 600 / 800), and on its training rows
 the drafter reaches 3.7 tokens per pass: it is short of data, and of a way to read the
 context (an EAGLE drafter attends over the past positions' features; this one sees the
-tap at t alone).
+tap at t alone). Stronger weight decay (`train.weight_decay=1.0`) ended level (1.39).
 """
 
 from mtp.config import default_config
