@@ -35,15 +35,16 @@ taps move).
 
 2 CPU cores (docs/benchmarks.md): answers 11.3 min (2026-12-02; about 9 since they
 are decoded on a cache of 288 slots, not 512: 20% less per call, measured 2026-12-03),
-taps 3.6 min, drafter steps 2.0-2.1 s each idle (800 steps: 27 min), about 43 min in all. On the 35 held-out
-prompts the drafter's accepted length is 1.40 per pass at k = 4 (2.40 tokens per pass;
-draft top-1 0.61 / 0.56 / 0.55 / 0.52 by offset; 2026-12-03), short of the aim of 2.0.
-At equal steps the fused taps and the distillation term changed nothing measurable
-(1.33 at step 600, as the single-tap recipe without them reached at its end); steps
-still help (0.90 / 1.13 / 1.33 / 1.40 at 200 / 400 / 600 / 800), and on its training rows
-the drafter reaches 3.7 tokens per pass: it is short of data, and of a way to read the
-context (an EAGLE drafter attends over the past positions' features; this one sees the
-tap at t alone). Stronger weight decay (`train.weight_decay=1.0`) ended level (1.39).
+taps 3.6 min, drafter steps 2.0-2.1 s each idle (800 steps: 27 min), about 43 min in
+all. On the 35 held-out prompts the drafter's accepted length is 1.40 per pass at
+k = 4 (2.40 tokens per pass; draft top-1 0.61 / 0.56 / 0.55 / 0.52 by offset;
+2026-12-03), short of the aim of 2.0. At equal steps the fused taps and the
+distillation term changed nothing measurable (1.33 at step 600, as the single-tap
+recipe without them reached at its end); steps still help (0.90 / 1.13 / 1.33 / 1.40
+at 200 / 400 / 600 / 800), and on its training rows the drafter reaches 3.7 tokens
+per pass: it is short of data, and of a way to read the context (an EAGLE drafter
+attends over the past positions' features; this one sees the tap at t alone).
+Stronger weight decay (`train.weight_decay=1.0`) ended level (1.39).
 """
 
 from mtp.config import default_config
