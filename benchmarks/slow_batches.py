@@ -8,7 +8,7 @@ first, then timed once; prints ms per pass (the prefill's share included) and
 tokens/s. Run it in two checkouts (`git worktree add DIR COMMIT`, then
 `PYTHONPATH=DIR python benchmarks/slow_batches.py ...` from DIR) to compare engines
 side by side on one machine. The system comes as in benchmarks/pass_cost.py
-(`--workdir` or `--config[:variant]`, `--dtype`).
+(`--workdir` or `--config[:variant]`, `--dtype`); `--cache_len` decodes on shorter caches.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dtype", default="", help="with --config: model.param_dtype and dtype")
     p.add_argument("--batches", default="1,8,16")
     p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--cache_len", type=int, default=0, help="cache slots (0: model.max_len)")
     args = p.parse_args(argv)
     system, tok = system_from_args(args)
+    if args.cache_len:  # the same weights, shorter caches (`MTPSystem.with_max_len`)
+        system = system.with_max_len(args.cache_len)
     dec = Decoder(system, tok.specials)
     rows = []
     for b in (int(x) for x in args.batches.split(",")):

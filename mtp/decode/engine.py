@@ -336,7 +336,7 @@ class Decoder:
         out = self._loop(self.state, *after_prefill, *call.loop_args, plan=call.plan)
         out = jax.device_get(out)  # the one host transfer; blocks until done
         wall = time.perf_counter() - t0
-        mode, b = call.plan.mode, len(call.loop_args[0])
+        mode, b = call.plan.mode, out["tokens"].shape[0]
         prompt_pauses = np.full((b,), mode.prompt_pauses(), np.int32)
         return DecodeResult(
             mode=mode.name,

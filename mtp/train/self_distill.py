@@ -168,7 +168,7 @@ def generated_windows(
     of `width` (then M > N; a drafted pair whose position and target fall on two sides of a
     cut is lost). With `past` (a drafter that reads the context) also the taps
     before each window, right-aligned: 'past_taps' (M, P, L, D) and 'past_mask' (M, P), P
-    the longest prompt less its last token (`mtp.model.drafter.Past`)."""
+    the latest window start (`mtp.model.drafter.Past`)."""
     first, ends = _window_bounds(loss_mask)
     pieces = [  # (row, start, end)
         (i, s, min(s + width, e) if width else e)
