@@ -27,6 +27,7 @@ from mtp.data.tokenizer import ByteTokenizer
 from mtp.errors import NonFiniteLoss
 from mtp.metrics import compare_runs, read_csv
 from mtp.model.system import Drafts, MTPSystem, shifted
+from mtp.model.taps import with_noise
 from mtp.rl.objectives import distill_kl, token_dists
 from mtp.train import supervised
 from mtp.train.losses import draft_accuracy, offset_weights
@@ -269,6 +270,43 @@ def test_a_batchs_targets_are_scored_in_place_of_its_tokens():
     assert float(own["accepted_len"]) >= 1.0
     assert float(plain["agree/draft"][0]) < 0.5
     assert float(own["loss/draft"]) < float(plain["loss/draft"])
+
+
+def test_tap_noise_scales_with_each_taps_own_size():
+    """Each tap gets uniform noise within +-scale times its own RMS over D, filling that range."""
+    taps = jax.random.normal(jax.random.key(0), (2, 50, 2, 64)) * jnp.array([1.0, 10.0])[:, None]
+    delta = with_noise(taps, 0.1, jax.random.key(1)) - taps
+    ratio = jnp.abs(delta) / jnp.sqrt(jnp.mean(taps * taps, axis=-1, keepdims=True))
+    for layer in range(2):  # both taps, although one is ten times the other
+        assert 0.09 < float(ratio[:, :, layer].max()) <= 0.1 + 1e-6
+        assert float(ratio[:, :, layer].mean()) == pytest.approx(0.05, rel=0.05)
+
+
+def test_tap_noise_reaches_the_drafter_not_the_teacher_nor_the_evaluation():
+    """With `train.tap_noise` the drafter reads `with_noise` of the cached taps (its loss equals
+    the loss on those noisy taps) while the distillation teacher reads them clean (with
+    distillation it differs from the loss on noisy taps); without a key (evaluation) or at
+    0 the taps are read as they are."""
+    main = dataclasses.replace(CHUNK_MAIN, n_layers=2, taps=(-1, 0))
+    system = MTPSystem(main, DrafterConfig(k=3, n_heads=2, detach=True, head="shared_frozen"),
+                       pad_id=0, rngs=nnx.Rngs(0))  # fmt: skip
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 48)
+    batch = {"tokens": tokens, "loss_mask": jnp.ones((2, 12), jnp.float32)}
+    batch["taps"] = system.main_taps(tokens)
+    key = jax.random.key(7)
+    noisy = batch | {"taps": with_noise(batch["taps"], 0.5, jax.random.split(key, 2)[0])}
+    for distill in (0.0, 1.0):
+        clean_cfg = TrainConfig(distill_weight=distill)
+        cfg = dataclasses.replace(clean_cfg, tap_noise=0.5)
+        got, _ = loss_fn(system, batch, cfg, key)
+        clean, _ = loss_fn(system, batch, clean_cfg, key)
+        on_noisy, _ = loss_fn(system, noisy, clean_cfg)
+        assert abs(float(got) - float(clean)) > 1e-3
+        assert float(loss_fn(system, batch, cfg)[0]) == float(clean)  # no key: no noise
+        if distill:
+            assert abs(float(got) - float(on_noisy)) > 1e-3
+        else:
+            assert float(got) == pytest.approx(float(on_noisy), abs=1e-6)
 
 
 def test_a_window_with_its_past_taps_trains_as_the_whole_row():

@@ -104,6 +104,7 @@ class TrainConfig:
     draft_weight: float = 1.0  # drafter loss weight against the main loss
     draft_decay: float = 0.8  # geometric per-offset weights 1, d, d^2, ... (normalised)
     distill_weight: float = 0.0  # drafter onto the main model's own distribution
+    tap_noise: float = 0.0  # drafter reads taps + U(-a, a) * their RMS in training (EAGLE)
     log_every: int = 20
     eval_every: int = 200
     eval_batches: int = 8
@@ -136,6 +137,7 @@ class TrainConfig:
             "train.main_lr_scale",
             f"must be in [0, 1], got {self.main_lr_scale}",
         )
+        check(self.tap_noise >= 0, "train.tap_noise", f"must be >= 0, got {self.tap_noise}")
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
         check(
             self.sharding in ("replicate", "fsdp"),

@@ -299,11 +299,14 @@ class MTPSystem(nnx.Module):
         u_x = jnp.zeros(x_xd.shape[:-1]) if urgency_x is None else urgency_x
         return self.drafter.keep_logits(x_xd, u_x)
 
-    def forward(self, tokens_bt, urgency_b=None) -> tuple[jax.Array, Drafts]:
+    def forward(self, tokens_bt, urgency_b=None, augment=None) -> tuple[jax.Array, Drafts]:
         """Teacher-forced forward: main logits (B, T, V) and the drafts (hidden states
-        (B, T, k, d) with their head), to be scored one offset at a time."""
+        (B, T, k, d) with their head), to be scored one offset at a time. `augment` maps the
+        taps (B, T, L, D) before the drafter reads them (e.g. `taps.with_noise`)."""
         logits_btv, taps_btld, _ = self.main(tokens_bt, urgency_b=urgency_b)
-        return logits_btv, self.drafts_from_taps(tokens_bt, self.taps_for_drafter(taps_btld))
+        taps_btld = self.taps_for_drafter(taps_btld)
+        taps_btld = taps_btld if augment is None else augment(taps_btld)
+        return logits_btv, self.drafts_from_taps(tokens_bt, taps_btld)
 
     def main_taps(self, tokens_bt) -> jax.Array:
         """The main model's taps (B, T, L, D) over tokens (B, T), as the drafter reads them

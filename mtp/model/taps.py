@@ -1,5 +1,6 @@
 """What a drafter reads of the main model: its taps fused into one vector per position
-(`TapFusion`), the taps before a teacher-forced row (`Past`), and the teacher-forced
+(`TapFusion`), the taps before a teacher-forced row (`Past`), their training-time noise
+(`with_noise`), and the teacher-forced
 attention of a drafter block over every position's draft chain and the context
 (`context_block`, for `drafter.context`). Shapes: B rows, T positions, L taps, D the main
 model's width, d the drafter's, K draft steps, P past slots."""
@@ -37,6 +38,16 @@ class TapFusion(nnx.Module):
     def __call__(self, taps_btld):
         b, t = taps_btld.shape[:2]
         return self.proj(self.norm(taps_btld.astype(jnp.float32)).reshape(b, t, -1))  # (B, T, d)
+
+
+def with_noise(taps_btld, scale: float, key):
+    """Taps (B, T, L, D) plus uniform noise in +-scale times each tap's RMS over D (EAGLE's
+    feature augmentation): a drafter trained on few rows then leans less on any one
+    coordinate of the main model's features. Training only; decoding reads them as they are."""
+    x = taps_btld.astype(jnp.float32)
+    rms_btl1 = jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True))
+    u = jax.random.uniform(key, x.shape, jnp.float32, -1.0, 1.0)
+    return (x + scale * rms_btl1 * u).astype(taps_btld.dtype)
 
 
 def context_block(block: Block, x_btkd, m_btd, past_m_bpd=None, valid_bp=None):

@@ -18,9 +18,11 @@ from flax import nnx
 from mtp.config import Run
 from mtp.data.tokenizer import Tokenizer
 from mtp.model.system import MTPSystem
-from mtp.model.taps import Past
+from mtp.model.taps import Past, with_noise
 from mtp.train.losses import accuracy_metrics, offset_weights, supervised_terms
 from mtp.train.pretrained import load_pretrained
+
+NOISE_SEED = 0  # the tap noise of step s is drawn from fold_in(key(NOISE_SEED), s): resumable
 
 
 def _adamw(train_config, scale: float = 1.0) -> optax.GradientTransformation:
@@ -97,21 +99,31 @@ def _flatten(metrics: dict) -> dict:
     return out
 
 
-def loss_fn(system: MTPSystem, batch, train_config):
+def loss_fn(system: MTPSystem, batch, train_config, noise_key=None):
     """(loss, metrics): the supervised loss and the accuracy metrics of one batch; the drafter
     scored one offset at a time (`supervised_terms`). A batch's 'targets' (B, T), where given,
     are scored in place of its tokens: the frozen main model's own choices on rows it read
-    teacher-forced (`mtp.train.self_distill`); the drafter still reads the tokens."""
+    teacher-forced (`mtp.train.self_distill`); the drafter still reads the tokens. With
+    `noise_key` and `train.tap_noise` the drafter reads noisy taps (`taps.with_noise`); the
+    distillation teacher reads them clean."""
     tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
     targets_bt = batch.get("targets", tokens_bt)
+    augment = None
+    if noise_key is not None and train_config.tap_noise:
+        keys = iter(jax.random.split(noise_key, 2))  # the row's taps, then the past's
+        augment = lambda taps_xld: with_noise(taps_xld, train_config.tap_noise, next(keys))
     teacher_btu = None
     if "taps" in batch:  # a frozen main model's taps, computed once: the drafter alone
-        past = Past(batch["past_taps"], batch["past_mask"] > 0) if "past_taps" in batch else None
-        logits_btv, drafts = None, system.drafts_from_taps(tokens_bt, batch["taps"], past)
+        taps_btld, past_btld = batch["taps"], batch.get("past_taps")
+        if augment is not None:
+            taps_btld = augment(taps_btld)
+            past_btld = None if past_btld is None else augment(past_btld)
+        past = None if past_btld is None else Past(past_btld, batch["past_mask"] > 0)
+        logits_btv, drafts = None, system.drafts_from_taps(tokens_bt, taps_btld, past)
         if train_config.distill_weight:
             teacher_btu = system.main_logits_from_taps(batch["taps"])
     else:
-        logits_btv, drafts = system.forward(tokens_bt, batch.get("urgency"))
+        logits_btv, drafts = system.forward(tokens_bt, batch.get("urgency"), augment)
     loss, metrics, pred_btk = supervised_terms(
         logits_btv,
         drafts,
@@ -139,7 +151,8 @@ def train_step(graphdef, state, batch, *, train_config):
     system, optimizer = nnx.merge(graphdef, state)
     wrt = nnx.DiffState(0, trainable(train_config))
     grad_fn = nnx.value_and_grad(loss_fn, argnums=wrt, has_aux=True)
-    (_, metrics), grads = grad_fn(system, batch, train_config)
+    noise_key = jax.random.fold_in(jax.random.key(NOISE_SEED), optimizer.step[...])
+    (_, metrics), grads = grad_fn(system, batch, train_config, noise_key)
     metrics["grad_norm"] = optax.global_norm(grads)
     optimizer.update(system, grads)
     return nnx.state((system, optimizer)), _flatten(metrics)
