@@ -6,7 +6,8 @@ r"""Where a speculative pass's time goes: main pass, drafter, verification bookk
 
 Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
 - main, 1 token: slow mode's pass (the LM head at the one fed token);
-- main, k + 1 tokens: the verification pass of a chain (logits at every fed token);
+- main, k + 1 tokens: the verification pass of a chain (logits at every fed token); with
+  `--widths` also other widths (a draft tree of N nodes feeds N + 1 tokens);
 - drafter, k steps: `MTPSystem.draft` after one main token, greedy;
 - the whole loop per pass, from `Decoder.generate` (slow and speculative, rows never stop;
   the extra wall time of 2n new tokens over n, per extra pass, so the prefill cancels):
@@ -20,6 +21,7 @@ reproduces it.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import runpy
 import shlex
@@ -44,6 +46,9 @@ def _args(argv):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     p.add_argument("--new_tokens", type=int, default=64, help="per row, for the loop figures")
+    p.add_argument(
+        "--widths", default="", help="also time main passes feeding these many tokens (e.g. 2,9,17)"
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--xla_flags", default=XLA_FLAGS)
     return p.parse_args(argv)
@@ -115,10 +120,10 @@ def main(argv=None):
         feed = jnp.zeros((b, 1), jnp.int32)
         return s.main_pass(feed, pos_b, cache, logits_at_b=jnp.zeros((b,), jnp.int32))[0]
 
-    @jax.jit
-    def main_wide(state, cache):
+    @functools.partial(jax.jit, static_argnums=2)
+    def main_wide(state, cache, w):
         s = nnx.merge(graph, state)
-        return s.main_pass(jnp.zeros((b, k + 1), jnp.int32), pos_b, cache)[0]
+        return s.main_pass(jnp.zeros((b, w), jnp.int32), pos_b, cache)[0]
 
     @jax.jit
     def drafter(state, taps_bld, cache):
@@ -129,9 +134,11 @@ def main(argv=None):
     r = args.repeats
     ms = {
         "main, 1 token (slow's pass)": _best_ms(lambda: main_one(state, cache), r),
-        f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache), r),
+        f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache, k + 1), r),
         f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache), r),
     }
+    for w in sorted({int(x) for x in args.widths.split(",") if x} - {1, k + 1}):
+        ms[f"main, {w} tokens"] = _best_ms(lambda w=w: main_wide(state, cache, w), r)
     dec = Decoder(system, tok.specials)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
     for label, mode in (("slow", "slow"), ("speculative", Speculative(max_batch=0))):

@@ -48,9 +48,13 @@ def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
 def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
     exp = tmp_path / "tiny.py"
     exp.write_text(TINY_EXPERIMENT)
-    ms = pass_cost.main([f"--config={exp}", "--context=16", "--new_tokens=8", "--repeats=2"])
-    assert set(ms) >= {"main, 1 token (slow's pass)", "main, 3 tokens (verification)",
-                       "drafter, 2 steps", "speculative loop, per pass"}  # fmt: skip
+    argv = [f"--config={exp}", "--context=16", "--new_tokens=8", "--repeats=2", "--widths=3,5"]
+    ms = pass_cost.main(argv)
+    assert set(ms) >= {
+        "main, 1 token (slow's pass)", "main, 3 tokens (verification)", "main, 5 tokens",
+        "drafter, 2 steps", "speculative loop, per pass",
+    }  # fmt: skip
+    assert "main, 3 tokens" not in ms  # the verification width is timed once
     assert all(v > 0 for n, v in ms.items() if "loop" not in n and "bookkeeping" not in n)
     # (the loop figures are differences of wall times: at this size, noise)
     assert f"reproduce: python benchmarks/pass_cost.py --config={exp}" in capsys.readouterr().out
