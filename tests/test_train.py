@@ -307,6 +307,26 @@ def test_tap_noise_reaches_the_drafter_not_the_teacher_nor_the_evaluation():
             assert abs(float(got) - float(on_noisy)) > 1e-3
         else:
             assert float(got) == pytest.approx(float(on_noisy), abs=1e-6)
+    live = {"tokens": tokens, "loss_mask": batch["loss_mask"]}  # taps from a main forward
+    noisy_live, _ = loss_fn(system, live, TrainConfig(tap_noise=0.5), key)
+    assert abs(float(noisy_live) - float(loss_fn(system, live, TrainConfig(), key)[0])) > 1e-3
+
+
+def test_tap_noise_reaches_the_past_taps_of_a_drafter_that_reads_the_context():
+    """A window's past taps get their own noise (the second half of the step's key)."""
+    main = dataclasses.replace(CHUNK_MAIN, n_layers=2, taps=(-1, 0))
+    cfg = DrafterConfig(k=3, n_heads=2, detach=True, context=True)
+    system = MTPSystem(main, cfg, pad_id=0, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, 48)
+    taps, c, key = system.main_taps(tokens), 5, jax.random.key(3)
+    batch = {"tokens": tokens[:, c:], "loss_mask": jnp.ones((2, 14 - c)), "taps": taps[:, c:],
+             "past_taps": taps[:, :c], "past_mask": jnp.ones((2, c))}  # fmt: skip
+    row_key, past_key = jax.random.split(key)
+    noisy = batch | {"taps": with_noise(batch["taps"], 0.5, row_key),
+                     "past_taps": with_noise(batch["past_taps"], 0.5, past_key)}  # fmt: skip
+    got, _ = loss_fn(system, batch, TrainConfig(tap_noise=0.5), key)
+    want, _ = loss_fn(system, noisy, TrainConfig())
+    assert float(got) == pytest.approx(float(want), abs=1e-6)
 
 
 def test_a_window_with_its_past_taps_trains_as_the_whole_row():

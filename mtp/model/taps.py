@@ -1,9 +1,9 @@
 """What a drafter reads of the main model: its taps fused into one vector per position
 (`TapFusion`), the taps before a teacher-forced row (`Past`), their training-time noise
-(`with_noise`), and the teacher-forced
-attention of a drafter block over every position's draft chain and the context
-(`context_block`, for `drafter.context`). Shapes: B rows, T positions, L taps, D the main
-model's width, d the drafter's, K draft steps, P past slots."""
+(`with_noise`), and the teacher-forced attention of a drafter block over every
+position's draft chain and the context (`context_block`, for `drafter.context`). Shapes:
+B rows, T positions, L taps, D the main model's width, d the drafter's, K draft steps, P
+past slots."""
 
 from __future__ import annotations
 

@@ -108,21 +108,20 @@ def loss_fn(system: MTPSystem, batch, train_config, noise_key=None):
     distillation teacher reads them clean."""
     tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
     targets_bt = batch.get("targets", tokens_bt)
-    augment = None
-    if noise_key is not None and train_config.tap_noise:
-        keys = iter(jax.random.split(noise_key, 2))  # the row's taps, then the past's
-        augment = lambda taps_xld: with_noise(taps_xld, train_config.tap_noise, next(keys))
+    a = train_config.tap_noise if noise_key is not None else 0.0
+    row_key, past_key = jax.random.split(noise_key) if a else (None, None)
     teacher_btu = None
     if "taps" in batch:  # a frozen main model's taps, computed once: the drafter alone
         taps_btld, past_btld = batch["taps"], batch.get("past_taps")
-        if augment is not None:
-            taps_btld = augment(taps_btld)
-            past_btld = None if past_btld is None else augment(past_btld)
+        if a:
+            taps_btld = with_noise(taps_btld, a, row_key)
+            past_btld = None if past_btld is None else with_noise(past_btld, a, past_key)
         past = None if past_btld is None else Past(past_btld, batch["past_mask"] > 0)
         logits_btv, drafts = None, system.drafts_from_taps(tokens_bt, taps_btld, past)
         if train_config.distill_weight:
             teacher_btu = system.main_logits_from_taps(batch["taps"])
     else:
+        augment = (lambda taps_btld: with_noise(taps_btld, a, row_key)) if a else None
         logits_btv, drafts = system.forward(tokens_bt, batch.get("urgency"), augment)
     loss, metrics, pred_btk = supervised_terms(
         logits_btv,
