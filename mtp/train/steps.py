@@ -150,7 +150,9 @@ def train_step(graphdef, state, batch, *, train_config):
     system, optimizer = nnx.merge(graphdef, state)
     wrt = nnx.DiffState(0, trainable(train_config))
     grad_fn = nnx.value_and_grad(loss_fn, argnums=wrt, has_aux=True)
-    noise_key = jax.random.fold_in(jax.random.key(NOISE_SEED), optimizer.step[...])
+    noise_key = None  # no key, no noise: nothing drawn unless train.tap_noise asks for it
+    if train_config.tap_noise:
+        noise_key = jax.random.fold_in(jax.random.key(NOISE_SEED), optimizer.step[...])
     (_, metrics), grads = grad_fn(system, batch, train_config, noise_key)
     metrics["grad_norm"] = optax.global_norm(grads)
     optimizer.update(system, grads)
