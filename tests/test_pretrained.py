@@ -25,6 +25,7 @@ from mtp.config import (
 from mtp.config.sources import local_source
 from mtp.data.format import encode_chat_prompt
 from mtp.data.rows_dataset import read_rows
+from mtp.data.task_data import parse_task_spec
 from mtp.data.tasks import make_task
 from mtp.data.tokenizer import ByteTokenizer, tokenizer_of
 from mtp.decode.engine import Decoder
@@ -122,6 +123,31 @@ def test_self_distillation_generates_in_calls_of_distill_batch_size(
     run, tok, system = _shaped_system(c)
     self_distill.generate_rows(run, tok, system, "train")
     assert seen == calls
+
+
+def test_self_distillation_calls_take_prompts_of_similar_lengths_rows_keep_their_order(
+    tmp_path, monkeypatch
+):
+    """Prompts go to the decoder shortest first (each prefill as wide as its longest), and
+    every row still holds its own prompt, at its place in the task's order."""
+    seen = []
+
+    class Recording(Decoder):
+        def generate(self, prompts, **kw):
+            seen.append([p.size for p in prompts])
+            return super().generate(prompts, **kw)
+
+    monkeypatch.setattr(self_distill, "Decoder", Recording)
+    run, tok, system = _shaped_system(_config(_checkpoint(tmp_path / "hf")))
+    task, n = parse_task_spec(run.data.corpus.removeprefix(self_distill.PREFIX))
+    prompts = [encode_chat_prompt(tok, ex.prompt) for ex in task.examples("train", n, start=0)]
+    sizes = [p.size for p in prompts]
+    assert sizes != sorted(sizes)  # else the order would not be tested
+    rows, mask = self_distill.generate_rows(run, tok, system, "train")
+    assert sum(seen, []) == sorted(sizes)
+    for row, row_mask, prompt in zip(rows, mask, prompts, strict=True):
+        np.testing.assert_array_equal(row[: prompt.size], prompt)
+        assert row_mask[: prompt.size].sum() == 0 and row_mask[prompt.size] == 1
 
 
 def test_frozen_recipe_trains_the_drafter_on_the_main_models_own_text(tmp_path):

@@ -41,6 +41,26 @@ def test_cached_decoding_equals_full_forward(n_registers, tie):
         np.testing.assert_allclose(ta, taps, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_registers", [0, 3])
+def test_a_fresh_prefill_reads_only_the_registers_and_decodes_on_the_same(n_registers):
+    """`fresh` (a prefill from position 0) skips reading the empty cache: its logits, taps
+    and cache equal the plain cached prefill's, with registers attended to, and the next
+    passes continue from its cache as from the plain one's."""
+    cfg = dataclasses.replace(CFG, n_registers=n_registers, taps=(0, 1))
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, cfg.vocab_size)
+    full, _, _ = model(tokens)
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    plain = model(tokens[:, :12], pos, model.init_cache(2))
+    fresh = model(tokens[:, :12], pos, model.init_cache(2), fresh=True)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    np.testing.assert_allclose(fresh[0], full[:, :12], atol=1e-4)
+    nxt = jnp.broadcast_to(jnp.arange(12, 16), (2, 4))
+    lo, _, _ = model(tokens[:, 12:], nxt, fresh[2])
+    np.testing.assert_allclose(lo, full[:, 12:], atol=1e-4)
+
+
 @pytest.mark.parametrize("n_registers", [0, 2])
 def test_rows_at_different_positions_and_stale_slots_are_ignored(n_registers):
     """Speculative decoding's cache use: rows at their own positions feed k + 1 tokens per

@@ -67,8 +67,9 @@ def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b):
     system = nnx.merge(graphdef, state)
     b = prompt_bt.shape[0]
     cache = system.init_cache(b)
+    start_b = jnp.zeros((b,), jnp.int32)
     logits_b1v, taps_btld, cache = system.main_pass(
-        prompt_bt, jnp.zeros((b,), jnp.int32), cache, urgency_b, logits_at_b=plen_b - 1
+        prompt_bt, start_b, cache, urgency_b, logits_at_b=plen_b - 1, fresh=True
     )
     return cache, logits_b1v[:, 0], at(taps_btld, plen_b - 1)
 
@@ -186,9 +187,16 @@ def _thinking(prompt, specials: Specials) -> bool:
     return bool(opens.size) and (not closes.size or opens[-1] > closes[-1])
 
 
+WIDTH_STEP = 32  # prompts wider than this are padded to a multiple of it
+
+
 def prompt_width(longest: int, max_len: int) -> int:
-    """Prompts are padded to a power of two (>= 8) so few widths ever compile."""
-    return min(max_len, max(8, 1 << (longest - 1).bit_length()))
+    """Prompts are padded to a power of two (>= 8) up to `WIDTH_STEP`, then to a multiple of
+    it: few widths ever compile, and a prefill (compute-bound) wastes at most WIDTH_STEP - 1
+    positions per row, not up to half its width."""
+    if longest <= WIDTH_STEP:
+        return min(max_len, max(8, 1 << (longest - 1).bit_length()))
+    return min(max_len, -(-longest // WIDTH_STEP) * WIDTH_STEP)
 
 
 def make_mode(mode: str | Mode) -> Mode:

@@ -240,16 +240,17 @@ class MTPSystem(nnx.Module):
 
     def main_pass(
         self, tokens_bw, pos_b, cache: DecodeCache, urgency_b=None, *,
-        tree: FedTree | None = None, logits_at_b=None,
+        tree: FedTree | None = None, logits_at_b=None, fresh: bool = False,
     ):  # fmt: skip
         """The main model over W tokens per row at positions pos_b[:, None] + 0..W-1, with the
-        caches (`tree`: a draft tree, `FedTree`); the taps go to the drafter's context cache
+        caches (`tree`: a draft tree, `FedTree`; `fresh`: a prefill, the rows from position 0
+        of empty caches); the taps go to the drafter's context cache
         too. Returns logits (B, W, V) (or (B, 1, V) at fed token `logits_at_b`), taps
         (B, W, L, D) as the drafter reads them (the detach rule applied) and the caches."""
         pos_bw = pos_b[:, None] + jnp.arange(tokens_bw.shape[1])
         logits_bwv, taps_bwld, main_cache = self.main(
             tokens_bw, pos_bw, cache.main, urgency_b=urgency_b, tree=tree,
-            logits_at_b=logits_at_b,
+            logits_at_b=logits_at_b, fresh=fresh,
         )  # fmt: skip
         taps_bwld = self.taps_for_drafter(taps_bwld)
         rope_bw = rope_positions(pos_bw, tree)

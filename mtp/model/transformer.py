@@ -181,14 +181,19 @@ class Attention(nnx.Module):
         freqs_f = rope_freqs(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
         return rope(q_btnh, rope_bt, freqs_f), rope(k_btgh, rope_bt, freqs_f), v_btgh
 
-    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None):
+    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None, fresh=False):
+        """`fresh`: the cache holds nothing before the fed tokens but the registers (a prefill
+        from position 0), so only the registers' slots are read, not all S."""
         b, t, _ = x_btd.shape
+        r = self.cfg.n_registers
         q_btnh, k_btgh, v_btgh = self.project(x_btd, rope_positions(slot_bt, tree))
-        if cache is None:  # training / full forward: plain causal attention
+        if cache is None or (fresh and not r):  # nothing cached to read: plain causal attention
             out_btnh = jax.nn.dot_product_attention(q_btnh, k_btgh, v_btgh, is_causal=True)
-        else:  # attend to the cached past and the fed tokens, then write the fed tokens
+        else:  # attend to the cached past and the fed tokens
+            past = {name: x[:, :, :r] for name, x in cache.items()} if fresh else cache
             fed_btt = fed_mask(slot_bt, tree)
-            out_btnh = cached_attention(q_btnh, k_btgh, v_btgh, cache, slot_bt, fed_btt)
+            out_btnh = cached_attention(q_btnh, k_btgh, v_btgh, past, slot_bt, fed_btt)
+        if cache is not None:  # then write the fed tokens
             cache = write_slots(cache, k_btgh, v_btgh, slot_bt)
         return self.o(out_btnh.reshape(b, t, -1)), cache
 
@@ -240,8 +245,8 @@ class Block(nnx.Module):
         self.mlp_norm = rms_norm(cfg, rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None):
-        a_btd, cache = self.attn(self.attn_norm(x_btd), slot_bt, cache, tree)
+    def __call__(self, x_btd, slot_bt, cache=None, tree: FedTree | None = None, fresh=False):
+        a_btd, cache = self.attn(self.attn_norm(x_btd), slot_bt, cache, tree, fresh)
         x_btd = x_btd + a_btd
         return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
 
@@ -274,12 +279,12 @@ class Transformer(nnx.Module):
             x_btd = x_btd + (u_b[:, None, None] * self.urgency[...]).astype(x_btd.dtype)
         return x_btd
 
-    def _blocks(self, x_btd, slot_bt, cache, tree=None):
+    def _blocks(self, x_btd, slot_bt, cache, tree=None, fresh=False):
         taps = {t: None for t in self.cfg.tap_layers}
         new_cache = []
         for i, block in enumerate(self.blocks):
             layer = None if cache is None else cache[i]
-            x_btd, layer_cache = block(x_btd, slot_bt, layer, tree)
+            x_btd, layer_cache = block(x_btd, slot_bt, layer, tree, fresh)
             new_cache.append(layer_cache)
             if i in taps:
                 taps[i] = x_btd
@@ -295,14 +300,16 @@ class Transformer(nnx.Module):
 
     def __call__(
         self, tokens_bt, positions_bt=None, cache: Cache | None = None, urgency_b=None, *,
-        tree: FedTree | None = None, logits_at_b=None,
+        tree: FedTree | None = None, logits_at_b=None, fresh: bool = False,
     ):  # fmt: skip
         """tokens_bt int (B, T); positions_bt logical positions (B, T), default 0..T-1.
 
         Without a cache: a full causal forward over the tokens (registers
         prepended). With a cache (see `init_cache`): the tokens are written at
         their positions and attend to everything cached before them; `tree`: they
-        form a draft tree (consecutive positions give their slots, `FedTree` the rest).
+        form a draft tree (consecutive positions give their slots, `FedTree` the rest);
+        `fresh`: they start at position 0 of an empty cache (a prefill: no slot is read but
+        the registers').
         Returns logits (B, T, V) float32, or (B, 1, V) at fed token `logits_at_b` (B,) of
         each row when given (the LM head over one place: a prefill, a pass whose other
         logits nobody reads), taps (B, T, n_taps, D) and the cache.
@@ -320,7 +327,7 @@ class Transformer(nnx.Module):
             slot_bt = jnp.broadcast_to(jnp.arange(r + t), (b, r + t))
         else:
             slot_bt = positions_bt + r
-        x_btd, taps_btld, cache = self._blocks(x_btd, slot_bt, cache, tree)
+        x_btd, taps_btld, cache = self._blocks(x_btd, slot_bt, cache, tree, fresh)
         x_btd, taps_btld = x_btd[:, -t:], taps_btld[:, -t:]  # drop register outputs
         chex.assert_shape(taps_btld, (b, t, len(cfg.taps), cfg.d_model))
         if logits_at_b is not None:

@@ -78,16 +78,19 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
     mask = np.zeros((n, t), np.float32)
     dec = Decoder(system.with_max_len(t), tok.specials)  # rows end by t: a cache of t
     sampling = Sampling(temperature=run.data.distill_temperature)
+    # Calls of prompts of similar lengths: each prefill is as wide as its longest prompt.
+    order = np.argsort([p.size for p in prompts], kind="stable")
     with progress(n, desc=f"self-distillation ({split})") as bar:
         for i in range(0, n, b):
-            batch = prompts[i : i + b]
+            idx = order[i : i + b]
+            batch = [prompts[j] for j in idx]
             new = t - max(p.size for p in batch)
             res = dec.generate(batch, mode="slow", max_new_tokens=new, sampling=sampling, seed=i)
-            for j, p in enumerate(batch):
+            for j, (r, p) in enumerate(zip(idx, batch, strict=True)):
                 out = res.row(j)
-                rows[i + j, : p.size] = p
-                rows[i + j, p.size : p.size + out.size] = out
-                mask[i + j, p.size : p.size + out.size] = 1.0  # target x_t: emitted by the model
+                rows[r, : p.size] = p
+                rows[r, p.size : p.size + out.size] = out
+                mask[r, p.size : p.size + out.size] = 1.0  # target x_t: emitted by the model
             bar.update(len(batch))
     return rows, mask
 
