@@ -93,6 +93,13 @@ def _args(argv):
     )
     p.add_argument("--peer_repeats", type=int, default=3, help="timed passes per peer")
     p.add_argument("--bandwidth_gib", type=float, default=1.0, help="GiB read to time bandwidth")
+    p.add_argument(
+        "--cache_len",
+        type=int,
+        default=0,
+        help="KV-cache slots, mtp's and llama.cpp's n_ctx (0: model.max_len); each mtp pass "
+        "attends over all of its slots",
+    )
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -221,6 +228,9 @@ def main(argv=None):
     labels = args.modes.split(",")
     _check_modes([m for m in labels if m != "tree"] or ["slow"])
     system, tok, cfg, source, init_from = _system(args)
+    if args.cache_len:  # the same weights, another cache (`MTPSystem.with_max_len`)
+        system = system.with_max_len(args.cache_len)
+    cache_len = system.max_len
     peers = [p for p in args.peers.split(",") if p]
     if set(peers) - set(PEERS):
         raise SystemExit(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; allowed: {PEERS}")
@@ -302,7 +312,7 @@ def main(argv=None):
         for name in peers:
             got = run_peer(
                 name, files, prompts, batch, eos_id=stop, pad_id=tok.specials.pad,
-                max_new=args.max_new_tokens, n_ctx=cfg.max_len, repeats=args.peer_repeats,
+                max_new=args.max_new_tokens, n_ctx=cache_len, repeats=args.peer_repeats,
             )  # fmt: skip
             if got is None:
                 continue
@@ -321,7 +331,8 @@ def main(argv=None):
     k = dec.k
     print(
         f"# decode benchmark: {source} (d_model {cfg.d_model}, {cfg.n_layers} layers, k={k}), "
-        f"{args.max_new_tokens} new tokens per row, {sampling}, best of {args.repeats} per call; "
+        f"{args.max_new_tokens} new tokens per row, a cache of {cache_len} slots, {sampling}, "
+        f"best of {args.repeats} per call; "
         f"tree: {tree.tree_nodes} nodes ({tree.tree_beams} beams), verification width "
         f"{tree.width(k)} against the chain's {k + 1}"
     )
@@ -363,6 +374,7 @@ def main(argv=None):
         ),
         source=source,
         model=dict(d_model=cfg.d_model, n_layers=cfg.n_layers, max_len=cfg.max_len, k=k),
+        cache_len=cache_len,
         tree=dict(nodes=tree.tree_nodes, beams=tree.tree_beams),
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

@@ -25,8 +25,9 @@ def get_config(arg=None):
 def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = "--random --modes=slow,speculative,fast --batches=1,8 --repeats=1 --max_new_tokens=8"
-    argv = [*argv.split(), "--bandwidth_gib=0.01", f"--json={path}"]
+    argv = [*argv.split(), "--bandwidth_gib=0.01", "--cache_len=64", f"--json={path}"]
     out = decode.main(argv)
+    assert out["cache_len"] == 64  # of the random system's 256
     rows = {(r["batch"], r["mode"]): r for r in json.loads(path.read_text())["results"]}
     assert rows.keys() == {
         (b, m) for b in (1, 8) for m in ("slow", "speculative", "fast", "bandwidth bound")
