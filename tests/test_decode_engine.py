@@ -16,7 +16,7 @@ from scipy import stats
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
-from mtp.decode.engine import TRACES, Decoder, make_mode
+from mtp.decode.engine import TRACES, Decoder, make_mode, prompt_width
 from mtp.decode.modes import Pause, Speculative
 from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.speculative import verify_sampled
@@ -486,3 +486,10 @@ def test_a_shorter_cache_decodes_the_same_rows(kind):
             np.testing.assert_array_equal(got.row(i), want.row(i))
     with pytest.raises(ConfigError, match="with_max_len: n must be in 1..model.max_len=80"):
         system.with_max_len(81)
+
+
+def test_prompts_pad_to_a_power_of_two_then_to_multiples_of_32_within_the_cache():
+    """A prefill is compute-bound: past 32 tokens its width wastes less than 32 positions."""
+    widths = [prompt_width(n, 512) for n in (1, 9, 20, 32, 33, 65, 130, 183)]
+    assert widths == [8, 16, 32, 32, 64, 96, 160, 192]
+    assert prompt_width(300, 288) == 288

@@ -7,8 +7,8 @@ or its token limit). No Python runs per token, nothing goes to the host until
 the end, and nothing recompiles as the output grows: the output buffers are
 `max_len` long and the token limit is a traced argument. The loop compiles
 once per (architecture, mode, k, sampling settings, specials, batch), the
-prefill once per (architecture, batch, prompt width rounded up to a power of
-two); the weights are a traced argument, so new weights of the same
+prefill once per (architecture, batch, prompt width rounded up by
+`prompt_width`); the weights are a traced argument, so new weights of the same
 architecture (an RL update, another checkpoint) reuse both.
 
 A pass at position t emits the main token y_0 = x_{t+1} and may let the
