@@ -29,7 +29,7 @@ from mtp.metrics import compare_runs, read_csv
 from mtp.model.system import Drafts, MTPSystem, shifted
 from mtp.model.taps import with_noise
 from mtp.rl.objectives import distill_kl, token_dists
-from mtp.train import supervised
+from mtp.train import steps, supervised
 from mtp.train.losses import draft_accuracy, offset_weights
 from mtp.train.steps import init_train_state, jit_steps, loss_fn
 
@@ -401,3 +401,24 @@ def test_the_training_step_never_holds_all_draft_logits():
     temp = jax.jit(step).lower(abstract, batch).compile().memory_analysis().temp_size_in_bytes
     btv = b * t * main.vocab_size * 4
     assert temp < 4 * btv + 4 * btv // 2, temp / btv  # (B, T, k, V) alone is 4 btv
+
+
+def test_each_step_draws_its_own_tap_noise_and_a_resumed_step_the_same(monkeypatch):
+    """The noise key of step s is fold_in(key(NOISE_SEED), s): it differs from step to step,
+    and a run resumed at step s draws what the uninterrupted run drew there."""
+    run = resolve(tiny_config())
+    cfg = dataclasses.replace(run.train, tap_noise=0.2)
+    graphdef, state = init_train_state(run, TOK)
+    seen = []
+
+    def recording(system, batch, train_config, noise_key=None):
+        seen.append(np.asarray(jax.random.key_data(noise_key)))
+        return loss_fn(system, batch, train_config, noise_key)
+
+    monkeypatch.setattr(steps, "loss_fn", recording)
+    for _ in range(2):
+        state, _ = steps.train_step(graphdef, state, _fixed_batch(), train_config=cfg)
+    want = [jax.random.key_data(jax.random.fold_in(jax.random.key(steps.NOISE_SEED), s))
+            for s in (0, 1)]  # fmt: skip
+    np.testing.assert_array_equal(seen, want)
+    assert not np.array_equal(seen[0], seen[1])
