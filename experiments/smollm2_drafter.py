@@ -72,16 +72,17 @@ def get_config(arg=None):
         head="shared_frozen", draft_vocab=2048,
     )  # fmt: skip
     c.data.update(
-        corpus="distill:rg_gsm_symbolic:n=576", seq_len=288, batch_size=16,
-        eval_fraction=0.06, cache_taps=True, window_len=112,
+        corpus="distill:rg_gsm_symbolic:n=800", seq_len=288, batch_size=16,
+        eval_fraction=0.044, cache_taps=True, window_len=112, pack_windows=True,
     )  # fmt: skip
     c.train.update(
-        steps=720, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        steps=420, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
         distill_weight=1.0,
         eval_every=200, checkpoint_every=100, eval_batches=3, log_every=10,
     )  # fmt: skip
     if arg == "context":  # the drafter also attends over every past position's taps
         c.drafter.update(context=True)
+        c.data.update(pack_windows=False)  # each window brings its own past
     if arg == "forced":  # half the answers, and worked solutions read teacher-forced
         c.data.update(
             corpus="distill:rg_gsm_symbolic:n=288", eval_fraction=0.12, distill_batch_size=32,
@@ -90,7 +91,7 @@ def get_config(arg=None):
         c.train.update(steps=720)
     if arg == "joint":
         c.drafter.update(detach=False, head="shared")
-        c.data.update(cache_taps=False, window_len=0)  # windows are cut from cached taps
+        c.data.update(cache_taps=False, window_len=0, pack_windows=False)  # no cached taps
         c.train.update(main_lr_scale=0.1, steps=200, lr=1e-3)
     if arg == "gpu":
         c.model.update(dtype="bfloat16")

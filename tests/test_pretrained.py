@@ -36,7 +36,7 @@ from mtp.programs import PROGRAMS, run_program
 from mtp.train import self_distill
 from mtp.train.pretrained import with_checkpoint_shapes
 from mtp.train.self_distill import dataset_name
-from mtp.train.steps import init_train_state, jit_steps
+from mtp.train.steps import init_train_state, jit_steps, loss_fn
 
 TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
 BASE_VOCAB = 400  # the fixture tokenizer's own tokens
@@ -340,3 +340,47 @@ def test_windows_wider_than_the_width_are_cut_into_pieces(past):
         assert p == 14
         assert out["past_mask"].sum(1).tolist() == [2, 6, 10, 14]
         np.testing.assert_array_equal(out["past_taps"][1, p - 6 :, 0, 0], tokens[0, :6])
+
+
+def test_packed_windows_lie_end_to_end_in_rows_of_the_width():
+    """`pack`: every answer's window (from its last prompt token to its last target) in row
+    order, end to end, the stream cut into rows of `width`; 'segments' number the windows
+    from 1, padding (the last row's tail alone) is 0."""
+    t, width = 20, 4
+    tokens = np.arange(3 * t, dtype=np.int32).reshape(3, t)
+    mask = np.zeros((3, t), np.float32)
+    mask[0, 3:6] = 1.0  # window 2..6
+    mask[1, 15:17] = 1.0  # window 14..17 (row 1: tokens 34-36)
+    mask[2, 8:11] = 1.0  # window 7..11 (row 2: tokens 47-50)
+    taps = tokens[:, :, None, None].astype(np.float32)
+    out = self_distill.generated_windows(tokens, mask, taps, pad=-1, width=width, pack=True)
+    assert out["tokens"].tolist() == [[2, 3, 4, 5], [34, 35, 36, 47], [48, 49, 50, -1]]
+    assert out["segments"].tolist() == [[1, 1, 1, 1], [2, 2, 2, 3], [3, 3, 3, 0]]
+    assert out["loss_mask"].sum() == mask.sum()
+    assert out["loss_mask"][0].tolist() == [0, 1, 1, 1] and out["loss_mask"][1, 3] == 0
+    np.testing.assert_array_equal(out["taps"][..., 0, 0][out["tokens"] >= 0],
+                                  out["tokens"][out["tokens"] >= 0])  # fmt: skip
+
+
+def test_a_packed_row_scores_the_same_drafts_as_its_windows_apart(tmp_path):
+    """Windows end to end in one row give the drafter's loss, distillation and accepted length
+    of the same windows one per row: a draft near a window's end is never scored against
+    the next window's tokens."""
+    c = _config(_checkpoint(tmp_path / "hf"), distill_weight=1.0)
+    run, tok, system = _shaped_system(c)
+    rng = np.random.default_rng(0)
+    n, t = 5, 12
+    tokens = rng.integers(0, BASE_VOCAB, (n, t)).astype(np.int32)
+    mask = np.zeros((n, t), np.float32)
+    for i, (a, e) in enumerate([(2, 9), (1, 4), (5, 12), (3, 10), (4, 6)]):
+        mask[i, a:e] = 1.0
+    taps = rng.normal(size=(n, t, len(run.model.taps), 32)).astype(np.float32)
+    apart = self_distill.generated_windows(tokens, mask, taps, pad=tok.specials.pad)
+    width = int((apart["tokens"] != tok.specials.pad).sum())
+    packed = self_distill.generated_windows(
+        tokens, mask, taps, pad=tok.specials.pad, width=width, pack=True
+    )
+    assert packed["tokens"].shape == (1, width)
+    metrics = [loss_fn(system, jax.tree.map(jnp.asarray, b), run.train)[1] for b in (apart, packed)]
+    for name in ("loss/draft", "loss/distill", "accepted_len", "agree/draft"):
+        np.testing.assert_allclose(metrics[1][name], metrics[0][name], rtol=1e-5, err_msg=name)

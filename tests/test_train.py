@@ -67,12 +67,21 @@ def train_and_evaluate(config, workdir):
         ("data.teacher_forced", "rg_chain_sum", "data.teacher_forced: needs data.cache_taps"),
         ("data.window_len", -1, "data.window_len: must be >= 0"),
         ("data.window_len", 64, "data.window_len: needs data.cache_taps=True"),
+        ("data.pack_windows", True, "data.pack_windows: needs data.window_len > 0"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message) as e:
         resolve(tiny_config(**{field: value}))
     assert "\n" not in str(e.value)
+
+
+def test_packed_windows_refuse_a_drafter_that_reads_the_context():
+    packed = {"data.corpus": "distill:rg_chain_sum:n=4", "data.cache_taps": True,
+              "data.window_len": 8, "data.pack_windows": True}  # fmt: skip
+    resolve(tiny_config(**packed))
+    with pytest.raises(ConfigError, match="data.pack_windows: cannot pack for drafter.context"):
+        resolve(tiny_config(**packed, **{"drafter.context": True}))
 
 
 def test_unknown_field_is_named_with_the_allowed_ones():

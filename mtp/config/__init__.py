@@ -124,6 +124,11 @@ def _checked(run: Run, min_vocab: int = 262) -> Run:
         "drafter.n_heads",
         f"must divide drafter width {d}, got {run.drafter.n_heads}",
     )
+    check(
+        not (run.data.pack_windows and run.drafter.context),
+        "data.pack_windows",
+        "cannot pack for drafter.context=True (each window brings its own past taps)",
+    )
     if run.program == "rl":
         check(run.rl.rollout == "think", "rl.rollout", "program 'rl' runs 'think' rollouts")
         if run.rl.thought_mode == "learned":

@@ -34,6 +34,9 @@ class DataConfig:
     # solutions the frozen main model reads teacher-forced (its own choices are the targets)
     teacher_forced: str = ""
     window_len: int = 0  # cached taps: train windows cut to at most this (0: the widest answer)
+    # cached taps: answers' windows laid end to end in rows of window_len (no padding),
+    # each scored within its own answer (segment ids)
+    pack_windows: bool = False
 
     def __post_init__(self):
         check(self.seq_len >= 2, "data.seq_len", f"must be >= 2, got {self.seq_len}")
@@ -70,6 +73,11 @@ class DataConfig:
             not self.window_len or self.cache_taps,
             "data.window_len",
             "needs data.cache_taps=True (it cuts the cached taps' windows)",
+        )
+        check(
+            not self.pack_windows or self.window_len,
+            "data.pack_windows",
+            "needs data.window_len > 0 (the width of the rows the windows are packed into)",
         )
         check(
             not self.teacher_forced or self.cache_taps,

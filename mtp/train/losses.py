@@ -3,7 +3,9 @@
 Conventions (see `mtp.model.system`): main logits at t score x_{t+1}; draft
 logits at (t, j) score x_{t+2+j} (offset j + 1). `loss_mask_bt[t]` says whether
 token x_t counts as a target (0 for pads and pauses), so masking a pause in
-the data masks it for the main model and every draft offset at once.
+the data masks it for the main model and every draft offset at once. Rows that
+pack several windows end to end carry `segments_bt` (window ids, 0 for padding):
+a position is then scored only against targets of its own window.
 
 The drafter is scored one offset at a time (`Drafts`: hidden states and their
 head): a `lax.scan` over the K offsets whose body is a `jax.checkpoint`, so the
@@ -33,10 +35,13 @@ def _masked_mean(x, mask):
     return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def _targets(tokens_bt, mask_bt, k: int, start: int):
-    """Targets (B, T, k) = tokens shifted by start + j, and their masks (0 past the end)."""
+def _targets(tokens_bt, mask_bt, k: int, start: int, segments_bt=None):
+    """Targets (B, T, k) = tokens shifted by start + j, and their masks (0 past the end, and
+    with `segments_bt` (B, T) 0 where the target lies in another segment than t)."""
     tgt = shifted(tokens_bt, k, 0, start=start)
     m = shifted(mask_bt.astype(jnp.float32), k, 0, start=start)
+    if segments_bt is not None:
+        m = m * (shifted(segments_bt, k, -1, start=start) == segments_bt[..., None])
     return tgt, m
 
 
@@ -60,12 +65,14 @@ def supervised_terms(
     draft_weight: float = 1.0,
     distill_weight: float = 0.0,
     teacher_btu=None,
+    segments_bt=None,
 ):
     """`supervised_loss` plus the drafter's top-1 tokens pred_btk (B, T, k), full ids: returns
     (loss, metrics, pred_btk); `draft` is a `Drafts` or draft logits (B, T, k, V).
     `logits_btv` None: the drafter alone (a frozen main model's cached taps), no main loss;
     `teacher_btu` (B, T, U) then gives the main model's logits over the draft vocabulary for
-    distillation (`MTPSystem.main_logits_from_taps`)."""
+    distillation (`MTPSystem.main_logits_from_taps`); `segments_bt` (B, T): packed rows'
+    window ids (module docstring)."""
     drafts = _as_drafts(draft)
     k, t = drafts.k, tokens_bt.shape[1]
     if logits_btv is None:
@@ -73,11 +80,13 @@ def supervised_terms(
             raise ValueError("distillation needs the main model's logits or teacher_btu")
         main_loss = jnp.zeros((), jnp.float32)
     else:
-        main_tgt_bt, main_m_bt = (a[..., 0] for a in _targets(tokens_bt, mask_bt, 1, 1))
+        main_tgt_bt, main_m_bt = (
+            a[..., 0] for a in _targets(tokens_bt, mask_bt, 1, 1, segments_bt)
+        )
         main_ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btv, main_tgt_bt)
         main_loss = _masked_mean(main_ce_bt, main_m_bt)
 
-    tgt_btk, m_btk = _targets(tokens_bt, mask_bt, k, 2)
+    tgt_btk, m_btk = _targets(tokens_bt, mask_bt, k, 2, segments_bt)
     idx_btk, covered_btk = drafts.local(tgt_btk)
     m_in_btk = m_btk * covered_btk
     teacher_bsu = None
@@ -134,14 +143,14 @@ def supervised_loss(logits_btv, draft, tokens_bt, mask_bt, **weights):
     return loss, metrics
 
 
-def accuracy_metrics(logits_btv, pred_btk, tokens_bt, mask_bt):
+def accuracy_metrics(logits_btv, pred_btk, tokens_bt, mask_bt, segments_bt=None):
     """`draft_accuracy` from the drafter's top-1 full-vocabulary tokens pred_btk (B, T, k).
     `logits_btv` None (cached taps): the rows are the main model's own greedy text, so its
-    choices are taken to be the data's tokens."""
+    choices are taken to be the data's tokens. `segments_bt`: as `supervised_terms`."""
     k = pred_btk.shape[2]
-    main_tgt_bt, main_m_bt = (a[..., 0] for a in _targets(tokens_bt, mask_bt, 1, 1))
+    main_tgt_bt, main_m_bt = (a[..., 0] for a in _targets(tokens_bt, mask_bt, 1, 1, segments_bt))
     main_pred_bt = main_tgt_bt if logits_btv is None else logits_btv.argmax(-1)
-    tgt_btk, m_btk = _targets(tokens_bt, mask_bt, k, 2)
+    tgt_btk, m_btk = _targets(tokens_bt, mask_bt, k, 2, segments_bt)
     main_next_btk = shifted(main_pred_bt, k, -1, start=1)  # main's choice for x_{t+2+j}
     agree_btk = (pred_btk == main_next_btk).astype(jnp.float32)
     full_bt = m_btk[..., -1]  # positions whose k targets all lie inside the sequence

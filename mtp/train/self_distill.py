@@ -144,7 +144,9 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
             "loss_mask": np.concatenate([train["loss_mask"], f_mask]),
             "taps": np.concatenate([train["taps"], f_taps]),
         }
-    out["train"] = generated_windows(**train, pad=pad, past=past, width=run.data.window_len)
+    out["train"] = generated_windows(
+        **train, pad=pad, past=past, width=run.data.window_len, pack=run.data.pack_windows
+    )
     out["eval"] = generated_windows(**out["eval"], pad=pad, past=past)
     if run.data.teacher_forced:  # the choice for x_t is made at t - 1
         windows = out["train"]
@@ -163,7 +165,7 @@ def _window_bounds(loss_mask) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generated_windows(
-    tokens, loss_mask, taps, pad: int, past: bool = False, width: int = 0
+    tokens, loss_mask, taps, pad: int, past: bool = False, width: int = 0, pack: bool = False
 ) -> Arrays:
     """Rows (N, T), mask (N, T) and taps (N, T, L, D) cut to each row's window from its last
     prompt token (the first position with a target after it) to its end: (M, W) and
@@ -171,7 +173,13 @@ def generated_windows(
     of `width` (then M > N; a drafted pair whose position and target fall on two sides of a
     cut is lost). With `past` (a drafter that reads the context) also the taps
     before each window, right-aligned: 'past_taps' (M, P, L, D) and 'past_mask' (M, P), P
-    the latest window start (`mtp.model.drafter.Past`)."""
+    the latest window start (`mtp.model.drafter.Past`). With `pack` (and `width`) the whole
+    windows are laid end to end instead and the stream cut into rows of `width`, so no
+    position is padding but the last row's tail; 'segments' (M, W) then numbers each
+    position's window from 1 (0: padding), and a draft is scored only against targets of
+    its own window (`mtp.train.losses`)."""
+    if pack:
+        return _packed_windows(tokens, loss_mask, taps, pad, width)
     first, ends = _window_bounds(loss_mask)
     pieces = [  # (row, start, end)
         (i, s, min(s + width, e) if width else e)
@@ -193,6 +201,26 @@ def generated_windows(
             out["past_taps"][j, p - s :] = taps[i, :s]
             out["past_mask"][j, p - s :] = 1.0
     return out
+
+
+def _packed_windows(tokens, loss_mask, taps, pad: int, width: int) -> Arrays:
+    """`generated_windows` with `pack`: each row's window end to end, in rows of `width`."""
+    first, ends = _window_bounds(loss_mask)
+    keep = [i for i in range(len(first)) if ends[i] > first[i]]
+    total = sum(int(ends[i] - first[i]) for i in keep)
+    m = max(1, -(-total // width))
+    cut = {"tokens": tokens, "loss_mask": loss_mask, "taps": taps}
+    fill = {"tokens": pad}
+    flat = {k: np.full((m * width, *a.shape[2:]), fill.get(k, 0), a.dtype) for k, a in cut.items()}
+    flat["segments"] = np.zeros(m * width, np.int32)
+    at = 0
+    for seg, i in enumerate(keep, start=1):
+        s, e = first[i], ends[i]
+        for k, a in cut.items():
+            flat[k][at : at + e - s] = a[i, s:e]
+        flat["segments"][at : at + e - s] = seg
+        at += e - s
+    return {k: a.reshape(m, width, *a.shape[1:]) for k, a in flat.items()}
 
 
 WIDTH_STEP = 64  # taps passes run as wide as their longest row, rounded up to this

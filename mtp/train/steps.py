@@ -105,9 +105,10 @@ def loss_fn(system: MTPSystem, batch, train_config, noise_key=None):
     are scored in place of its tokens: the frozen main model's own choices on rows it read
     teacher-forced (`mtp.train.self_distill`); the drafter still reads the tokens. With
     `noise_key` and `train.tap_noise` the drafter reads noisy taps (`taps.with_noise`); the
-    distillation teacher reads them clean."""
+    distillation teacher reads them clean. 'segments' (B, T), where given, are packed rows'
+    window ids (`mtp.train.losses`)."""
     tokens_bt, mask_bt = batch["tokens"], batch["loss_mask"]
-    targets_bt = batch.get("targets", tokens_bt)
+    targets_bt, segments_bt = batch.get("targets", tokens_bt), batch.get("segments")
     a = train_config.tap_noise if noise_key is not None else 0.0
     row_key, past_key = jax.random.split(noise_key) if a else (None, None)
     teacher_btu = None
@@ -132,9 +133,10 @@ def loss_fn(system: MTPSystem, batch, train_config, noise_key=None):
         draft_weight=train_config.draft_weight,
         distill_weight=train_config.distill_weight,
         teacher_btu=teacher_btu,
+        segments_bt=segments_bt,
     )
     logits_btv = None if logits_btv is None else jax.lax.stop_gradient(logits_btv)
-    metrics.update(accuracy_metrics(logits_btv, pred_btk, targets_bt, mask_bt))
+    metrics.update(accuracy_metrics(logits_btv, pred_btk, targets_bt, mask_bt, segments_bt))
     return loss, metrics
 
 
