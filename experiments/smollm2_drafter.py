@@ -18,7 +18,8 @@ ChatML template. The recipe (Medusa-1 / EAGLE on a frozen base):
    and trains on the cached taps alone: cross-entropy on the rows' tokens plus a KL
    to the main model's own distribution (from the top layer's cached tap); its input
    embedding and output head are the main model's (frozen), trimmed to the 2,048
-   most frequent target tokens (EAGLE-3's draft vocabulary).
+   most frequent target tokens (EAGLE-3's draft vocabulary). The answers' windows lie
+   end to end in rows of 112 (`data.pack_windows`): no step pads.
 `:context` gives the drafter the whole past (`drafter.context`: it also attends over
 every earlier position's fused taps, as EAGLE's drafter does; training brings each
 window's prompt taps along). At 800 steps it reached 1.35 held out (0.93 / 1.22 / 1.35
@@ -35,24 +36,22 @@ compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
 taps move).
 
-2 CPU cores, 2026-12-03 (docs/benchmarks.md "Answers to their end"): answers 12.3 min
-(+ 0.9 for the 35 held out; until 2026-12-03 a call's answers were cut at the row's end
-less its longest prompt, most of them near 105 tokens: now they average 126), taps 4.5
-min, 720 steps of windows of at most 112 tokens at 2.1-2.4 s (28 min): 47 min in all,
-2 over the aim of 45. Held out the drafter's accepted length is 1.39 per pass at k = 4
-in the training evaluation (draft top-1 0.61 / 0.57 / 0.56 / 0.51 by offset), and
-decoding the 35 held-out prompts whole (greedy, 192 new tokens, identical to slow) the
-chain accepts **1.24** per pass (1.30x slow) and an EAGLE-2 tree of 16 nodes (8 beams,
-depth 4) **1.99** (1.03x slow): short of the aim of 2.0 (the recipe before, 800 steps
-on the cut answers: 1.40 / 1.19 / 1.96). At equal steps the fused taps and the
-distillation term changed nothing measurable (1.33 at step 600, as the single-tap
-recipe without them reached at its end); steps still help (0.90 / 1.13 / 1.33 / 1.40
-at 200 / 400 / 600 / 800), and on its training rows the drafter reaches 3.7 tokens
-per pass: it is short of data, and of a way to read the context (an EAGLE drafter
-attends over the past positions' features; this one sees the tap at t alone).
+2 CPU cores, 2026-12-03 (docs/benchmarks.md "Packed windows"): answers 12.8 min (+ 1.0
+for the 35 held out; they run to their end, 126 tokens on average), taps 5.0 min, 520
+packed steps at 2.5 s (21.6 min): **41 min** in all. Held out the drafter's accepted
+length is 1.38 per pass at k = 4 in the training evaluation (draft top-1 0.62 / 0.57 /
+0.55 / 0.51 by offset); decoding the 35 held-out prompts whole (greedy, 192 new
+tokens, identical to slow) the chain accepts **1.21** per pass (1.27x slow) and an
+EAGLE-2 tree of 16 nodes (8 beams, depth 4) **2.04** (1.03x slow); the unpacked recipe
+before (720 steps, 47 min): 1.39 in training, 1.24 / 1.99 decoded. 800
+answers and 420 packed steps (45.8 min) ended level, 1.37. At equal steps the fused
+taps and the distillation term changed nothing measurable; on its training rows the
+drafter reaches 3.7 tokens per pass: it is short of data, and its data costs 1.4 s
+per answer to generate.
 Stronger weight decay (`train.weight_decay=1.0`) ended level (1.39), and so did EAGLE's
-feature noise (`train.tap_noise=0.2`: 1.40); twice the answers (1,152) reached 1.60 at
-step 600 against 1.33, but their generation does not fit in the 45 minutes.
+feature noise (`train.tap_noise=0.2`: 1.40); twice the answers (1,152, cut near 105
+tokens, as the held-out rows then were) reached 1.60 at step 600 against 1.33, but
+their generation does not fit in the 45 minutes.
 """
 
 from mtp.config import default_config
@@ -72,11 +71,11 @@ def get_config(arg=None):
         head="shared_frozen", draft_vocab=2048,
     )  # fmt: skip
     c.data.update(
-        corpus="distill:rg_gsm_symbolic:n=800", seq_len=288, batch_size=16,
-        eval_fraction=0.044, cache_taps=True, window_len=112, pack_windows=True,
+        corpus="distill:rg_gsm_symbolic:n=576", seq_len=288, batch_size=16,
+        eval_fraction=0.06, cache_taps=True, window_len=112, pack_windows=True,
     )  # fmt: skip
     c.train.update(
-        steps=420, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        steps=520, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
         distill_weight=1.0,
         eval_every=200, checkpoint_every=100, eval_batches=3, log_every=10,
     )  # fmt: skip
