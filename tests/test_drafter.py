@@ -226,3 +226,29 @@ def test_a_draft_trees_accepted_path_moves_in_the_context_cache_too():
 def test_only_the_transformer_drafter_reads_the_context():
     with pytest.raises(UserError, match=r"drafter.context: only the transformer"):
         DrafterConfig(kind="medusa", context=True)
+
+
+@pytest.mark.parametrize("plus_one", [False, True])
+def test_copied_main_layers_start_the_drafter_as_one_more_main_layer(plus_one):
+    """With `copy_layers` each drafter block is the main model's layer (same output on the same
+    input) and its out norm the main model's final norm, so the shared head scores a drafter
+    step as the main model scores that layer's output ((1 + w) norms as well)."""
+    main = dataclasses.replace(MAIN, n_layers=3, norm_plus_one=plus_one)
+    cfg = DrafterConfig(k=4, n_layers=2, head="shared", copy_layers=(-1, 1))
+    system = MTPSystem(main, cfg, pad_id=0, rngs=nnx.Rngs(0))
+    for i, block in enumerate(system.main.blocks):  # every layer and norm told apart
+        leaves = nnx.state(block, nnx.Param)
+        noisy = jax.tree.map(lambda x: x + 0.1 * (i + 1), leaves)
+        nnx.update(block, noisy)
+    scale = system.main.final_norm.scale
+    scale[...] = jax.random.normal(jax.random.key(3), scale.shape)
+    system.copy_main_layers()
+    x_btd = jax.random.normal(jax.random.key(1), (2, 5, main.d_model))
+    slot_bt = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    for block, i in zip(system.drafter.blocks, (2, 1), strict=True):
+        want_btd, _ = system.main.blocks[i](x_btd, slot_bt)
+        got_btd, _ = block(x_btd, slot_bt)
+        np.testing.assert_allclose(got_btd, want_btd, atol=1e-6)
+    np.testing.assert_allclose(
+        system.drafter.logits(x_btd, system.tables()), system.main.logits(x_btd), atol=1e-5
+    )

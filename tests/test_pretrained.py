@@ -249,6 +249,23 @@ def test_every_program_gets_the_checkpoints_shapes(tmp_path, monkeypatch, progra
     assert seen["run"].model.vocab_size == seen["tok"].vocab_size == BASE_VOCAB + 4
 
 
+def test_a_drafter_started_from_the_pretrained_top_layer_trains_and_resumes(tmp_path):
+    """`drafter.copy_layers` on a pretrained main model: the drafter's block starts as the
+    checkpoint's top layer, in arrays of its own (the train state placed from the host and
+    donated to each step may hold no buffer twice), and a resumed run restores it."""
+    hf = _checkpoint(tmp_path / "hf")
+    c = _config(hf)
+    c.drafter.update(n_layers=1, copy_layers=(-1,))
+    run_program(resolve(c), tmp_path / "run")
+    c.train.update(steps=5, eval_every=5, checkpoint_every=5)
+    run_program(resolve(c), tmp_path / "run")
+    system, _ = ckpt.load_system(tmp_path / "run")
+    ref = read_weights(f"hf:{hf}")["blocks.1.attn.q.kernel"]
+    moved = np.abs(system.drafter.blocks[0].attn.q.kernel[...] - ref)
+    assert ckpt.manager(tmp_path / "run").latest_step() == 5
+    assert 0 < moved.mean() < 0.5 * np.abs(ref).mean()  # trained from the copy, not from noise
+
+
 def test_a_source_that_is_not_there_is_one_line(tmp_path):
     with pytest.raises(ConvertError, match="is not a directory"):
         local_source(f"hf:{tmp_path / 'none'}")

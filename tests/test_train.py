@@ -68,6 +68,7 @@ def train_and_evaluate(config, workdir):
         ("data.window_len", -1, "data.window_len: must be >= 0"),
         ("data.window_len", 64, "data.window_len: needs data.cache_taps=True"),
         ("data.pack_windows", True, "data.pack_windows: needs data.window_len > 0"),
+        ("drafter.copy_layers", (0, 1), "drafter.copy_layers: one main layer per block"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
@@ -82,6 +83,14 @@ def test_packed_windows_refuse_a_drafter_that_reads_the_context():
     resolve(tiny_config(**packed))
     with pytest.raises(ConfigError, match="data.pack_windows: cannot pack for drafter.context"):
         resolve(tiny_config(**packed, **{"drafter.context": True}))
+
+
+def test_copied_layers_must_lie_in_the_main_model_and_not_feed_a_context_drafter():
+    with pytest.raises(ConfigError, match="drafter.copy_layers: cannot copy main layers into"):
+        resolve(tiny_config(**{"drafter.copy_layers": (-1,), "drafter.context": True}))
+    run = resolve(tiny_config(**{"drafter.copy_layers": (2,)}))  # the model has layers 0..1
+    with pytest.raises(ConfigError, match=r"drafter.copy_layers: the main model has layers 0..1 "):
+        steps.make_system(run, TOK)
 
 
 def test_unknown_field_is_named_with_the_allowed_ones():

@@ -158,6 +158,10 @@ class DrafterConfig:
     # Transformer drafter: its blocks also attend over the main model's fused taps at every
     # past position (EAGLE), not only the tap at t; decoding carries them in a context cache.
     context: bool = False
+    # Transformer drafter: main-model layers (one per drafter block, e.g. (-1,) the top one)
+    # whose weights start the drafter's blocks, which then take the main model's block shape;
+    # its out norm starts as the main model's final norm. () = random blocks.
+    copy_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         check(self.kind in DRAFTER_KINDS, "drafter.kind", f"{self.kind!r} not in {DRAFTER_KINDS}")
@@ -175,6 +179,18 @@ class DrafterConfig:
             "drafter.context",
             f"only the transformer drafter reads the context, got kind {self.kind!r}",
         )
+        if self.copy_layers:
+            check(
+                self.kind == "transformer" and len(self.copy_layers) == self.n_layers,
+                "drafter.copy_layers",
+                f"one main layer per block of the transformer drafter ({self.n_layers} for "
+                f"drafter.n_layers={self.n_layers}), got {self.copy_layers} for kind {self.kind!r}",
+            )
+            check(
+                not self.context,
+                "drafter.copy_layers",
+                "cannot copy main layers into a drafter that reads the context (drafter.context)",
+            )
 
 
 def model_config(config) -> ModelConfig:

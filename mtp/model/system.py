@@ -154,6 +154,27 @@ class MTPSystem(nnx.Module):
         self.draft_ids = _draft_ids(main, drafter, draft_ids)
         self.drafter_cfg = drafter
 
+    def copy_main_layers(self) -> None:
+        """Starts the drafter's blocks as copies of the main model's layers
+        `drafter.copy_layers` and its out norm as the main model's final norm: a drafter step
+        then begins as one more main layer whose output the main model's head reads (call
+        after the main model's weights are loaded; no-op without `copy_layers`)."""
+        layers, n = self.drafter_cfg.copy_layers, self.main.cfg.n_layers
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise ConfigError(
+                f"drafter.copy_layers: the main model has layers 0..{n - 1} (or -{n}..-1), "
+                f"got {bad}"
+            )
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)  # a donated train state holds no buffer twice
+        for block, i in zip(self.drafter.blocks, layers, strict=True):
+            nnx.update(block, copy(nnx.state(self.main.blocks[i % n], nnx.Param)))
+        if layers:
+            scale = self.main.final_norm.scale[...]
+            self.drafter.out_norm.scale[...] = (
+                scale + 1 if self.main.cfg.norm_plus_one else copy(scale)
+            )
+
     @property
     def max_len(self) -> int:
         """Longest sequence the main model (and its KV cache) supports."""

@@ -63,7 +63,8 @@ def make_system(
     run: Run, tok: Tokenizer, seed: int | None = None, *, pretrained: bool = True, draft_ids=None
 ) -> MTPSystem:
     """The system of `run` (shapes already from `with_checkpoint_shapes`); with `pretrained`,
-    the main model's weights from `model.init_from`. `draft_ids` (N,): the trimmed draft
+    the main model's weights from `model.init_from` and the drafter's blocks copied from them
+    (`drafter.copy_layers`). `draft_ids` (N,): the trimmed draft
     vocabulary (`drafter.draft_vocab`)."""
     seed = run.seed if seed is None else seed
     system = MTPSystem(
@@ -71,6 +72,8 @@ def make_system(
     )
     if pretrained and run.model.init_from:
         load_pretrained(system.main, run)
+    if pretrained:
+        system.copy_main_layers()
     return system
 
 
