@@ -237,9 +237,8 @@ def test_copied_main_layers_start_the_drafter_as_one_more_main_layer(plus_one):
     cfg = DrafterConfig(k=4, n_layers=2, head="shared", copy_layers=(-1, 1))
     system = MTPSystem(main, cfg, pad_id=0, rngs=nnx.Rngs(0))
     for i, block in enumerate(system.main.blocks):  # every layer and norm told apart
-        leaves = nnx.state(block, nnx.Param)
-        noisy = jax.tree.map(lambda x: x + 0.1 * (i + 1), leaves)
-        nnx.update(block, noisy)
+        shift = 0.1 * (i + 1)
+        nnx.update(block, jax.tree.map(lambda x, s=shift: x + s, nnx.state(block, nnx.Param)))
     scale = system.main.final_norm.scale
     scale[...] = jax.random.normal(jax.random.key(3), scale.shape)
     system.copy_main_layers()

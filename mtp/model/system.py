@@ -166,7 +166,8 @@ class MTPSystem(nnx.Module):
                 f"drafter.copy_layers: the main model has layers 0..{n - 1} (or -{n}..-1), "
                 f"got {bad}"
             )
-        copy = lambda tree: jax.tree.map(jnp.copy, tree)  # a donated train state holds no buffer twice
+        # own arrays: a train state donated to the step may hold no buffer twice
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)
         for block, i in zip(self.drafter.blocks, layers, strict=True):
             nnx.update(block, copy(nnx.state(self.main.blocks[i % n], nnx.Param)))
         if layers:
