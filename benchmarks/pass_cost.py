@@ -6,6 +6,9 @@ r"""Where a speculative pass's time goes: main pass, drafter, verification bookk
 
 Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
 - main, 1 token: slow mode's pass (the LM head at the one fed token);
+- the main model's weight products alone: each 2-D weight times B vectors in one jit, the
+  floor a pass's matrix products set on this machine (the rest of a pass is attention,
+  norms, RoPE, the cache write and per-op overhead);
 - main, k + 1 tokens: the verification pass of a chain (logits at every fed token); with
   `--widths` also other widths (a draft tree of N nodes feeds N + 1 tokens);
 - drafter, k steps: `MTPSystem.draft` after one main token, greedy;
@@ -101,6 +104,7 @@ def main(argv=None):
 
     system, tok = system_from_args(args)
     b, k, ctx = args.batch, system.drafter_cfg.k, args.context
+    cfg = system.main.cfg
     graph, state = nnx.split(system)
     rng = np.random.default_rng(0)
     prompt_bt = jnp.asarray(rng.integers(0, tok.vocab_size, (b, ctx)), jnp.int32)
@@ -131,9 +135,26 @@ def main(argv=None):
         pick = lambda logits_bu, j: choose(logits_bu, Sampling(), None)
         return s.draft(taps_bld, jnp.zeros((b,), jnp.int32), pick, cache, pos_b - 1)[0]
 
+    embed = system.main.embed.embedding
+    flat = nnx.to_flat_state(nnx.state(system.main, nnx.Param))
+    kernels = [v[...] for path, v in flat if path[-1] == "kernel"]  # (in, out)
+
+    @jax.jit
+    def products(kernels, embed_vd):
+        """Each 2-D weight of the main model times B vectors, nothing else (the embedding as
+        the tied head reads it): what the pass's matrix products alone cost."""
+        x_bi = jnp.ones((b, max(w.shape[0] for w in kernels)), embed_vd.dtype)
+        out = sum((x_bi[:, : w.shape[0]] @ w).sum() for w in kernels)
+        if cfg.tie_embeddings:
+            out = out + jnp.einsum("bd,vd->bv", x_bi[:, : cfg.d_model], embed_vd).sum()
+        return out
+
     r = args.repeats
     ms = {
         "main, 1 token (slow's pass)": _best_ms(lambda: main_one(state, cache), r),
+        "main's weight products alone (B vectors)": _best_ms(
+            lambda: products(kernels, embed[...]), r
+        ),
         f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache, k + 1), r),
         f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache), r),
     }
@@ -156,7 +177,6 @@ def main(argv=None):
         spec_loop - ms[f"main, {k + 1} tokens (verification)"] - ms[f"drafter, {k} steps"]
     )
     base = ms["main, 1 token (slow's pass)"]
-    cfg = system.main.cfg
     cmd = "python benchmarks/pass_cost.py " + " ".join(shlex.quote(a) for a in argv)
     print(
         f"# pass cost: {args.workdir or args.config}: main d_model {cfg.d_model}, "

@@ -160,6 +160,8 @@ class MTPSystem(nnx.Module):
         then begins as one more main layer whose output the main model's head reads (call
         after the main model's weights are loaded; no-op without `copy_layers`)."""
         layers, n = self.drafter_cfg.copy_layers, self.main.cfg.n_layers
+        if not layers:
+            return
         bad = [i for i in layers if not -n <= i < n]
         if bad:
             raise ConfigError(
@@ -170,11 +172,8 @@ class MTPSystem(nnx.Module):
         copy = lambda tree: jax.tree.map(jnp.copy, tree)
         for block, i in zip(self.drafter.blocks, layers, strict=True):
             nnx.update(block, copy(nnx.state(self.main.blocks[i % n], nnx.Param)))
-        if layers:
-            scale = self.main.final_norm.scale[...]
-            self.drafter.out_norm.scale[...] = (
-                scale + 1 if self.main.cfg.norm_plus_one else copy(scale)
-            )
+        scale = self.main.final_norm.scale[...]
+        self.drafter.out_norm.scale[...] = scale + 1 if self.main.cfg.norm_plus_one else copy(scale)
 
     @property
     def max_len(self) -> int:
