@@ -91,6 +91,9 @@ def test_copied_layers_must_lie_in_the_main_model_and_not_feed_a_context_drafter
     run = resolve(tiny_config(**{"drafter.copy_layers": (2,)}))  # the model has layers 0..1
     with pytest.raises(ConfigError, match=r"drafter.copy_layers: the main model has layers 0..1 "):
         steps.make_system(run, TOK)
+    run = resolve(tiny_config(**{"drafter.copy_layers": (-1,), "drafter.d_model": 16}))
+    with pytest.raises(ConfigError, match="drafter.copy_layers: copied main layers need .* 32"):
+        steps.make_system(run, TOK)
 
 
 def test_unknown_field_is_named_with_the_allowed_ones():

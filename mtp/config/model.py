@@ -179,6 +179,7 @@ class DrafterConfig:
             "drafter.context",
             f"only the transformer drafter reads the context, got kind {self.kind!r}",
         )
+        object.__setattr__(self, "copy_layers", tuple(int(i) for i in self.copy_layers))
         if self.copy_layers:
             check(
                 self.kind == "transformer" and len(self.copy_layers) == self.n_layers,

@@ -36,9 +36,7 @@ Kinds, registered by name in `DRAFTERS` (the names `DrafterConfig` accepts are
   learned embedding of j. (RoPE alone cannot tell steps apart when tokens
   repeat: equal inputs give equal values, so "=1" and "=11" would draft alike.)
   Incremental: one new position per step, with a k-slot KV cache per block.
-  With `drafter.copy_layers` its blocks take the main model's block shape and start
-  as copies of main layers (`MTPSystem.copy_main_layers`), its out norm as the main
-  model's final norm: a step begins as one more main layer the shared head reads.
+  With `drafter.copy_layers` its blocks are main layers' copies (`copy_main_layers`).
   With `drafter.context` its blocks also attend over the fused taps of every
   position up to t (EAGLE's drafter reads the whole past; this one otherwise
   sees the tap at t alone): decoding keeps their keys and values in a context
@@ -251,21 +249,9 @@ class TransformerDrafter(DrafterBase):
         self.own_embed(main, rngs)
         self.in_proj = nnx.Linear(2 * self.d, self.d, use_bias=False, param_dtype=pdt, rngs=rngs)
         self.step_embed = nnx.Embed(cfg.k, self.d, param_dtype=pdt, rngs=rngs)
-        own_blocks = dict(
-            n_heads=cfg.n_heads,
-            n_kv_heads=cfg.n_heads,
-            d_ff=0,
-            d_head=0,
-            qkv_bias=False,
-            norm_plus_one=False,
-            mlp_act="silu",
-            rope_scaling=(),
-        )  # a plain block, whatever the main model's family (unless it copies the main's)
-        if cfg.copy_layers and self.d != main.d_model:
-            raise ConfigError(
-                f"drafter.copy_layers: copied main layers need the main model's width "
-                f"{main.d_model} (drafter.d_model 0), got {cfg.d_model}"
-            )
+        own_blocks = dict(  # a plain block, whatever the main model's family (else copied)
+            n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, d_ff=0, d_head=0, qkv_bias=False,
+            norm_plus_one=False, mlp_act="silu", rope_scaling=())  # fmt: skip
         block_cfg = dataclasses.replace(
             main, d_model=self.d, dtype="float32", taps=(-1,), n_registers=0, use_urgency=False,
             embed_scale=False, init_from="", **({} if cfg.copy_layers else own_blocks),

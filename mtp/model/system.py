@@ -162,6 +162,11 @@ class MTPSystem(nnx.Module):
         layers, n = self.drafter_cfg.copy_layers, self.main.cfg.n_layers
         if not layers:
             return
+        if self.drafter.d != self.main.cfg.d_model:
+            raise ConfigError(
+                f"drafter.copy_layers: copied main layers need the main model's width "
+                f"{self.main.cfg.d_model} (drafter.d_model 0), got {self.drafter.d}"
+            )
         bad = [i for i in layers if not -n <= i < n]
         if bad:
             raise ConfigError(
