@@ -6,9 +6,10 @@ r"""Where a speculative pass's time goes: main pass, drafter, verification bookk
 
 Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
 - main, 1 token: slow mode's pass (the LM head at the one fed token);
-- the main model's weight products alone: each 2-D weight times B vectors in one jit, the
-  floor a pass's matrix products set on this machine (the rest of a pass is attention,
-  norms, RoPE, the cache write and per-op overhead);
+- the main model's weight products alone: each 2-D weight times B vectors in one jit, one
+  after the other (each input depends on the previous product, as in a pass: the floor the
+  products set, the rest of a pass being attention, norms, RoPE and the cache write) and
+  independent (what the same bytes cost when XLA may merge or overlap the products);
 - main, k + 1 tokens: the verification pass of a chain (logits at every fed token); with
   `--widths` also other widths (a draft tree of N nodes feeds N + 1 tokens);
 - drafter, k steps: `MTPSystem.draft` after one main token, greedy;
@@ -139,21 +140,27 @@ def main(argv=None):
     flat = nnx.to_flat_state(nnx.state(system.main, nnx.Param))
     kernels = [v[...] for path, v in flat if path[-1] == "kernel"]  # (in, out)
 
-    @jax.jit
-    def products(kernels, embed_vd):
-        """Each 2-D weight of the main model times B vectors, nothing else (the embedding as
-        the tied head reads it): what the pass's matrix products alone cost."""
+    @functools.partial(jax.jit, static_argnums=2)
+    def products(kernels, embed_vd, chained: bool):
+        """Each 2-D weight of the main model times B vectors (the embedding as the tied head
+        reads it), nothing else: one after the other (each input depends on the previous
+        product, as in a pass) or independent (XLA may then merge or overlap them)."""
         x_bi = jnp.ones((b, max(w.shape[0] for w in kernels)), embed_vd.dtype)
-        out = sum((x_bi[:, : w.shape[0]] @ w).sum() for w in kernels)
-        if cfg.tie_embeddings:
-            out = out + jnp.einsum("bd,vd->bv", x_bi[:, : cfg.d_model], embed_vd).sum()
-        return out
+        out = jnp.zeros((), x_bi.dtype)
+        for w in kernels:
+            y = (x_bi[:, : w.shape[0]] * (1 + out if chained else 1) @ w).sum() * 1e-9
+            out = y if chained else out + y
+        x_bd = x_bi[:, : cfg.d_model] * (1 + out if chained else 1)
+        return out + jnp.einsum("bd,vd->bv", x_bd, embed_vd).sum() if cfg.tie_embeddings else out
 
     r = args.repeats
     ms = {
         "main, 1 token (slow's pass)": _best_ms(lambda: main_one(state, cache), r),
-        "main's weight products alone (B vectors)": _best_ms(
-            lambda: products(kernels, embed[...]), r
+        "main's weight products alone, one after the other": _best_ms(
+            lambda: products(kernels, embed[...], True), r
+        ),
+        "main's weight products alone, independent": _best_ms(
+            lambda: products(kernels, embed[...], False), r
         ),
         f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache, k + 1), r),
         f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache), r),
