@@ -107,10 +107,15 @@ class ModelConfig:
 
     def check_taps(self) -> None:
         """Every tap names a layer of the model (ConfigError otherwise)."""
-        for t in self.taps:
+        self.check_layers(self.taps, "model.taps")
+
+    def check_layers(self, layers: tuple[int, ...], field: str) -> None:
+        """Every index of config field `field` names a layer of the model (ConfigError
+        otherwise)."""
+        for t in layers:
             check(
                 -self.n_layers <= t < self.n_layers,
-                "model.taps",
+                field,
                 f"layer {t} is outside the model; allowed 0..{self.n_layers - 1} "
                 f"(or -{self.n_layers}..-1 from the top)",
             )

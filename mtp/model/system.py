@@ -167,12 +167,7 @@ class MTPSystem(nnx.Module):
                 f"drafter.copy_layers: copied main layers need the main model's width "
                 f"{self.main.cfg.d_model} (drafter.d_model 0), got {self.drafter.d}"
             )
-        bad = [i for i in layers if not -n <= i < n]
-        if bad:
-            raise ConfigError(
-                f"drafter.copy_layers: the main model has layers 0..{n - 1} (or -{n}..-1), "
-                f"got {bad}"
-            )
+        self.main.cfg.check_layers(layers, "drafter.copy_layers")
         # own arrays: a train state donated to the step may hold no buffer twice
         copy = lambda tree: jax.tree.map(jnp.copy, tree)
         for block, i in zip(self.drafter.blocks, layers, strict=True):
