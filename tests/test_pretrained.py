@@ -150,6 +150,22 @@ def test_self_distillation_calls_take_prompts_of_similar_lengths_rows_keep_their
         assert row_mask[: prompt.size].sum() == 0 and row_mask[prompt.size] == 1
 
 
+def test_capped_answers_are_the_whole_answers_first_tokens(tmp_path):
+    """`data.distill_max_new` cuts each answer after that many tokens: the same greedy
+    tokens as the uncut answer's first ones, under a dataset name of their own."""
+    c = _config(_checkpoint(tmp_path / "hf"))
+    run, tok, system = _shaped_system(c)
+    rows, mask = self_distill.generate_rows(run, tok, system, "train")
+    c.data.update(distill_max_new=3)
+    capped_run = resolve(c)
+    capped, capped_mask = self_distill.generate_rows(capped_run, tok, system, "train")
+    assert mask.sum(1).min() > 3  # else the cap would cut nothing
+    np.testing.assert_array_equal(capped_mask.sum(1), 3)
+    keep = capped_mask > 0
+    np.testing.assert_array_equal(capped[keep], rows[keep])
+    assert dataset_name(capped_run) != dataset_name(run)
+
+
 def test_frozen_recipe_trains_the_drafter_on_the_main_models_own_text(tmp_path):
     hf = _checkpoint(tmp_path / "hf")
     run = resolve(_config(hf))

@@ -66,6 +66,7 @@ def train_and_evaluate(config, workdir):
         ("data.corpus", "http://x", "data.corpus: 'http://x' is not one of"),
         ("data.teacher_forced", "rg_chain_sum", "data.teacher_forced: needs data.cache_taps"),
         ("data.window_len", -1, "data.window_len: must be >= 0"),
+        ("data.distill_max_new", -1, "data.distill_max_new: must be >= 0"),
         ("data.window_len", 64, "data.window_len: needs data.cache_taps=True"),
         ("data.pack_windows", True, "data.pack_windows: needs data.window_len > 0"),
         ("drafter.copy_layers", (0, 1), "drafter.copy_layers: one main layer per block"),

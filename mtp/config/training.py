@@ -29,6 +29,9 @@ class DataConfig:
     prompt_targets: bool = True  # task corpora: False masks the prompt's own targets
     distill_temperature: float = 0.0  # distill corpora: 0 = the main model's greedy text
     distill_batch_size: int = 0  # distill corpora: rows generated per call (0 = batch_size)
+    # distill corpora: each answer cut after this many tokens (0: at its end or the row's);
+    # a call runs until its longest answer ends, so a cap buys more prompts per minute
+    distill_max_new: int = 0
     cache_taps: bool = False  # distill corpora: main-model taps computed once (frozen main)
     # cached taps: 'NAME[:key=value,...]', a task whose chat prompts with their reference
     # solutions the frozen main model reads teacher-forced (its own choices are the targets)
@@ -57,6 +60,11 @@ class DataConfig:
             self.distill_batch_size >= 0,
             "data.distill_batch_size",
             f"must be >= 0 (0 = data.batch_size), got {self.distill_batch_size}",
+        )
+        check(
+            self.distill_max_new >= 0,
+            "data.distill_max_new",
+            f"must be >= 0 (0 = to the answer's end), got {self.distill_max_new}",
         )
         check(
             self.distill_temperature >= 0,

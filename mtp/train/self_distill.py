@@ -55,13 +55,15 @@ def dataset_name(run: Run) -> str:
     """Names what made the rows: task spec, main model, row length, temperature."""
     what = f"{run.data.corpus.removeprefix(PREFIX)}-{run.model.init_from or 'scratch'}"
     what += f"-T{run.data.seq_len}-temp{run.data.distill_temperature:g}"
+    if run.data.distill_max_new:
+        what += f"-new{run.data.distill_max_new}"
     return re.sub(r"[^A-Za-z0-9.=_-]+", "_", what)[:200]
 
 
 def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tuple:
     """(tokens (N, T), loss_mask (N, T)): chat prompts of the task's `split`, each followed by
-    the main model's continuation up to <eos> or the row's end; only the continuation is a
-    target."""
+    the main model's continuation up to <eos>, the row's end or `data.distill_max_new`
+    tokens; only the continuation is a target."""
     task, n = parse_task_spec(run.data.corpus.removeprefix(PREFIX))
     if split == "eval":
         n = max(1, round(n * run.data.eval_fraction))  # generating is costly: no floor of 64
@@ -85,6 +87,7 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
             idx = order[i : i + b]
             batch = [prompts[j] for j in idx]
             new = t - max(p.size for p in batch)
+            new = min(new, run.data.distill_max_new) if run.data.distill_max_new else new
             res = dec.generate(batch, mode="slow", max_new_tokens=new, sampling=sampling, seed=i)
             for j, (r, p) in enumerate(zip(idx, batch, strict=True)):
                 out = res.row(j)
