@@ -1,13 +1,17 @@
 """The benchmark scripts end to end on tiny systems: their rows, files and commands."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
+HAS_AVX512 = Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import handwritten_products  # noqa: E402
 import pass_cost  # noqa: E402
 import slow_batches  # noqa: E402
 
@@ -61,6 +65,21 @@ def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
     assert all(v > 0 for n, v in ms.items() if "loop" not in n and "bookkeeping" not in n)
     # (the loop figures are differences of wall times: at this size, noise)
     assert f"reproduce: python benchmarks/pass_cost.py --config={exp}" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    not (HAS_AVX512 and shutil.which("g++")), reason="the kernel needs g++ and AVX-512"
+)
+def test_the_handwritten_kernel_multiplies_as_xla_and_both_are_timed(capsys):
+    """The kernel's products equal XLA's (checked inside, on every product shape) at 1, 3
+    and 8 rows (odd output widths: the unpaired last row), and both chains are timed."""
+    argv = ["--d_model=32", "--q_width=48", "--kv_width=17", "--ff=16", "--layers=1"]
+    rows = handwritten_products.main([*argv, "--rows=1,3,8", "--repeats=1"])
+    assert [m for m, *_ in rows] == [1, 3, 8]
+    assert all(xla > 0 and own > 0 for _, xla, own in rows)
+    assert "reproduce: python benchmarks/handwritten_products.py --d_model=32" in (
+        capsys.readouterr().out
+    )
 
 
 def test_the_slow_batches_benchmark_times_every_batch(tmp_path, capsys):
