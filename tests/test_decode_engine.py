@@ -213,6 +213,24 @@ def test_speculation_is_off_past_max_batch():
         Speculative(max_batch=-1)
 
 
+@pytest.mark.parametrize("mode", ["slow", "speculative", "fast", "think"])
+def test_kept_taps_are_the_full_forwards_at_every_fed_position(mode):
+    """`keep_taps`: the taps at every prompt position and every emitted token, the last
+    included, equal a full forward's over the finished row, whatever a pass fed (fast: k + 1
+    tokens; speculative: drafts, some rejected and fed again; think: one-token passes after
+    the span), and without the option there are none."""
+    system = _trained("transformer")
+    dec, prompts = Decoder(system, S), _ids(PROMPTS)
+    res = dec.generate(prompts, mode=mode, max_new_tokens=24, keep_taps=True)
+    assert dec.generate(prompts, mode=mode, max_new_tokens=24).taps is None
+    for b, prompt in enumerate(prompts):
+        seq = np.concatenate([prompt, res.row(b)])
+        want = np.asarray(system.main_taps(jnp.asarray(seq)[None]))[0]
+        np.testing.assert_allclose(res.taps[b, : seq.size], want, atol=2e-5, rtol=1e-4)
+    with pytest.raises(DecodeError, match="keep_taps: not with draft trees"):
+        dec.generate(prompts, mode=Speculative(tree_nodes=4), keep_taps=True)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_fast_emits_k_plus_1_tokens_per_pass_and_feeds_them_all(k):
     system = _system("transformer", k, seed=1)

@@ -143,7 +143,7 @@ def test_self_distillation_calls_take_prompts_of_similar_lengths_rows_keep_their
     prompts = [encode_chat_prompt(tok, ex.prompt) for ex in task.examples("train", n, start=0)]
     sizes = [p.size for p in prompts]
     assert sizes != sorted(sizes)  # else the order would not be tested
-    rows, mask = self_distill.generate_rows(run, tok, system, "train")
+    rows, mask, _ = self_distill.generate_rows(run, tok, system, "train")
     assert sum(seen, []) == sorted(sizes)
     for row, row_mask, prompt in zip(rows, mask, prompts, strict=True):
         np.testing.assert_array_equal(row[: prompt.size], prompt)
@@ -155,15 +155,42 @@ def test_capped_answers_are_the_whole_answers_first_tokens(tmp_path):
     tokens as the uncut answer's first ones, under a dataset name of their own."""
     c = _config(_checkpoint(tmp_path / "hf"))
     run, tok, system = _shaped_system(c)
-    rows, mask = self_distill.generate_rows(run, tok, system, "train")
+    rows, mask, _ = self_distill.generate_rows(run, tok, system, "train")
     c.data.update(distill_max_new=3)
     capped_run = resolve(c)
-    capped, capped_mask = self_distill.generate_rows(capped_run, tok, system, "train")
+    capped, capped_mask, _ = self_distill.generate_rows(capped_run, tok, system, "train")
     assert mask.sum(1).min() > 3  # else the cap would cut nothing
     np.testing.assert_array_equal(capped_mask.sum(1), 3)
     keep = capped_mask > 0
     np.testing.assert_array_equal(capped[keep], rows[keep])
     assert dataset_name(capped_run) != dataset_name(run)
+
+
+def test_taps_kept_while_generating_replace_the_taps_pass_and_are_read_back(tmp_path, monkeypatch):
+    """With cached taps the rows' taps come from the passes that wrote them: no taps pass
+    runs, they equal the taps pass's over every window (within float32 rounding), and a
+    resumed run reads the same bits back; rows stored without taps get the taps pass."""
+    passes = []
+    taps_pass = self_distill.main_taps
+    monkeypatch.setattr(
+        self_distill, "main_taps", lambda *a, **kw: passes.append(1) or taps_pass(*a, **kw)
+    )
+    run, tok, system = _shaped_system(_config(_checkpoint(tmp_path / "hf")))
+    kept = self_distill.distill_arrays(run, tok, system, tmp_path / "run")
+    assert passes == []
+    again = self_distill.distill_arrays(run, tok, system, tmp_path / "run")
+    assert passes == []
+    for taps in (tmp_path / "run" / "distill" / "taps").iterdir():
+        taps.unlink()  # as rows written before taps were kept
+    recomputed = self_distill.distill_arrays(run, tok, system, tmp_path / "run")
+    assert passes == [1]
+    for split in ("train", "eval"):
+        np.testing.assert_array_equal(again[split]["taps"], kept[split]["taps"])
+        np.testing.assert_array_equal(recomputed[split]["tokens"], kept[split]["tokens"])
+        np.testing.assert_allclose(
+            kept[split]["taps"], recomputed[split]["taps"], atol=1e-5, rtol=1e-4
+        )
+        assert np.abs(kept[split]["taps"]).sum(-1).all(-1).sum() > 10  # windows, not zeros
 
 
 def test_frozen_recipe_trains_the_drafter_on_the_main_models_own_text(tmp_path):

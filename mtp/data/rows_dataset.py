@@ -4,12 +4,18 @@ One builder, `mtp_rows`, whose config name identifies what made the rows
 (e.g. the self-distillation spec and model). Each record is one training row:
 `tokens` (T,) int32 and `loss_mask` (T,) float32. No TensorFlow is needed:
 prepared from Python, read with `tfds.data_source`.
+
+Beside a split's rows, the model's taps over them (`write_taps`: an .npz holding only each
+row's span of positions that is read) when they were kept while the rows were written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -82,3 +88,36 @@ def read_rows(name: str, data_dir, seq_len: int, split: str) -> tuple[np.ndarray
         np.stack([r["tokens"] for r in records]).astype(np.int32),
         np.stack([r["loss_mask"] for r in records]).astype(np.float32),
     )
+
+
+def _taps_path(name: str, data_dir, split: str) -> Path:
+    return Path(data_dir) / "taps" / f"{name}-{split}.npz"
+
+
+def write_taps(name: str, data_dir, split: str, taps, spans) -> None:
+    """Stores a split's taps (N, T, L, D) at each row's positions spans (N, 2) [lo, hi),
+    the rest not (float32 on disk; atomically: a temporary file renamed). Written before the
+    rows, so that rows found prepared have their taps beside them if they were kept."""
+    path = _taps_path(name, data_dir, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = np.concatenate([taps[i, lo:hi] for i, (lo, hi) in enumerate(spans)])
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(
+            f, taps=flat.astype(np.float32), spans=np.asarray(spans), shape=np.array(taps.shape),
+            dtype=np.array(str(taps.dtype)),
+        )  # fmt: skip
+    os.replace(tmp, path)
+
+
+def read_taps(name: str, data_dir, split: str) -> np.ndarray | None:
+    """The taps (N, T, L, D) `write_taps` stored, zeros outside the spans; None if none were."""
+    path = _taps_path(name, data_dir, split)
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        out = np.zeros(tuple(f["shape"]), jnp.dtype(str(f["dtype"])))
+        flat, at = f["taps"], 0
+        for i, (lo, hi) in enumerate(f["spans"]):
+            out[i, lo:hi], at = flat[at : at + hi - lo], at + hi - lo
+    return out

@@ -59,10 +59,12 @@ class Plan:
     sampling: Sampling
     specials: Specials
     stop_id: int
+    keep_taps: bool = False
 
 
-def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b):
-    """Pass 0: the right-padded prompts in one forward -> cache, logits and taps at their ends."""
+def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b, keep_taps=False):
+    """Pass 0: the right-padded prompts in one forward -> cache, logits and taps at their ends,
+    and with `keep_taps` the taps at every prompt position (B, W, L, D) (else None)."""
     TRACES[("prefill", *prompt_bt.shape)] += 1
     system = nnx.merge(graphdef, state)
     b = prompt_bt.shape[0]
@@ -71,42 +73,60 @@ def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b):
     logits_b1v, taps_btld, cache = system.main_pass(
         prompt_bt, start_b, cache, urgency_b, logits_at_b=plen_b - 1, fresh=True
     )
-    return cache, logits_b1v[:, 0], at(taps_btld, plen_b - 1)
+    return cache, logits_b1v[:, 0], at(taps_btld, plen_b - 1), taps_btld if keep_taps else None
 
 
-def _next_pass(system, mode: Mode, c: Carry, urgency_b) -> Carry:
-    """Runs the main model on the feed; keeps what the next advance reads."""
+def _next_pass(system, mode: Mode, c: Carry, urgency_b, emitted_b) -> Carry:
+    """Runs the main model on the feed; keeps what the next advance reads (and, with
+    `keep_taps`, the taps of the real fed tokens of rows that were running at the last
+    advance, `emitted_b` (B,): a row that just stopped feeds its last tokens once more)."""
+    b, w = c.feed_bw.shape
 
-    def wide():
+    def wide():  # -> logits and taps for the advance, taps of every fed token (B, W, L, D)
         if mode.all_logits:
-            return system.main_pass(c.feed_bw, c.pos_b, c.cache, urgency_b, tree=mode.tree(c))
+            out = system.main_pass(c.feed_bw, c.pos_b, c.cache, urgency_b, tree=mode.tree(c))
+            return (*out, out[1])
         last_b = c.nfeed_b - 1
         logits_b1v, taps_bwld, cache = system.main_pass(
             c.feed_bw, c.pos_b, c.cache, urgency_b, logits_at_b=last_b
         )
-        return logits_b1v, at(taps_bwld, last_b)[:, None], cache
+        return logits_b1v, at(taps_bwld, last_b)[:, None], cache, taps_bwld
 
     def narrow():  # every running row feeds one token: a one-token pass
-        return system.main_pass(c.feed_bw[:, :1], c.pos_b, c.cache, urgency_b)
+        feed_b1 = c.feed_bw[:, :1]
+        logits_b1v, taps_b1ld, cache = system.main_pass(feed_b1, c.pos_b, c.cache, urgency_b)
+        fed_bwld = jnp.pad(taps_b1ld, ((0, 0), (0, w - 1), (0, 0), (0, 0)))
+        return logits_b1v, taps_b1ld, cache, fed_bwld
 
     one_b = mode.narrow(c)
-    if one_b is None or c.feed_bw.shape[1] == 1:
-        logits_bwv, taps_bwld, cache = wide()
+    if one_b is not None and c.kept_taps is not None:  # rows that just stopped count too
+        one_b = one_b & jnp.all((c.nfeed_b == 1) | ~emitted_b)
+    if one_b is None or w == 1:
+        logits_bwv, taps_bwld, cache, fed_bwld = wide()
     else:
-        logits_bwv, taps_bwld, cache = jax.lax.cond(one_b, narrow, wide)
+        logits_bwv, taps_bwld, cache, fed_bwld = jax.lax.cond(one_b, narrow, wide)
     running_b = ~c.done_b
+    kept = c.kept_taps
+    if kept is not None:  # the real fed tokens sit at consecutive positions
+        j_w = jnp.arange(w)
+        real_bw = emitted_b[:, None] & (j_w < c.nfeed_b[:, None])
+        pos_bw = jnp.where(real_bw, c.pos_b[:, None] + j_w, kept.shape[1])  # past it: dropped
+        kept = kept.at[jnp.arange(b)[:, None], pos_bw].set(fed_bwld.astype(kept.dtype), mode="drop")
     return c._replace(
         cache=cache,
         logits_bwv=logits_bwv,
         taps_bwld=taps_bwld,
         passes_b=c.passes_b + running_b,
         step=c.step + jnp.any(running_b),
+        kept_taps=kept,
     )
 
 
-def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_new_b,
-          max_passes_b, urgency_b, key, plan: Plan):  # fmt: skip
-    """Main passes after the prefill until every row has stopped; returns outputs and stats."""
+def _loop(graphdef, state, cache, logits_bv, taps_bld, prompt_taps, plen_b, thinking_b,
+          max_new_b, max_passes_b, urgency_b, key, plan: Plan):  # fmt: skip
+    """Main passes after the prefill until every row has stopped; returns outputs and stats
+    (with `plan.keep_taps`, also the taps at every fed position, from the prefill's
+    `prompt_taps` (B, W, L, D) on)."""
     b, v = logits_bv.shape
     mode, k = plan.mode, plan.k
     TRACES[(mode.name, k, b)] += 1
@@ -139,15 +159,20 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, plen_b, thinking_b, max_n
         key=key,
         extra=mode.init(b, k, v, plan.sampling, thinking_b),
     )
+    if plan.keep_taps:
+        kept = jnp.zeros((b, n, *taps_bld.shape[1:]), taps_bld.dtype)
+        c = c._replace(kept_taps=kept.at[:, : prompt_taps.shape[1]].set(prompt_taps))
     ctx = Ctx(system, k, plan.sampling, plan.specials, plan.stop_id, max_new_b, urgency_b)
 
     def body(c: Carry) -> Carry:
+        emitted_b = ~c.done_b
         c = mode.advance(ctx, c)  # has emitted what passes_b passes give: stop at the limit
         c = c._replace(done_b=c.done_b | (c.passes_b >= max_passes_b))
-        return _next_pass(system, mode, c, urgency_b)  # after the last advance: not counted
+        return _next_pass(system, mode, c, urgency_b, emitted_b)  # after the last: not counted
 
     c = jax.lax.while_loop(lambda c: jnp.any(~c.done_b) & (c.step <= n), body, c)
     return dict(
+        taps=c.kept_taps,
         tokens=c.tokens_bo,
         pass_id=c.pass_bo,
         offset=c.offset_bo,
@@ -173,7 +198,8 @@ def _compiled(graphdef):
     """The jitted prefill and loop for one architecture. The graphdef is bound here, once:
     as a static argument it would be hashed on every call (~10 ms for a small model)."""
     opts = compiler_options()
-    prefill = jax.jit(functools.partial(_prefill, graphdef), compiler_options=opts)
+    prefill = functools.partial(_prefill, graphdef)
+    prefill = jax.jit(prefill, static_argnames=("keep_taps",), compiler_options=opts)
     loop = jax.jit(
         functools.partial(_loop, graphdef), static_argnames=("plan",), compiler_options=opts
     )
@@ -211,7 +237,7 @@ def make_mode(mode: str | Mode) -> Mode:
 class Call(NamedTuple):
     """One `generate` call's arguments: the prefill's after the weights (prompts (B, W),
     lengths (B,), urgency), the loop's after the weights and the prefill's outputs, and the
-    loop's static `Plan`."""
+    static `Plan` (whose `keep_taps` the prefill takes too)."""
 
     prefill_args: tuple
     loop_args: tuple
@@ -281,10 +307,12 @@ class Decoder:
     def prepare(
         self, prompts, *, mode: str | Mode = "slow", max_new_tokens: int = 64,
         sampling: Sampling = GREEDY, k: int | None = None, seed: int | jax.Array = 0,
-        urgency_b=None, stop_id: int | None = None, max_passes: int = 0,
+        urgency_b=None, stop_id: int | None = None, max_passes: int = 0, keep_taps: bool = False,
     ) -> Call:  # fmt: skip
         """The checked, padded arguments of `generate`'s two compiled calls (`Call`)."""
         mode = make_mode(mode).for_batch(len(prompts))
+        if keep_taps and mode.feeds_trees:
+            raise DecodeError(f"keep_taps: not with draft trees ({mode}): use a chain or slow")
         rows = self._rows(prompts, mode, max_new_tokens, k)
         b = len(rows)
         plen = np.array([r.size for r in rows], np.int32)
@@ -297,7 +325,7 @@ class Decoder:
             urgency_b = jnp.broadcast_to(jnp.asarray(urgency_b, jnp.float32), (b,))
         key = jax.random.key(seed) if isinstance(seed, int | np.integer) else seed
         stop_id = self.specials.eos if stop_id is None else int(stop_id)
-        plan = Plan(mode, self.k, sampling, self.specials, stop_id)
+        plan = Plan(mode, self.k, sampling, self.specials, stop_id, keep_taps)
         thinking_b = np.array([_thinking(r, self.specials) for r in rows])
         plen_b = jnp.asarray(plen)
         return Call(
@@ -322,6 +350,7 @@ class Decoder:
         urgency_b=None,
         stop_id: int | None = None,
         max_passes: int = 0,
+        keep_taps: bool = False,
     ) -> DecodeResult:
         """Decodes every prompt (a list of token-id sequences, ragged allowed).
 
@@ -332,15 +361,18 @@ class Decoder:
         urgency_b (B,) or a scalar: passed to every main pass (the model must
         have `use_urgency`). stop_id: a row stops after emitting it (default the
         tokenizer's eos; -1: never). max_passes: a row stops after emitting what that many
-        main passes give, the prefill included (0: no limit).
+        main passes give, the prefill included (0: no limit). keep_taps: the result also
+        holds the main model's taps at every position it fed (`DecodeResult.taps`: what a
+        drafter trains on, without a second pass over the rows); not with draft trees.
         """
         call = self.prepare(
             prompts, mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, k=k,
             seed=seed, urgency_b=urgency_b, stop_id=stop_id, max_passes=max_passes,
+            keep_taps=keep_taps,
         )  # fmt: skip
         traces = sum(TRACES.values())
         t0 = time.perf_counter()
-        after_prefill = self._prefill(self.state, *call.prefill_args)
+        after_prefill = self._prefill(self.state, *call.prefill_args, keep_taps=call.plan.keep_taps)
         out = self._loop(self.state, *after_prefill, *call.loop_args, plan=call.plan)
         out = jax.device_get(out)  # the one host transfer; blocks until done
         wall = time.perf_counter() - t0
@@ -362,4 +394,5 @@ class Decoder:
             wall_s=wall,
             compiled=sum(TRACES.values()) > traces,
             pause_id=self.specials.pause,
+            taps=out["taps"],
         )

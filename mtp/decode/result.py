@@ -39,6 +39,11 @@ class DecodeResult:
     choice: np.ndarray
     prompt_pauses: np.ndarray  # (B,) pauses appended to each prompt (fixed pause policy)
     pause_id: int
+    # generate(keep_taps=True): (B, N, L, D) the main model's taps by position, at every
+    # prompt position and every emitted token (the pass after a row's last advance feeds
+    # its last tokens too); past them not meaningful (zeros, the prefill's taps of prompt
+    # padding, a last speculative pass's drafts)
+    taps: np.ndarray | None = None
 
     @property
     def valid(self) -> np.ndarray:

@@ -10,12 +10,15 @@ once, in batches, with the decoding engine (slow mode, greedy unless
 WORKDIR/distill, and read back on resume. Only the generated tokens are
 targets; the prompt is context.
 
-With `data.cache_taps`, the frozen main model's taps over those rows are
-computed once too, so training steps run the drafter alone (the main model's
-parameters get no update in the frozen recipe, so its taps never change). The
-drafter at position t reads only the tap at t and the tokens after it, so each
-row is then cut to its generated window (from the last prompt token on): the
-prompt's positions, which have no targets, cost nothing.
+With `data.cache_taps`, the frozen main model's taps over those rows are kept
+too, so training steps run the drafter alone (the main model's parameters get no
+update in the frozen recipe, so its taps never change). The decoding passes that
+write the rows compute them anyway (`generate(keep_taps=True)`); they are stored
+beside the rows (WORKDIR/distill/taps), so no second pass over the rows runs
+(that pass cost 7 of the recipe's 41 minutes). The drafter at position t reads
+only the tap at t and the tokens after it, so each row is then cut to its
+generated window (from the last prompt token on): the prompt's positions, which
+have no targets, cost nothing.
 
 Generating is the costly part (one main pass per token per row; about 80 tokens/s
 at batch 16 on 2 CPU cores for SmolLM2-135M, against about 800 for a teacher-forced
@@ -39,7 +42,7 @@ from flax import nnx
 from mtp.config import Run
 from mtp.data.format import encode_chat_prompt, encode_plain_reply
 from mtp.data.pipeline import Arrays
-from mtp.data.rows_dataset import SPLITS, is_prepared, read_rows, write_rows
+from mtp.data.rows_dataset import SPLITS, is_prepared, read_rows, read_taps, write_rows, write_taps
 from mtp.data.task_data import parse_task_spec
 from mtp.data.tokenizer import Tokenizer
 from mtp.decode.engine import Decoder
@@ -61,9 +64,11 @@ def dataset_name(run: Run) -> str:
 
 
 def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tuple:
-    """(tokens (N, T), loss_mask (N, T)): chat prompts of the task's `split`, each followed by
-    the main model's continuation up to <eos>, the row's end or `data.distill_max_new`
-    tokens; only the continuation is a target."""
+    """(tokens (N, T), loss_mask (N, T), taps): chat prompts of the task's `split`, each
+    followed by the main model's continuation up to <eos>, the row's end or
+    `data.distill_max_new` tokens; only the continuation is a target. With `data.cache_taps`,
+    taps (N, T, L, D) are the main model's over each row, kept by the decoding passes that
+    wrote it (zeros after the row's last token), else None."""
     task, n = parse_task_spec(run.data.corpus.removeprefix(PREFIX))
     if split == "eval":
         n = max(1, round(n * run.data.eval_fraction))  # generating is costly: no floor of 64
@@ -78,6 +83,7 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
         )
     rows = np.full((n, t), tok.specials.pad, np.int32)
     mask = np.zeros((n, t), np.float32)
+    taps = None
     dec = Decoder(system.with_max_len(t), tok.specials)  # rows end by t: a cache of t
     sampling = Sampling(temperature=run.data.distill_temperature)
     # Calls of prompts of similar lengths: each prefill is as wide as its longest prompt.
@@ -88,14 +94,21 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
             batch = [prompts[j] for j in idx]
             new = t - max(p.size for p in batch)
             new = min(new, run.data.distill_max_new) if run.data.distill_max_new else new
-            res = dec.generate(batch, mode="slow", max_new_tokens=new, sampling=sampling, seed=i)
+            res = dec.generate(
+                batch, mode="slow", max_new_tokens=new, sampling=sampling, seed=i,
+                keep_taps=run.data.cache_taps,
+            )  # fmt: skip
+            if taps is None and res.taps is not None:
+                taps = np.zeros((n, t, *res.taps.shape[2:]), res.taps.dtype)
             for j, (r, p) in enumerate(zip(idx, batch, strict=True)):
                 out = res.row(j)
                 rows[r, : p.size] = p
                 rows[r, p.size : p.size + out.size] = out
                 mask[r, p.size : p.size + out.size] = 1.0  # target x_t: emitted by the model
+                if taps is not None:
+                    taps[r, : p.size + out.size] = res.taps[j, : p.size + out.size]
             bar.update(len(batch))
-    return rows, mask
+    return rows, mask, taps
 
 
 def forced_rows(run: Run, tok: Tokenizer) -> tuple:
@@ -122,22 +135,37 @@ def distill_arrays(run: Run, tok: Tokenizer, system: MTPSystem, workdir) -> dict
     answers' windows (`generated_windows`; train windows to at most `data.window_len`). With
     `data.teacher_forced` the train split also holds those rows (`forced_rows`), and its
     'targets' are the main model's own greedy choice for each token (on its own rows, the
-    token itself, up to float ties), from the cached taps (`main_choices`)."""
+    token itself, up to float ties), from the cached taps (`main_choices`).
+
+    The taps of the generated rows are those their decoding passes computed, stored beside
+    the rows (each row's window, and with `drafter.context` its prompt too), so no second
+    pass runs over them; rows stored without taps get a taps pass (`main_taps`)."""
     data_dir, name, t = Path(workdir) / "distill", dataset_name(run), run.data.seq_len
     if not is_prepared(name, data_dir, t):
-        write_rows(name, data_dir, {s: generate_rows(run, tok, system, s) for s in SPLITS})
+        made = {s: generate_rows(run, tok, system, s) for s in SPLITS}
+        for split, (_, mask, taps) in made.items():
+            if taps is not None:
+                first, ends = _window_bounds(mask)
+                lo = np.zeros_like(first) if run.drafter.context else first
+                write_taps(name, data_dir, split, taps, np.stack([lo, ends], 1))
+        write_rows(name, data_dir, {s: m[:2] for s, m in made.items()})
     out = {
         split: dict(zip(("tokens", "loss_mask"), read_rows(name, data_dir, t, split), strict=True))
         for split in SPLITS
     }
     if not run.data.cache_taps:
         return out
-    rows = np.concatenate([out[split]["tokens"] for split in SPLITS])
-    mask = np.concatenate([out[split]["loss_mask"] for split in SPLITS])
-    taps, start = main_taps(system, rows, run.data.batch_size, _window_bounds(mask)[1]), 0
-    for split in SPLITS:
-        n = out[split]["tokens"].shape[0]
-        out[split]["taps"], start = taps[start : start + n], start + n
+    kept = {split: read_taps(name, data_dir, split) for split in SPLITS}
+    if all(taps is not None for taps in kept.values()):
+        for split in SPLITS:
+            out[split]["taps"] = kept[split]
+    else:
+        rows = np.concatenate([out[split]["tokens"] for split in SPLITS])
+        mask = np.concatenate([out[split]["loss_mask"] for split in SPLITS])
+        taps, start = main_taps(system, rows, run.data.batch_size, _window_bounds(mask)[1]), 0
+        for split in SPLITS:
+            n = out[split]["tokens"].shape[0]
+            out[split]["taps"], start = taps[start : start + n], start + n
     pad, past, train = tok.specials.pad, run.drafter.context, out["train"]
     if run.data.teacher_forced:
         f_rows, f_mask = forced_rows(run, tok)

@@ -13,6 +13,7 @@ once per mode value) with:
   thinking_b (B,): the prompt leaves a thinking span open);
 - `advance(ctx, c) -> c`;
 - `tree(c)`: the draft tree the next pass feeds (`FedTree`), or None (a chain);
+  `feeds_trees`: whether it ever does;
 - `narrow(c)`: a traced bool, True when the next pass may feed one token only
   (think mode with no row thinking); None if never;
 - `extra_positions(max_new)`: cache positions it may need besides the prompt
@@ -61,6 +62,8 @@ class Carry(NamedTuple):
     step: jax.Array  # index of the last main pass (0 = prefill)
     key: jax.Array
     extra: dict[str, Any]  # the mode's own fields
+    # with `keep_taps`: (B, O, L, D) the main model's taps at each position fed so far
+    kept_taps: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,11 @@ class Mode(abc.ABC):
 
     def tree(self, c: Carry):
         return None
+
+    @property
+    def feeds_trees(self) -> bool:
+        """Do its passes feed draft trees (tokens off their positions' slots)?"""
+        return False
 
     def narrow(self, c: Carry):
         return None

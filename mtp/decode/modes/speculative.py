@@ -85,6 +85,10 @@ class Speculative(Mode):
         """A tree node's slot runs up to N - 1 past its position (a depth-1 node fed last)."""
         return max(0, self.tree_nodes - 1)
 
+    @property
+    def feeds_trees(self) -> bool:
+        return bool(self.tree_nodes)
+
     def tree(self, c: Carry):
         if not self.tree_nodes:
             return None
