@@ -12,7 +12,8 @@ Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
   independent (what the same bytes cost when XLA may merge or overlap the products);
 - main, k + 1 tokens: the verification pass of a chain (logits at every fed token); with
   `--widths` also other widths (a draft tree of N nodes feeds N + 1 tokens);
-- drafter, k steps: `MTPSystem.draft` after one main token, greedy;
+- drafter, k steps: `MTPSystem.draft` after one main token, greedy, its tables (a shared
+  head's trimmed columns) computed beforehand, once, as a decoding call does;
 - the whole loop per pass, from `Decoder.generate` (slow and speculative, rows never stop;
   the extra wall time of 2n new tokens over n, per extra pass, so the prefill cancels):
   for speculative, what is left after its main pass and drafter is the bookkeeping
@@ -131,10 +132,12 @@ def main(argv=None):
         return s.main_pass(jnp.zeros((b, w), jnp.int32), pos_b, cache)[0]
 
     @jax.jit
-    def drafter(state, taps_bld, cache):
+    def drafter(state, taps_bld, cache, tables):
         s = nnx.merge(graph, state)
         pick = lambda logits_bu, j: choose(logits_bu, Sampling(), None)
-        return s.draft(taps_bld, jnp.zeros((b,), jnp.int32), pick, cache, pos_b - 1)[0]
+        return s.draft(taps_bld, jnp.zeros((b,), jnp.int32), pick, cache, pos_b - 1, tables)[0]
+
+    tables = jax.jit(lambda state: nnx.merge(graph, state).tables())(state)  # once, as a call
 
     embed = system.main.embed.embedding
     flat = nnx.to_flat_state(nnx.state(system.main, nnx.Param))
@@ -163,7 +166,7 @@ def main(argv=None):
             lambda: products(kernels, embed[...], False), r
         ),
         f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache, k + 1), r),
-        f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache), r),
+        f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache, tables), r),
     }
     for w in sorted({int(x) for x in args.widths.split(",") if x} - {1, k + 1}):
         ms[f"main, {w} tokens"] = _best_ms(lambda w=w: main_wide(state, cache, w), r)

@@ -162,7 +162,8 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, prompt_taps, plen_b, thin
     if plan.keep_taps:
         kept = jnp.zeros((b, n, *taps_bld.shape[1:]), taps_bld.dtype)
         c = c._replace(kept_taps=kept.at[:, : prompt_taps.shape[1]].set(prompt_taps))
-    ctx = Ctx(system, k, plan.sampling, plan.specials, plan.stop_id, max_new_b, urgency_b)
+    ctx = Ctx(system, k, plan.sampling, plan.specials, plan.stop_id, max_new_b, urgency_b,
+              system.tables())  # fmt: skip
 
     def body(c: Carry) -> Carry:
         emitted_b = ~c.done_b

@@ -287,27 +287,32 @@ class MTPSystem(nnx.Module):
             move_slots(cache.context, src_bn, dst_bn),
         )
 
-    def draft(self, taps_bld, y0_b, choose, cache: DecodeCache | None = None, root_b=None):
+    def draft(
+        self, taps_bld, y0_b, choose, cache: DecodeCache | None = None, root_b=None,
+        tables: Tables | None = None,
+    ):  # fmt: skip
         """Drafts k tokens after y0 (B,) from the root's taps (B, L, D) given by `main_pass`
         (the root at position root_b (B,), the caches `cache`: read by a drafter that reads
         the context): full-vocabulary tokens (B, k), draft-vocabulary logits (B, k, U)
         (`full_vocab` lays them over V) and the hidden states that scored them (B, k, d)
-        (`keep_logits` reads them); `choose(logits_bu, j)` picks each, as an index among the U."""
+        (`keep_logits` reads them); `choose(logits_bu, j)` picks each, as an index among the U.
+        `tables`: `self.tables()` computed once by a caller that drafts many times (a
+        decoding loop: the trimmed head's gather then runs once per call, not once per pass)."""
         context = () if cache is None else cache.context
-        return self.drafter.draft(
-            taps_bld, y0_b, choose, self.tables(), self.ids(), context, root_b
-        )
+        tables = self.tables() if tables is None else tables
+        return self.drafter.draft(taps_bld, y0_b, choose, tables, self.ids(), context, root_b)
 
     def draft_tree(
         self, taps_bld, y0_b, beams: int, depth: int, cache: DecodeCache | None = None,
-        root_b=None,
+        root_b=None, tables: Tables | None = None,
     ):  # fmt: skip
         """A draft tree's candidates after y0 (B,) from the root's taps (B, L, D) (as `draft`):
         full-vocabulary tokens, path log-probs and parent beams, each (B, depth, beams)
         (`DrafterBase.draft_tree`)."""
         context = () if cache is None else cache.context
+        tables = self.tables() if tables is None else tables
         return self.drafter.draft_tree(
-            taps_bld, y0_b, beams, depth, self.tables(), self.ids(), context, root_b
+            taps_bld, y0_b, beams, depth, tables, self.ids(), context, root_b
         )
 
     @property

@@ -77,6 +77,7 @@ class Ctx:
     stop_id: int  # the row stops after emitting it (-1: never)
     max_new_b: jax.Array  # (B,) emitted tokens allowed, pauses excluded
     urgency_b: jax.Array | None = None  # (B,) the call's urgency input, if any
+    tables: Any = None  # the system's `tables()`, computed once per call (None: an own head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +152,7 @@ def draft_states(ctx: Ctx, c: Carry, taps_bld, y0_b, key):
     else:
         keys = jax.random.split(key, ctx.k)
         pick = lambda logits_bu, j: choose(logits_bu, s, keys[j])
-    return ctx.system.draft(taps_bld, y0_b, pick, c.cache, root(c))
+    return ctx.system.draft(taps_bld, y0_b, pick, c.cache, root(c), ctx.tables)
 
 
 def draft(ctx: Ctx, c: Carry, taps_bld, y0_b, key):

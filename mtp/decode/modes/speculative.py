@@ -138,7 +138,7 @@ class Speculative(Mode):
         c = emit(ctx, c, tok_bw, n_b + 1, pass_bw, jnp.where(acc_bw, j_w + 1, 0))
         # the tree holds the drafter's likeliest paths whatever the sampling: no draws
         cand = ctx.system.draft_tree(
-            at(c.taps_bwld, node_b), y0_b, self.tree_beams, d, c.cache, root(c)
+            at(c.taps_bwld, node_b), y0_b, self.tree_beams, d, c.cache, root(c), ctx.tables
         )
         tok_bn, parent_bn, depth_bn = tree.select_nodes(*cand, n)
         parent_bw = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), parent_bn], axis=1)
