@@ -195,6 +195,13 @@ def _window_bounds(loss_mask) -> tuple[np.ndarray, np.ndarray]:
     return first, ends
 
 
+def _blank(rows: Arrays, lead: tuple, pad: int) -> Arrays:
+    """For each per-row array (N, T, ...) an array of shape lead + (...): `pad` for tokens,
+    zeros for the rest (what a window's padding holds)."""
+    return {k: np.full((*lead, *a.shape[2:]), pad if k == "tokens" else 0, a.dtype)
+            for k, a in rows.items()}  # fmt: skip
+
+
 def generated_windows(
     tokens, loss_mask, taps, pad: int, past: bool = False, width: int = 0, pack: bool = False
 ) -> Arrays:
@@ -220,8 +227,7 @@ def generated_windows(
     m = len(pieces)
     w, p = max(e - s for _, s, e in pieces), max(s for _, s, _ in pieces)
     cut = {"tokens": tokens, "loss_mask": loss_mask, "taps": taps}
-    fill = {"tokens": pad}
-    out = {k: np.full((m, w, *a.shape[2:]), fill.get(k, 0), a.dtype) for k, a in cut.items()}
+    out = _blank(cut, (m, w), pad)
     if past:
         out["past_taps"] = np.zeros((m, p, *taps.shape[2:]), taps.dtype)
         out["past_mask"] = np.zeros((m, p), np.float32)
@@ -241,8 +247,7 @@ def _packed_windows(tokens, loss_mask, taps, pad: int, width: int) -> Arrays:
     total = sum(int(ends[i] - first[i]) for i in keep)
     m = max(1, -(-total // width))
     cut = {"tokens": tokens, "loss_mask": loss_mask, "taps": taps}
-    fill = {"tokens": pad}
-    flat = {k: np.full((m * width, *a.shape[2:]), fill.get(k, 0), a.dtype) for k, a in cut.items()}
+    flat = _blank(cut, (m * width,), pad)
     flat["segments"] = np.zeros(m * width, np.int32)
     at = 0
     for seg, i in enumerate(keep, start=1):
