@@ -33,8 +33,9 @@ from mtp.decode.sampling import choose, log_probs
 from mtp.model.transformer import FedTree
 
 # Rows per call past which speculation is off by default, by backend (absent: never). On 2 CPU
-# cores with SmolLM2-135M and its drafter (1.2 drafts accepted per pass) speculative decoding
-# ran at 1.37x slow at batch 1 and 0.90x at batch 8 (benchmarks/decode.py, 2026-12-02).
+# cores with SmolLM2-135M and its drafter (1.8 drafts accepted per pass) speculative decoding
+# ran at 1.59x slow at batch 1, 1.17x at batch 4 and 0.96x at batch 8 (benchmarks/decode.py,
+# 2026-12-04).
 MAX_BATCH = {"cpu": 4}
 
 
