@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from mtp.data.tokenizer import Specials
 from mtp.decode.sampling import Sampling, choose, log_probs
+from mtp.model.drafter import Tables
 
 
 class Carry(NamedTuple):
@@ -77,7 +78,7 @@ class Ctx:
     stop_id: int  # the row stops after emitting it (-1: never)
     max_new_b: jax.Array  # (B,) emitted tokens allowed, pauses excluded
     urgency_b: jax.Array | None = None  # (B,) the call's urgency input, if any
-    tables: Any = None  # the system's `tables()`, computed once per call (None: an own head)
+    tables: Tables | None = None  # the system's `tables()`, once per call (None: an own head)
 
 
 @dataclasses.dataclass(frozen=True)
