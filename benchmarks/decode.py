@@ -97,8 +97,8 @@ def _args(argv):
         "--cache_len",
         type=int,
         default=0,
-        help="KV-cache slots, mtp's and llama.cpp's n_ctx (0: model.max_len); each mtp pass "
-        "attends over all of its slots",
+        help="model.max_len for this run (0: the checkpoint's): llama.cpp's n_ctx and the "
+        "most slots an mtp call's cache gets (each call's own: mtp.decode.shapes.cache_slots)",
     )
     p.add_argument("--batches", default="1,8")
     p.add_argument("--max_new_tokens", type=int, default=128)
@@ -230,7 +230,7 @@ def main(argv=None):
     labels = args.modes.split(",")
     _check_modes([m for m in labels if m != "tree"] or ["slow"])
     system, tok, cfg, source, init_from = _system(args)
-    if args.cache_len:  # the same weights, another cache (`MTPSystem.with_max_len`)
+    if args.cache_len:  # the same weights, another cache limit (`MTPSystem.with_max_len`)
         system = system.with_max_len(args.cache_len)
     cache_len = system.max_len
     peers = [p for p in args.peers.split(",") if p]
@@ -333,7 +333,8 @@ def main(argv=None):
     k = dec.k
     print(
         f"# decode benchmark: {source} (d_model {cfg.d_model}, {cfg.n_layers} layers, k={k}), "
-        f"{args.max_new_tokens} new tokens per row, a cache of {cache_len} slots, {sampling}, "
+        f"{args.max_new_tokens} new tokens per row, caches of at most {cache_len} slots, "
+        f"{sampling}, "
         f"best of {args.repeats} per call; "
         f"tree: {tree.tree_nodes} nodes ({tree.tree_beams} beams), verification width "
         f"{tree.width(k)} against the chain's {k + 1}"

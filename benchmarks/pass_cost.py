@@ -15,9 +15,12 @@ Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
 - drafter, k steps: `MTPSystem.draft` after one main token, greedy, its tables (a shared
   head's trimmed columns) computed beforehand, once, as a decoding call does;
 - the whole loop per pass, from `Decoder.generate` (slow and speculative, rows never stop;
-  the extra wall time of 2n new tokens over n, per extra pass, so the prefill cancels):
+  the extra wall time of 2p passes over p (`max_passes`), per extra pass, so the prefill
+  cancels):
   for speculative, what is left after its main pass and drafter is the bookkeeping
   (verification, emission, cache positions).
+Every pass runs on the cache a decoding call gets (`shapes.cache_slots`) for the context
+plus twice `--new_tokens`.
 Every figure is the best of `--repeats` timed calls (other load only adds time), also
 as a fraction of the one-token main pass. Prints a markdown table and the command that
 reproduces it.
@@ -103,9 +106,12 @@ def main(argv=None):
     from mtp.decode.engine import Decoder
     from mtp.decode.modes import Speculative
     from mtp.decode.sampling import Sampling, choose
+    from mtp.decode.shapes import cache_slots
 
     system, tok = system_from_args(args)
     b, k, ctx = args.batch, system.drafter_cfg.k, args.context
+    slots = cache_slots(ctx + 2 * args.new_tokens + k + 1, system.max_len)
+    system = system.with_max_len(slots)
     cfg = system.main.cfg
     graph, state = nnx.split(system)
     rng = np.random.default_rng(0)
@@ -172,15 +178,21 @@ def main(argv=None):
         ms[f"main, {w} tokens"] = _best_ms(lambda w=w: main_wide(state, cache, w), r)
     dec = Decoder(system, tok.specials)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
-    for label, mode in (("slow", "slow"), ("speculative", Speculative(max_batch=0))):
-        # marginal: (wall, passes) at 2n new tokens less those at n (the prefill cancels)
-        calls = {}
-        for n in (args.new_tokens, 2 * args.new_tokens):
-            kw = dict(mode=mode, max_new_tokens=n, stop_id=-1)
+    for label, mode, width in (
+        ("slow", "slow", 1),
+        ("speculative", Speculative(max_batch=0), k + 1),
+    ):
+        # marginal: (wall, passes) at 2p passes less those at p (the prefill cancels); every
+        # call may emit 2n tokens, so all decode on one cache size
+        calls = []
+        p = max(1, args.new_tokens // width)
+        for passes in (p, 2 * p):
+            kw = dict(mode=mode, max_new_tokens=2 * args.new_tokens + k + 1, stop_id=-1,
+                      max_passes=passes + 1)  # fmt: skip
             dec.generate(prompts, **kw)
             runs = [dec.generate(prompts, **kw) for _ in range(max(3, r // 4))]
-            calls[n] = (np.min([x.wall_s for x in runs]), runs[0].batch_passes)
-        (w1, p1), (w2, p2) = calls.values()
+            calls.append((np.min([x.wall_s for x in runs]), runs[0].batch_passes))
+        (w1, p1), (w2, p2) = calls
         ms[f"{label} loop, per pass"] = 1e3 * (w2 - w1) / (p2 - p1)
     spec_loop = ms["speculative loop, per pass"]
     ms["speculative bookkeeping (loop - main - drafter)"] = (
@@ -192,7 +204,8 @@ def main(argv=None):
         f"# pass cost: {args.workdir or args.config}: main d_model {cfg.d_model}, "
         f"{cfg.n_layers} layers, vocab {cfg.vocab_size}; drafter {system.drafter_cfg.kind}, "
         f"k={k}, draft vocab {system.drafter_cfg.draft_vocab or cfg.vocab_size}; batch {b}, "
-        f"{ctx} tokens in the cache; {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+        f"{ctx} tokens in a cache of {slots} slots; {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs, "
         f"jax {jax.__version__}; weights {cfg.param_dtype}, compute {cfg.dtype}\n"
     )
     print("| component | ms | / main 1-token pass |\n|---|---|---|")

@@ -16,9 +16,10 @@ from scipy import stats
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
-from mtp.decode.engine import TRACES, Decoder, make_mode, prompt_width
+from mtp.decode.engine import TRACES, Decoder, make_mode
 from mtp.decode.modes import Pause, Speculative
 from mtp.decode.sampling import Sampling, log_probs
+from mtp.decode.shapes import cache_slots, prompt_width
 from mtp.decode.speculative import verify_sampled
 from mtp.decode.thinking import think_then_answer
 from mtp.errors import DecodeError
@@ -427,8 +428,9 @@ def test_compiles_once_per_batch_mode_k_not_as_output_grows(mode):
 def _loop_body_hlo(dec, prompt, mode) -> str:
     """The optimized HLO of the engine's compiled `while` body for one prompt and mode."""
     call = dec.prepare([prompt], mode=mode, max_new_tokens=8)
-    after_prefill = jax.eval_shape(dec._prefill, dec.state, *call.prefill_args)
-    lowered = dec._loop.lower(dec.state, *after_prefill, *call.loop_args, plan=call.plan)
+    prefill, loop = dec.jits(call.slots)
+    after_prefill = jax.eval_shape(prefill, dec.state, *call.prefill_args)
+    lowered = loop.lower(dec.state, *after_prefill, *call.loop_args, plan=call.plan)
     hlo = lowered.compile().as_text()
     body = re.search(r"while\(.*body=%([\w.\-]+)", hlo).group(1)
     return re.search(rf"^%{re.escape(body)} .*?^}}", hlo, re.M | re.S).group(0)
@@ -504,6 +506,30 @@ def test_a_shorter_cache_decodes_the_same_rows(kind):
             np.testing.assert_array_equal(got.row(i), want.row(i))
     with pytest.raises(ConfigError, match="with_max_len: n must be in 1..model.max_len=80"):
         system.with_max_len(81)
+
+
+def test_cache_slots_are_few_sizes_that_hold_the_call_within_max_len():
+    sizes = [cache_slots(n, 512) for n in (1, 64, 65, 96, 97, 129, 193, 257, 385, 600)]
+    assert sizes == [64, 64, 96, 96, 128, 192, 256, 384, 512, 512]
+    assert all(cache_slots(n, 80) == min(80, cache_slots(n, 512)) for n in range(1, 300))
+    assert all(n <= cache_slots(n, 10**6) < 1.5 * n for n in range(64, 5000))
+
+
+@pytest.mark.parametrize("mode", ["slow", "speculative", Speculative(tree_nodes=4, tree_beams=2)])
+def test_a_call_decodes_on_a_cache_of_its_own_size_to_the_same_tokens(mode):
+    """A short call gets a short cache (each pass's attention reads every slot), its outputs
+    as long; the tokens are those of the same call on the whole max_len cache."""
+    main = dataclasses.replace(MAIN, max_len=400)
+    system = _trained("transformer")
+    long = _system(main=main)
+    nnx.update(long, nnx.state(system))
+    dec, prompts = Decoder(long, S), _ids(PROMPTS)
+    short = dec.generate(prompts, mode=mode, max_new_tokens=24, stop_id=NO_STOP)
+    assert short.tokens.shape[1] == 64  # the longest prompt (17 tokens) + 24 new
+    whole = dec.generate(prompts, mode=mode, max_new_tokens=380, stop_id=NO_STOP)
+    assert whole.tokens.shape[1] == 400
+    for i in range(len(prompts)):
+        np.testing.assert_array_equal(short.row(i), whole.row(i)[:24])
 
 
 def test_prompts_pad_to_a_power_of_two_then_to_multiples_of_32_within_the_cache():

@@ -1,15 +1,15 @@
 """The decoding engine: one jitted prefill and one `lax.while_loop`, whatever the mode.
 
-One call decodes a batch of prompts to the end in two compiled calls: a
-prefill pass over the (right-padded) prompts, then a `lax.while_loop` of main
-passes over a fixed-size KV cache until every row has stopped (its stop token
-or its token limit). No Python runs per token, nothing goes to the host until
-the end, and nothing recompiles as the output grows: the output buffers are
-`max_len` long and the token limit is a traced argument. The loop compiles
-once per (architecture, mode, k, sampling settings, specials, batch), the
-prefill once per (architecture, batch, prompt width rounded up by
-`prompt_width`); the weights are a traced argument, so new weights of the same
-architecture (an RL update, another checkpoint) reuse both.
+One call decodes a batch of prompts to the end in two compiled calls: a prefill pass
+over the (right-padded) prompts, then a `lax.while_loop` of main passes over a fixed-size
+KV cache until every row has stopped (its stop token or its token limit). No Python runs
+per token, nothing goes to the host until the end. The cache and the output buffers hold
+the call's positions (`shapes.cache_slots`), not `max_len`: every pass's attention reads
+every slot. The token limit is traced, so nothing recompiles as the output grows within
+a size. The loop compiles once per (architecture, cache size, mode, k, sampling settings,
+specials, batch), the prefill once per (architecture, cache size, batch, prompt width);
+the weights are traced, so new weights of the same architecture (an RL update, another
+checkpoint) reuse both.
 
 A pass at position t emits the main token y_0 = x_{t+1} and may let the
 drafter draft y_1..y_k after it. What a pass keeps is the mode's
@@ -42,6 +42,7 @@ from mtp.decode.modes import MODES, Mode
 from mtp.decode.modes.base import Carry, Ctx, at
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
+from mtp.decode.shapes import cache_slots, prompt_width
 from mtp.errors import DecodeError
 
 GREEDY = Sampling()
@@ -214,18 +215,6 @@ def _thinking(prompt, specials: Specials) -> bool:
     return bool(opens.size) and (not closes.size or opens[-1] > closes[-1])
 
 
-WIDTH_STEP = 32  # prompts wider than this are padded to a multiple of it
-
-
-def prompt_width(longest: int, max_len: int) -> int:
-    """Prompts are padded to a power of two (>= 8) up to `WIDTH_STEP`, then to a multiple of
-    it: few widths ever compile, and a prefill (compute-bound) wastes at most WIDTH_STEP - 1
-    positions per row, not up to half its width."""
-    if longest <= WIDTH_STEP:
-        return min(max_len, max(8, 1 << (longest - 1).bit_length()))
-    return min(max_len, -(-longest // WIDTH_STEP) * WIDTH_STEP)
-
-
 def make_mode(mode: str | Mode) -> Mode:
     """A mode object from its name (modes with options are passed as objects)."""
     if isinstance(mode, Mode):
@@ -237,12 +226,13 @@ def make_mode(mode: str | Mode) -> Mode:
 
 class Call(NamedTuple):
     """One `generate` call's arguments: the prefill's after the weights (prompts (B, W),
-    lengths (B,), urgency), the loop's after the weights and the prefill's outputs, and the
-    static `Plan` (whose `keep_taps` the prefill takes too)."""
+    lengths (B,), urgency), the loop's after the weights and the prefill's outputs, the
+    static `Plan` (whose `keep_taps` the prefill takes too) and the cache's slots."""
 
     prefill_args: tuple
     loop_args: tuple
     plan: Plan
+    slots: int
 
 
 class Decoder:
@@ -255,7 +245,7 @@ class Decoder:
 
     def __init__(self, system, specials: Specials):
         self.graphdef, self.state = nnx.split(system)
-        self._prefill, self._loop = _compiled(self.graphdef)
+        self._graphdefs = {system.max_len: self.graphdef}  # by cache slots
         self.k = int(system.k)
         self.max_len = system.max_len
         self.vocab_size = system.vocab_size
@@ -266,6 +256,13 @@ class Decoder:
         graphdef, self.state = nnx.split(system)
         if graphdef != self.graphdef:
             raise DecodeError("set_weights: the new system's architecture differs; make a Decoder")
+
+    def jits(self, slots: int):
+        """The jitted prefill and loop of this architecture with caches of `slots` slots."""
+        if slots not in self._graphdefs:
+            short = nnx.merge(self.graphdef, self.state).with_max_len(slots)
+            self._graphdefs[slots] = nnx.split(short)[0]
+        return _compiled(self._graphdefs[slots])
 
     def _rows(self, prompts, mode: Mode, max_new_tokens, k):
         if k is not None and int(k) != self.k:
@@ -317,7 +314,9 @@ class Decoder:
         rows = self._rows(prompts, mode, max_new_tokens, k)
         b = len(rows)
         plen = np.array([r.size for r in rows], np.int32)
-        width = prompt_width(int(plen.max()), self.max_len)
+        extra = mode.extra_positions(max_new_tokens)
+        slots = cache_slots(int(plen.max()) + max_new_tokens + extra, self.max_len)
+        width = prompt_width(int(plen.max()), slots)
         # padding: any in-vocabulary id (its cache slots are overwritten before being read)
         prompt_bt = np.zeros((b, width), np.int32)
         for i, r in enumerate(rows):
@@ -333,10 +332,11 @@ class Decoder:
             prefill_args=(jnp.asarray(prompt_bt), plen_b, urgency_b),
             loop_args=(
                 plen_b, jnp.asarray(thinking_b), jnp.full((b,), max_new_tokens, jnp.int32),
-                jnp.full((b,), max_passes if max_passes > 0 else self.max_len + 1, jnp.int32),
+                jnp.full((b,), max_passes if max_passes > 0 else slots + 1, jnp.int32),
                 urgency_b, key,
             ),
             plan=plan,
+            slots=slots,
         )  # fmt: skip
 
     def generate(
@@ -373,8 +373,9 @@ class Decoder:
         )  # fmt: skip
         traces = sum(TRACES.values())
         t0 = time.perf_counter()
-        after_prefill = self._prefill(self.state, *call.prefill_args, keep_taps=call.plan.keep_taps)
-        out = self._loop(self.state, *after_prefill, *call.loop_args, plan=call.plan)
+        prefill, loop = self.jits(call.slots)
+        after_prefill = prefill(self.state, *call.prefill_args, keep_taps=call.plan.keep_taps)
+        out = loop(self.state, *after_prefill, *call.loop_args, plan=call.plan)
         out = jax.device_get(out)  # the one host transfer; blocks until done
         wall = time.perf_counter() - t0
         mode, b = call.plan.mode, out["tokens"].shape[0]

@@ -9,7 +9,8 @@ import numpy as np
 
 @dataclasses.dataclass
 class DecodeResult:
-    """Output of one batched call. Arrays are numpy; N = the model's max_len.
+    """Output of one batched call. Arrays are numpy; O = the call's cache slots
+    (`shapes.cache_slots`: at most the model's max_len).
 
     tokens (B, O): emitted tokens, pad past `lengths` (pause mode: pauses and
     answer tokens in decision order); pass_id (B, O): the main pass that
@@ -39,7 +40,7 @@ class DecodeResult:
     choice: np.ndarray
     prompt_pauses: np.ndarray  # (B,) pauses appended to each prompt (fixed pause policy)
     pause_id: int
-    # generate(keep_taps=True): (B, N, L, D) the main model's taps by position, at every
+    # generate(keep_taps=True): (B, O, L, D) the main model's taps by position, at every
     # prompt position and every emitted token (the pass after a row's last advance feeds
     # its last tokens too); past them not meaningful (zeros, the prefill's taps of prompt
     # padding, a last speculative pass's drafts)

@@ -84,7 +84,7 @@ def generate_rows(run: Run, tok: Tokenizer, system: MTPSystem, split: str) -> tu
     rows = np.full((n, t), tok.specials.pad, np.int32)
     mask = np.zeros((n, t), np.float32)
     taps = None
-    dec = Decoder(system.with_max_len(t), tok.specials)  # rows end by t: a cache of t
+    dec = Decoder(system.with_max_len(t), tok.specials)  # rows end by t: caches of <= t
     sampling = Sampling(temperature=run.data.distill_temperature)
     # Calls of prompts of similar lengths: each prefill is as wide as its longest prompt.
     order = np.argsort([p.size for p in prompts], kind="stable")

@@ -23,7 +23,7 @@ once per mode value) with:
   pays better at that batch size: `speculative` hands large batches to `slow`).
 
 Everything here is traced inside the loop: shapes are static, rows masked,
-nothing goes to the host. B rows, W fed per pass, O = max_len, K drafts, V vocab.
+nothing goes to the host. B rows, W fed per pass, O = the call's cache slots, K drafts, V vocab.
 """
 
 from __future__ import annotations
