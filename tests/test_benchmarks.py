@@ -28,20 +28,19 @@ def get_config(arg=None):
 
 def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = "--random --modes=slow,speculative,fast --batches=1,8 --repeats=1 --max_new_tokens=8"
-    argv = [*argv.split(), "--bandwidth_gib=0.01", "--cache_len=64", f"--json={path}"]
-    out = decode.main(argv)
-    assert out["cache_len"] == 64  # of the random system's 256
+    argv = "--random --modes=slow,speculative,tree,fast --batches=1,8 --repeats=1"
+    # 52 new tokens: "def main(" (10 tokens) decodes on 64 slots slow, on 96 with a tree
+    argv = [*argv.split(), "--max_new_tokens=52", "--bandwidth_gib=0.01", "--cache_len=128"]
+    out = decode.main([*argv, f"--json={path}"])
+    assert out["cache_len"] == 128  # of the random system's 256
     rows = {(r["batch"], r["mode"]): r for r in json.loads(path.read_text())["results"]}
     assert rows.keys() == {
-        (b, m) for b in (1, 8) for m in ("slow", "speculative", "fast", "bandwidth bound")
+        (b, m) for b in (1, 8) for m in ("slow", "speculative", "tree", "fast", "bandwidth bound")
     }
     assert rows[1, "speculative"]["ran_as"] == "speculative"
     assert rows[8, "speculative"]["ran_as"] == "slow"  # past the CPU limit of 4 rows
-    assert (
-        rows[1, "speculative"]["identical_to_slow"]
-        and rows[8, "speculative"]["mean_accepted"] is None
-    )
+    assert rows[1, "speculative"]["identical_to_slow"] and rows[1, "tree"]["identical_to_slow"]
+    assert rows[8, "speculative"]["mean_accepted"] is None
     assert rows[1, "fast"]["tokens_per_pass"] > 2  # k = 4 drafts kept per pass
     assert rows[8, "bandwidth bound"]["tokens_per_s"] == pytest.approx(
         8 * out["read_bandwidth_bytes_per_s"] / out["weight_bytes"]
