@@ -11,8 +11,9 @@ pretrained instruct model answers, then stops); otherwise eight code prompts.
 
 Eight code prompts (the tiny model is trained on Python source). For each
 batch size (1 and 8 by default) every mode decodes all of them, in calls of
-`batch` rows: compiled first, then timed `--repeats` times, the modes
-interleaved so that they share the machine's noise; the table gives the
+`batch` rows: compiled first, then timed `--repeats` times (peers
+`--peer_repeats` times) in rounds, each round running every mode and every
+peer, so that every ratio shares the machine's drift; the table gives the
 total wall time, each call's best of the repeats (`peers.best_total`). Rows
 do not stop at EOS (every row emits --max_new_tokens), so all modes produce
 the same number of tokens; greedy speculative output is checked to equal slow output. Past
@@ -44,7 +45,7 @@ import sys
 import time
 
 import numpy as np
-from peers import PEERS, best_total, run_peer
+from peers import PEERS, best_total, peer_runner
 
 PROMPTS = [
     "def main(",
@@ -91,7 +92,7 @@ def _args(argv):
         default="",
         help=f"also decode with these peers (benchmarks/peers.py): any of {','.join(PEERS)}",
     )
-    p.add_argument("--peer_repeats", type=int, default=3, help="timed passes per peer")
+    p.add_argument("--peer_repeats", type=int, default=3, help="timed rounds per peer")
     p.add_argument("--bandwidth_gib", type=float, default=1.0, help="GiB read to time bandwidth")
     p.add_argument(
         "--cache_len",
@@ -260,6 +261,9 @@ def main(argv=None):
         stop_id = -1  # no row stops early, so every mode emits the same number of tokens
     stop = tok.specials.eos if stop_id is None else stop_id  # the peers stop alike
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_id=stop_id)
+    peer_kw = dict(
+        eos_id=stop, pad_id=tok.specials.pad, max_new=args.max_new_tokens, n_ctx=cache_len
+    )
     figures = []
     for batch in [int(b) for b in args.batches.split(",")]:
         # every prompt once per repeat: in groups of `batch` rows (cycling to fill the last)
@@ -267,16 +271,31 @@ def main(argv=None):
             [prompts[(g + i) % len(prompts)] for i in range(batch)]
             for g in range(0, len(prompts), batch)
         ]
+        peer_runs = {name: peer_runner(name, files, batch, **peer_kw) for name in peers}
+        peer_runs = {name: run for name, run in peer_runs.items() if run is not None}
         for m in modes:  # compile (the prefill once per prompt width bucket)
             for g in groups:
                 dec.generate(g, mode=modes[m], **kw)
-        walls, last = {m: [] for m in modes}, {}
-        for _ in range(args.repeats):
-            for m in modes:
+        for run in peer_runs.values():  # warm up
+            for g in groups:
+                run(g)
+        walls, last = {m: [] for m in [*modes, *peer_runs]}, {}
+        # rounds: every mode and every peer decodes every group in each, so that the ratios
+        # share this machine's drift
+        for i in range(max(args.repeats, args.peer_repeats if peer_runs else 0)):
+            for m in modes if i < args.repeats else ():
                 runs = [dec.generate(g, mode=modes[m], **kw) for g in groups]
                 assert not any(r.compiled for r in runs)
                 walls[m].append([r.wall_s for r in runs])
                 last[m] = runs
+            for name, run in peer_runs.items() if i < args.peer_repeats else ():
+                outs, walls_g = [], []
+                for g in groups:
+                    t0 = time.perf_counter()
+                    outs += run(g)
+                    walls_g.append(time.perf_counter() - t0)
+                walls[name].append(walls_g)
+                last[name] = outs
         base = best_total(walls["slow"]) if "slow" in walls else None
         for m in modes:
             runs, wall = last[m], best_total(walls[m])
@@ -312,14 +331,8 @@ def main(argv=None):
         slow_tps = tokens_of(last["slow"]) / base if base else None
         bound = batch * bandwidth / weight_bytes  # tokens/s if a pass only read the weights
         figures.append(_row(batch, "bandwidth bound", bound, slow_tps))
-        for name in peers:
-            got = run_peer(
-                name, files, prompts, batch, eos_id=stop, pad_id=tok.specials.pad,
-                max_new=args.max_new_tokens, n_ctx=cache_len, repeats=args.peer_repeats,
-            )  # fmt: skip
-            if got is None:
-                continue
-            outs, wall = got
+        for name in peer_runs:
+            outs, wall = last[name], best_total(walls[name])
             row = _row(batch, name, sum(len(o) for o in outs) / wall, slow_tps)
             mine = [r.row(i) for r in last.get("slow", ()) for i in range(r.lengths.size)]
             same = [np.array_equal(a, b) for a, b in zip(outs, mine, strict=False)]

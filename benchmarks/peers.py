@@ -8,14 +8,13 @@
 
 Both are optional: `pip install -e ".[oracle]"` (torch 2.13 CPU wheel, transformers) and
 `pip install -e ".[peers]"` (llama-cpp-python, which builds llama.cpp with cmake, ~5 min on
-2 cores). Each runner decodes every prompt (token ids) once to warm up, then `repeats` times,
-and returns the emitted ids per prompt and the wall time of a pass over all prompts (`best_total`).
+2 cores). A runner decodes a call of prompts (token ids) and returns the emitted ids per
+prompt; benchmarks/decode.py warms it up and times it in the same rounds as mtp's modes.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
@@ -28,21 +27,6 @@ def best_total(walls_rg) -> float:
     summed. The best, as `timeit` takes it: on a shared machine other load only ever adds
     time, in bursts that the median of a few whole passes still catches."""
     return float(np.min(np.asarray(walls_rg), axis=0).sum())
-
-
-def _timed(run, groups, repeats):
-    """(outputs of the last pass, `best_total` wall s) of run(group) over all groups."""
-    for g in groups:
-        run(g)
-    walls_rg, outs = [], None
-    for _ in range(repeats):
-        outs, walls_g = [], []
-        for g in groups:
-            t0 = time.perf_counter()
-            outs += run(g)
-            walls_g.append(time.perf_counter() - t0)
-        walls_rg.append(walls_g)
-    return outs, best_total(walls_rg)
 
 
 def transformers_runner(hf_dir, eos_id, pad_id, max_new, prompt_lookup=False):
@@ -101,19 +85,12 @@ def llamacpp_runner(gguf_path, eos_id, max_new, n_ctx):
     return run
 
 
-def run_peer(name, files, prompts, batch, *, eos_id, pad_id, max_new, n_ctx, repeats):
-    """(emitted ids of every row decoded, wall s) of peer `name` at `batch`, the
-    prompts in calls of `batch` rows (cycling to fill the last: the first rows are the
-    prompts in order), or None where the peer does not run at that batch size.
-    files: {'hf': DIR, 'f32': GGUF, 'f16': GGUF}."""
+def peer_runner(name, files, batch, *, eos_id, pad_id, max_new, n_ctx):
+    """run(prompts) -> emitted ids per prompt, for peer `name` at `batch` rows per call, or
+    None where the peer does not run at that batch size. files: {'hf': DIR, 'f32': GGUF,
+    'f16': GGUF}."""
     if name != "transformers" and batch > 1:
         return None
     if name in ("transformers", "prompt_lookup"):
-        run = transformers_runner(files["hf"], eos_id, pad_id, max_new, name == "prompt_lookup")
-    else:
-        run = llamacpp_runner(files[name.rpartition("_")[2]], eos_id, max_new, n_ctx)
-    groups = [
-        [prompts[(g + i) % len(prompts)] for i in range(batch)]
-        for g in range(0, len(prompts), batch)
-    ]
-    return _timed(run, groups, repeats)
+        return transformers_runner(files["hf"], eos_id, pad_id, max_new, name == "prompt_lookup")
+    return llamacpp_runner(files[name.rpartition("_")[2]], eos_id, max_new, n_ctx)

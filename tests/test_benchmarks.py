@@ -49,6 +49,42 @@ def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
     assert "reproduce: python benchmarks/decode.py --random" in capsys.readouterr().out
 
 
+def test_the_decode_benchmark_times_peers_in_the_same_rounds_as_mtp(tmp_path, monkeypatch):
+    """Every timed round runs every mtp mode and every peer, so that their ratio shares the
+    machine's drift; a peer's rows are compared with mtp slow's. (A stand-in peer: the real
+    ones need the optional extras.)"""
+    from mtp.decode.engine import Decoder
+
+    events, generate = [], Decoder.generate
+
+    def logged(self, prompts, **kw):
+        events.append("mtp")
+        return generate(self, prompts, **kw)
+
+    def stand_in(name, files, batch, **kw):  # emits each prompt's last token, at batch 1
+        def run(prompts):
+            events.append(name)
+            return [p[-1:] for p in prompts]
+
+        return run if batch == 1 else None
+
+    monkeypatch.setattr(Decoder, "generate", logged)
+    monkeypatch.setattr(decode, "peer_runner", stand_in)
+    monkeypatch.setattr(decode, "_peer_files", lambda *a: {})
+    argv = "--random --modes=slow --batches=1,2 --prompts=2 --repeats=3 --peer_repeats=2"
+    decode.main([*argv.split(), "--max_new_tokens=4", "--bandwidth_gib=0.01",
+                 "--peers=llamacpp_f32", f"--json={tmp_path / 'b.json'}"])  # fmt: skip
+    # batch 1: compile (2 calls), warm-up (2), then rounds of mtp (2) and the peer (2)
+    timed = "".join("m" if e == "mtp" else "p" for e in events[4:12])
+    assert timed == "mmppmmpp" and events[12:14] == ["mtp", "mtp"]  # a third round: mtp only
+    assert events[14:] == ["mtp"] * 4  # batch 2: one call to compile, one per round; no peer
+    rows = {
+        (r["batch"], r["mode"]): r for r in json.loads((tmp_path / "b.json").read_text())["results"]
+    }
+    assert (1, "llamacpp_f32") in rows and (2, "llamacpp_f32") not in rows
+    assert rows[1, "llamacpp_f32"]["same_rows"] == 0.0  # one token each, not slow's rows
+
+
 def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
     exp = tmp_path / "tiny.py"
     exp.write_text(TINY_EXPERIMENT)
