@@ -14,13 +14,12 @@ Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
   `--widths` also other widths (a draft tree of N nodes feeds N + 1 tokens);
 - drafter, k steps: `MTPSystem.draft` after one main token, greedy, its tables (a shared
   head's trimmed columns) computed beforehand, once, as a decoding call does;
-- the whole loop per pass, from `Decoder.generate` (slow and speculative, rows never stop;
-  the extra wall time of 2p passes over p (`max_passes`), per extra pass, so the prefill
-  cancels):
+- the whole loop per pass, from `Decoder.generate` (slow and speculative, 2 x `--new_tokens`
+  per row, rows never stop; a call's wall time less its prefill's, per loop pass):
   for speculative, what is left after its main pass and drafter is the bookkeeping
   (verification, emission, cache positions).
-Every pass runs on the cache a decoding call gets (`shapes.cache_slots`) for the context
-plus twice `--new_tokens`.
+Every pass runs on the cache those calls get (`shapes.cache_slots` of the context plus twice
+`--new_tokens`).
 Every figure is the best of `--repeats` timed calls (other load only adds time), also
 as a fraction of the one-token main pass. Prints a markdown table and the command that
 reproduces it.
@@ -110,7 +109,7 @@ def main(argv=None):
 
     system, tok = system_from_args(args)
     b, k, ctx = args.batch, system.drafter_cfg.k, args.context
-    slots = cache_slots(ctx + 2 * args.new_tokens + k + 1, system.max_len)
+    slots = cache_slots(ctx + 2 * args.new_tokens, system.max_len)
     system = system.with_max_len(slots)
     cfg = system.main.cfg
     graph, state = nnx.split(system)
@@ -178,22 +177,16 @@ def main(argv=None):
         ms[f"main, {w} tokens"] = _best_ms(lambda w=w: main_wide(state, cache, w), r)
     dec = Decoder(system, tok.specials)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
-    for label, mode, width in (
-        ("slow", "slow", 1),
-        ("speculative", Speculative(max_batch=0), k + 1),
-    ):
-        # marginal: (wall, passes) at 2p passes less those at p (the prefill cancels); every
-        # call may emit 2n tokens, so all decode on one cache size
-        calls = []
-        p = max(1, args.new_tokens // width)
-        for passes in (p, 2 * p):
-            kw = dict(mode=mode, max_new_tokens=2 * args.new_tokens + k + 1, stop_id=-1,
-                      max_passes=passes + 1)  # fmt: skip
-            dec.generate(prompts, **kw)
-            runs = [dec.generate(prompts, **kw) for _ in range(max(3, r // 4))]
-            calls.append((np.min([x.wall_s for x in runs]), runs[0].batch_passes))
-        (w1, p1), (w2, p2) = calls
-        ms[f"{label} loop, per pass"] = 1e3 * (w2 - w1) / (p2 - p1)
+    for label, mode in (("slow", "slow"), ("speculative", Speculative(max_batch=0))):
+        # a call's wall time less its prefill's, per loop pass (rows never stop)
+        kw = dict(mode=mode, max_new_tokens=2 * args.new_tokens, stop_id=-1)
+        call = dec.prepare(prompts, **kw)
+        prefill = dec.jits(call.slots)[0]
+        dec.generate(prompts, **kw)
+        runs = [dec.generate(prompts, **kw) for _ in range(max(3, r // 4))]
+        wall_ms = 1e3 * np.min([x.wall_s for x in runs])
+        prefill_ms = _best_ms(lambda p=prefill, c=call: p(dec.state, *c.prefill_args), r)
+        ms[f"{label} loop, per pass"] = (wall_ms - prefill_ms) / (runs[0].batch_passes - 1)
     spec_loop = ms["speculative loop, per pass"]
     ms["speculative bookkeeping (loop - main - drafter)"] = (
         spec_loop - ms[f"main, {k + 1} tokens (verification)"] - ms[f"drafter, {k} steps"]
