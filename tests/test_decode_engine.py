@@ -515,13 +515,18 @@ def test_cache_slots_are_few_sizes_that_hold_the_call_within_max_len():
     assert all(n <= cache_slots(n, 10**6) < 1.5 * n for n in range(64, 5000))
 
 
-@pytest.mark.parametrize("mode", ["slow", "speculative", Speculative(tree_nodes=4, tree_beams=2)])
-def test_a_call_decodes_on_a_cache_of_its_own_size_to_the_same_tokens(mode):
-    """A short call gets a short cache (each pass's attention reads every slot), its outputs
-    as long; the tokens are those of the same call on the whole max_len cache."""
+@pytest.mark.parametrize(
+    "kind, mode",
+    [("transformer", "slow"), ("transformer", "speculative"), ("context", "speculative"),
+     ("transformer", Speculative(tree_nodes=4, tree_beams=2))],
+)  # fmt: skip
+def test_a_call_decodes_on_a_cache_of_its_own_size_to_the_same_tokens(kind, mode):
+    """A short call gets a short cache (each pass's attention reads every slot; a drafter
+    that reads the context has one of the same size), its outputs as long; the tokens are
+    those of the same call on the whole max_len cache."""
     main = dataclasses.replace(MAIN, max_len=400)
-    system = _trained("transformer")
-    long = _system(main=main)
+    system = _trained(kind)
+    long = _system(kind, main=main)
     nnx.update(long, nnx.state(system))
     dec, prompts = Decoder(long, S), _ids(PROMPTS)
     short = dec.generate(prompts, mode=mode, max_new_tokens=24, stop_id=NO_STOP)
