@@ -34,8 +34,8 @@ from mtp.model.transformer import FedTree
 
 # Rows per call past which speculation is off by default, by backend (absent: never). On 2 CPU
 # cores with SmolLM2-135M and its drafter (1.8 drafts accepted per pass) speculative decoding
-# ran at 1.59x slow at batch 1, 1.17x at batch 4 and 0.96x at batch 8 (benchmarks/decode.py,
-# 2026-12-04).
+# ran at 1.6-1.7x slow at batch 1, 1.10x at batch 4 and 0.98x at batch 8 (benchmarks/decode.py,
+# 2026-12-04, caches sized to the call).
 MAX_BATCH = {"cpu": 4}
 
 
