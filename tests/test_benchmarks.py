@@ -28,7 +28,7 @@ def get_config(arg=None):
 
 def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = "--random --modes=slow,speculative,tree,fast --batches=1,8 --repeats=1"
+    argv = "--random --modes=slow,speculative,tree,fast --batches=1,8 --repeats=1 --prompts=2"
     # 52 new tokens: "def main(" (10 tokens) decodes on 64 slots slow, on 96 with a tree
     argv = [*argv.split(), "--max_new_tokens=52", "--bandwidth_gib=0.01", "--cache_len=128"]
     out = decode.main([*argv, f"--json={path}"])
