@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -45,6 +46,7 @@ import sys
 import time
 
 import numpy as np
+from decode_table import plot, print_table
 from peers import PEERS, best_total, peer_runner
 
 PROMPTS = [
@@ -173,6 +175,19 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.nbytes / best
 
 
+def _mtp_call(dec, mode, kw, prompts):
+    """(DecodeResult, its wall s) of one mtp call."""
+    res = dec.generate(prompts, mode=mode, **kw)
+    return res, res.wall_s
+
+
+def _peer_call(run, prompts):
+    """(emitted ids per prompt, wall s) of one peer call."""
+    t0 = time.perf_counter()
+    out = run(prompts)
+    return out, time.perf_counter() - t0
+
+
 def tokens_of(runs) -> int:
     return sum(int(r.lengths.sum()) for r in runs)
 
@@ -184,31 +199,6 @@ def _row(batch, mode, tokens_per_s, slow_tps) -> dict:
         speedup_vs_slow=tokens_per_s / slow_tps if slow_tps else None, tokens_per_pass=None,
         mean_accepted=None, accept_rate=None, wall_s=None,
     )  # fmt: skip
-
-
-def _plot(figures, path):
-    """Speedup over mtp slow against batch size, one line per mode or peer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in dict.fromkeys(r["mode"] for r in figures):
-        pts = [(r["batch"], r["speedup_vs_slow"]) for r in figures if r["mode"] == mode]
-        pts = [p for p in pts if p[1] is not None]
-        if pts:
-            style = ":" if mode == "bandwidth bound" else "-"
-            ax.plot(*zip(*pts, strict=True), marker="o", label=mode, ls=style)
-    ax.axhline(1.0, color="gray", lw=0.5)
-    ax.set(xscale="log", xlabel="batch (rows per call)", ylabel="tokens/s over mtp slow")
-    batches = sorted({r["batch"] for r in figures})
-    ax.set_xticks(batches, labels=[str(b) for b in batches])
-    ax.set_xticks([], minor=True)  # no log-scale minor labels (2x10^0, ...)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -273,32 +263,26 @@ def main(argv=None):
         ]
         peer_runs = {name: peer_runner(name, files, batch, **peer_kw) for name in peers}
         peer_runs = {name: run for name, run in peer_runs.items() if run is not None}
-        for m in modes:  # compile (the prefill once per prompt width bucket)
+        # every engine: call(group) -> (output, wall s); timed in rounds of `rounds[name]`
+        calls = {m: functools.partial(_mtp_call, dec, modes[m], kw) for m in modes}
+        calls |= {name: functools.partial(_peer_call, run) for name, run in peer_runs.items()}
+        rounds = {m: args.repeats for m in modes} | {name: args.peer_repeats for name in peer_runs}
+        for call in calls.values():  # compile mtp (a prefill per prompt width), warm peers
             for g in groups:
-                dec.generate(g, mode=modes[m], **kw)
-        for run in peer_runs.values():  # warm up
-            for g in groups:
-                run(g)
-        walls, last = {m: [] for m in [*modes, *peer_runs]}, {}
-        # rounds: every mode and every peer decodes every group in each, so that the ratios
-        # share this machine's drift
-        for i in range(max(args.repeats, args.peer_repeats if peer_runs else 0)):
-            for m in modes if i < args.repeats else ():
-                runs = [dec.generate(g, mode=modes[m], **kw) for g in groups]
-                assert not any(r.compiled for r in runs)
-                walls[m].append([r.wall_s for r in runs])
-                last[m] = runs
-            for name, run in peer_runs.items() if i < args.peer_repeats else ():
-                outs, walls_g = [], []
-                for g in groups:
-                    t0 = time.perf_counter()
-                    outs += run(g)
-                    walls_g.append(time.perf_counter() - t0)
-                walls[name].append(walls_g)
-                last[name] = outs
+                call(g)
+        walls, last = {name: [] for name in calls}, {}
+        # each round runs every mode, then every peer, so that the ratios share this
+        # machine's drift
+        for i in range(max(rounds.values())):
+            for name, call in calls.items():
+                if i < rounds[name]:
+                    outs, walls_g = zip(*(call(g) for g in groups), strict=True)
+                    walls[name].append(walls_g)
+                    last[name] = list(outs)
         base = best_total(walls["slow"]) if "slow" in walls else None
         for m in modes:
             runs, wall = last[m], best_total(walls[m])
+            assert not any(r.compiled for r in runs)
             verifies = m in verified_modes and runs[0].mode == "speculative"
             tokens = tokens_of(runs)
             hist = sum(r.accept_hist for r in runs)
@@ -332,7 +316,7 @@ def main(argv=None):
         bound = batch * bandwidth / weight_bytes  # tokens/s if a pass only read the weights
         figures.append(_row(batch, "bandwidth bound", bound, slow_tps))
         for name in peer_runs:
-            outs, wall = last[name], best_total(walls[name])
+            outs, wall = [row for o in last[name] for row in o], best_total(walls[name])
             row = _row(batch, name, sum(len(o) for o in outs) / wall, slow_tps)
             mine = [r.row(i) for r in last.get("slow", ()) for i in range(r.lengths.size)]
             same = [np.array_equal(a, b) for a, b in zip(outs, mine, strict=False)]
@@ -358,26 +342,7 @@ def main(argv=None):
         f"XLA_FLAGS={xla_flags!r}; main weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (bandwidth bound: batch x bandwidth / weight bytes)\n"
     )
-    print(
-        "| batch | mode | tokens/s | speedup vs slow | tokens/pass | mean accepted "
-        "| acceptance by offset | wall ms |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in figures:
-        acc = " ".join(f"{a:.2f}" for a in r["accept_rate"]) if r["accept_rate"] else "-"
-        mean_acc = f"{r['mean_accepted']:.2f}" if r["mean_accepted"] is not None else "-"
-        speed = f"{r['speedup_vs_slow']:.2f}x" if r["speedup_vs_slow"] else "-"
-        same = {True: " (= slow)", False: " (DIFFERS from slow)"}.get(r.get("identical_to_slow"))
-        if r["ran_as"] != r["mode"].replace("tree", "speculative"):
-            same = f" (off: ran as {r['ran_as']})"
-        if r.get("same_rows") is not None:
-            same = f" ({r['same_rows']:.0%} of rows = mtp slow)"
-        tpp = f"{r['tokens_per_pass']:.2f}" if r["tokens_per_pass"] is not None else "-"
-        wall = f"{1e3 * r['wall_s']:.1f}" if r["wall_s"] is not None else "-"
-        print(
-            f"| {r['batch']} | {r['mode']}{same or ''} | {r['tokens_per_s']:.0f} | {speed} "
-            f"| {tpp} | {mean_acc} | {acc} | {wall} |"
-        )
+    print_table(figures)
     print(f"\nreproduce: {cmd}")
     out = dict(
         command=cmd,
@@ -405,7 +370,7 @@ def main(argv=None):
     with open(json_path, "w") as f:
         json.dump(out, f, indent=2)
     png = os.path.splitext(json_path)[0] + ".png"
-    _plot(figures, png)
+    plot(figures, png)
     print(f"wrote {json_path} and {png}")
     return out
 

@@ -265,6 +265,7 @@ class Decoder:
         return _compiled(self._graphdefs[slots])
 
     def _rows(self, prompts, mode: Mode, max_new_tokens, k):
+        """The checked prompts (pauses appended) and the mode's `extra_positions`."""
         if k is not None and int(k) != self.k:
             raise DecodeError(
                 f"k={k} but this checkpoint's drafter drafts k={self.k}; omit k or pass k={self.k}"
@@ -300,7 +301,7 @@ class Decoder:
                     f"{max(fits, default=0)}"
                 )
             rows.append(row)
-        return rows
+        return rows, extra
 
     def prepare(
         self, prompts, *, mode: str | Mode = "slow", max_new_tokens: int = 64,
@@ -311,10 +312,9 @@ class Decoder:
         mode = make_mode(mode).for_batch(len(prompts))
         if keep_taps and mode.feeds_trees:
             raise DecodeError(f"keep_taps: not with draft trees ({mode}): use a chain or slow")
-        rows = self._rows(prompts, mode, max_new_tokens, k)
+        rows, extra = self._rows(prompts, mode, max_new_tokens, k)
         b = len(rows)
         plen = np.array([r.size for r in rows], np.int32)
-        extra = mode.extra_positions(max_new_tokens)
         slots = cache_slots(int(plen.max()) + max_new_tokens + extra, self.max_len)
         width = prompt_width(int(plen.max()), slots)
         # padding: any in-vocabulary id (its cache slots are overwritten before being read)
