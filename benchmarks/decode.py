@@ -111,6 +111,14 @@ def _args(argv):
     p.add_argument("--chat_task", default="", help="prompts: this task's eval problems, as chat")
     p.add_argument("--json", default=None, help="figures; default WORKDIR/decode_benchmark.json")
     p.add_argument("--xla_flags", default=XLA_FLAGS, help="added to $XLA_FLAGS before JAX starts")
+    p.add_argument(
+        "--matmul_precision",
+        default="default",
+        choices=("default", "float32", "tensorfloat32", "bfloat16"),
+        help="jax.default_matmul_precision of every call: 'default' is the backend's (float32 "
+        "on CPU, TensorFloat32 on recent NVIDIA GPUs, bfloat16 on TPU); greedy speculative "
+        "rows equal slow's at float32",
+    )
     return p.parse_args(argv)
 
 
@@ -208,6 +216,15 @@ def main(argv=None):
         print("warning: JAX already imported; --xla_flags may not apply", file=sys.stderr)
     xla_flags = " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), args.xla_flags) if f)
     os.environ["XLA_FLAGS"] = xla_flags
+    import jax
+
+    precision = None if args.matmul_precision == "default" else args.matmul_precision
+    with jax.default_matmul_precision(precision):
+        return _benchmark(args, argv, xla_flags)
+
+
+def _benchmark(args, argv, xla_flags):
+    """main() once JAX has started: decodes, times, prints and writes the figures."""
     import jax
     from flax import nnx
 
@@ -339,7 +356,8 @@ def main(argv=None):
     )
     print(
         f"# {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-        f"XLA_FLAGS={xla_flags!r}; main weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
+        f"XLA_FLAGS={xla_flags!r}, matmul precision {args.matmul_precision}; "
+        f"main weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (bandwidth bound: batch x bandwidth / weight bytes)\n"
     )
     print_table(figures)
@@ -353,6 +371,7 @@ def main(argv=None):
             cpus=os.cpu_count(),
             jax=jax.__version__,
             xla_flags=xla_flags,
+            matmul_precision=args.matmul_precision,
         ),
         source=source,
         model=dict(d_model=cfg.d_model, n_layers=cfg.n_layers, max_len=cfg.max_len, k=k),

@@ -1,7 +1,8 @@
 """Peers of mtp's decoder on the same weights, prompts and machine, for benchmarks/decode.py.
 
-- transformers (torch, CPU): greedy `generate`, batched with left padding, and its
-  prompt-lookup decoding (`prompt_lookup_num_tokens`, batch 1 only);
+- transformers (torch, on the GPU where torch sees one, else this CPU): greedy `generate`,
+  batched with left padding, and its prompt-lookup decoding (`prompt_lookup_num_tokens`,
+  batch 1 only);
 - llama.cpp (llama-cpp-python): plain greedy decoding of a GGUF file written from the
   checkpoint (`mtp.model.convert.export_gguf`), float32 and float16, batch 1 only (its
   Python API decodes one sequence at a time).
@@ -30,12 +31,14 @@ def best_total(walls_rg) -> float:
 
 
 def transformers_runner(hf_dir, eos_id, pad_id, max_new, prompt_lookup=False):
-    """run(prompts) -> emitted ids per prompt, with transformers + torch on this CPU."""
+    """run(prompts) -> emitted ids per prompt, with transformers + torch on the GPU torch sees,
+    else on all this machine's cores: the device mtp's JAX decodes on."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count())
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval().to(device)
 
     def run(prompts):
         if prompt_lookup and len(prompts) > 1:
@@ -49,11 +52,11 @@ def transformers_runner(hf_dir, eos_id, pad_id, max_new, prompt_lookup=False):
         kw = dict(prompt_lookup_num_tokens=LOOKUP_TOKENS) if prompt_lookup else {}
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                eos_token_id=eos_id, pad_token_id=pad_id, **kw,
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                max_new_tokens=max_new, eos_token_id=eos_id, pad_token_id=pad_id, **kw,
             )  # fmt: skip
         rows = []
-        for r in out[:, width:].numpy():
+        for r in out[:, width:].cpu().numpy():  # waits for the device
             stop = np.flatnonzero(r == eos_id)
             rows.append(r[: stop[0] + 1] if stop.size else r)
         return rows

@@ -52,13 +52,16 @@ def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
 def test_the_decode_benchmark_times_peers_in_the_same_rounds_as_mtp(tmp_path, monkeypatch):
     """Every timed round runs every mtp mode and every peer, so that their ratio shares the
     machine's drift; a peer's rows are compared with mtp slow's. (A stand-in peer: the real
-    ones need the optional extras.)"""
+    ones need the optional extras.) Every mtp call runs at --matmul_precision."""
+    import jax
+
     from mtp.decode.engine import Decoder
 
-    events, generate = [], Decoder.generate
+    events, generate, precisions = [], Decoder.generate, set()
 
     def logged(self, prompts, **kw):
         events.append("mtp")
+        precisions.add(jax.config.jax_default_matmul_precision)
         return generate(self, prompts, **kw)
 
     def stand_in(name, files, batch, **kw):  # emits each prompt's last token, at batch 1
@@ -72,8 +75,11 @@ def test_the_decode_benchmark_times_peers_in_the_same_rounds_as_mtp(tmp_path, mo
     monkeypatch.setattr(decode, "peer_runner", stand_in)
     monkeypatch.setattr(decode, "_peer_files", lambda *a: {})
     argv = "--random --modes=slow --batches=1,2 --prompts=2 --repeats=3 --peer_repeats=2"
-    decode.main([*argv.split(), "--max_new_tokens=4", "--bandwidth_gib=0.01",
-                 "--peers=llamacpp_f32", f"--json={tmp_path / 'b.json'}"])  # fmt: skip
+    out = decode.main([*argv.split(), "--max_new_tokens=4", "--bandwidth_gib=0.01",
+                       "--peers=llamacpp_f32", "--matmul_precision=float32",
+                       f"--json={tmp_path / 'b.json'}"])  # fmt: skip
+    assert precisions == {"float32"} and out["machine"]["matmul_precision"] == "float32"
+    assert jax.config.jax_default_matmul_precision is None  # restored for the rest
     # batch 1: compile (2 calls), warm-up (2), then rounds of mtp (2) and the peer (2)
     timed = "".join("m" if e == "mtp" else "p" for e in events[4:12])
     assert timed == "mmppmmpp" and events[12:14] == ["mtp", "mtp"]  # a third round: mtp only

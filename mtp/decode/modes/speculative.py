@@ -1,7 +1,11 @@
 """`speculative`: the drafts are verified by the next main pass; lossless.
 
 Greedy output equals `slow` greedy token for token; sampled output is
-distributed exactly as `slow` sampling. A chain (the default) feeds
+distributed exactly as `slow` sampling. Exactly means with float32 matrix
+products: JAX's default precision rounds float32 products to TensorFloat32 on
+recent NVIDIA GPUs and to bfloat16 on TPUs, where a wide verification pass and a
+one-token pass round apart and near-ties can flip, as in bfloat16 (use
+`jax.default_matmul_precision("float32")` there). A chain (the default) feeds
 [y0, d_1..d_K] and keeps the main logits at all K + 1 places, so the next
 advance can verify the K drafts (the rules of `mtp.decode.speculative`,
 Leviathan et al. 2023). With `tree_nodes` = N a pass feeds y0 and a dynamic
