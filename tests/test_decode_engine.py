@@ -16,8 +16,8 @@ from scipy import stats
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
-from mtp.decode.engine import TRACES, Decoder, make_mode
-from mtp.decode.modes import Pause, Speculative
+from mtp.decode.engine import TRACES, Decoder
+from mtp.decode.modes import Pause, Speculative, make_mode
 from mtp.decode.sampling import Sampling, log_probs
 from mtp.decode.shapes import cache_slots, prompt_width
 from mtp.decode.speculative import verify_sampled

@@ -14,13 +14,19 @@ from mtp.model.transformer import Transformer
 CFG = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=40)
 
 
+@nnx.jit
+def _call(model, tokens_bt, positions_bt, cache):
+    return model(tokens_bt, positions_bt, cache)
+
+
 def _chunks(model, tokens_bt, sizes):
-    """Feeds tokens in chunks of the given sizes through the KV cache."""
+    """Feeds tokens in chunks of the given sizes through the KV cache (jitted: one program
+    per chunk size, as the decoder runs it)."""
     b = tokens_bt.shape[0]
     cache, outs, taps, pos = model.init_cache(b), [], [], 0
     for n in sizes:
         positions = jnp.broadcast_to(jnp.arange(pos, pos + n), (b, n))
-        lo, ta, cache = model(tokens_bt[:, pos : pos + n], positions, cache)
+        lo, ta, cache = _call(model, tokens_bt[:, pos : pos + n], positions, cache)
         outs.append(lo)
         taps.append(ta)
         pos += n

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from mtp.data.tokenizer import Specials
-from mtp.decode.modes import MODES, Mode
+from mtp.decode.modes import Mode, make_mode
 from mtp.decode.modes.base import Carry, Ctx, at
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
@@ -213,15 +213,6 @@ def _thinking(prompt, specials: Specials) -> bool:
     opens = np.flatnonzero(prompt == specials.think_open)
     closes = np.flatnonzero(prompt == specials.think_close)
     return bool(opens.size) and (not closes.size or opens[-1] > closes[-1])
-
-
-def make_mode(mode: str | Mode) -> Mode:
-    """A mode object from its name (modes with options are passed as objects)."""
-    if isinstance(mode, Mode):
-        return mode
-    if mode not in MODES:
-        raise DecodeError(f"decode mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
-    return MODES[mode]()
 
 
 class Call(NamedTuple):

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from mtp.decode.engine import GREEDY, Decoder, make_mode
-from mtp.decode.modes import Mode
+from mtp.decode.engine import GREEDY, Decoder
+from mtp.decode.modes import Mode, make_mode
 from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
 from mtp.errors import DecodeError

@@ -11,8 +11,8 @@ from flax import nnx
 from mtp.data.format import answer_text, encode_prompt
 from mtp.data.tasks import Task
 from mtp.data.tokenizer import Tokenizer
-from mtp.decode.engine import Decoder, make_mode
-from mtp.decode.modes import Mode
+from mtp.decode.engine import Decoder
+from mtp.decode.modes import Mode, make_mode
 from mtp.decode.thinking import Thought, think_then_answer
 
 

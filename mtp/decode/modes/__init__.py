@@ -9,9 +9,30 @@ from mtp.decode.modes.pause import Pause
 from mtp.decode.modes.slow import Slow
 from mtp.decode.modes.speculative import Speculative
 from mtp.decode.modes.think import Think
+from mtp.errors import DecodeError
 
 MODES: dict[str, type[Mode]] = {
     m.name: m for m in (Slow, Fast, Adaptive, Speculative, Think, Pause)
 }
 
-__all__ = ["MODES", "Adaptive", "Fast", "Mode", "Pause", "Slow", "Speculative", "Think"]
+
+def make_mode(mode: str | Mode) -> Mode:
+    """A mode object from its name (modes with options are passed as objects)."""
+    if isinstance(mode, Mode):
+        return mode
+    if mode not in MODES:
+        raise DecodeError(f"decode mode {mode!r} is unknown; allowed: {', '.join(MODES)}")
+    return MODES[mode]()
+
+
+__all__ = [
+    "MODES",
+    "make_mode",
+    "Adaptive",
+    "Fast",
+    "Mode",
+    "Pause",
+    "Slow",
+    "Speculative",
+    "Think",
+]

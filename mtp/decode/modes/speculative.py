@@ -39,7 +39,8 @@ from mtp.model.transformer import FedTree
 # Rows per call past which speculation is off by default, by backend (absent: never). On 2 CPU
 # cores with SmolLM2-135M and its drafter (1.8 drafts accepted per pass) speculative decoding
 # ran at 1.6-1.7x slow at batch 1, 1.10x at batch 4 and 0.98x at batch 8 (benchmarks/decode.py,
-# 2026-12-04, caches sized to the call).
+# 2026-12-04, caches sized to the call). On an NVIDIA H200 it ran at 1.37x slow at batch 8 (a
+# pass there is bound by kernel latency, not by the weights' bytes), so GPUs have no entry.
 MAX_BATCH = {"cpu": 4}
 
 
