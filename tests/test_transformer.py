@@ -1,6 +1,7 @@
 """Main model: cached decoding equals the full forward; registers and GQA hold shapes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +15,15 @@ from mtp.model.transformer import Transformer
 CFG = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=40)
 
 
-@nnx.jit
-def _call(model, tokens_bt, positions_bt, cache):
-    return model(tokens_bt, positions_bt, cache)
+@functools.partial(nnx.jit, static_argnames="fresh")
+def _call(model, tokens_bt, positions_bt=None, cache=None, fresh=False):
+    """The model's pass, jitted as the decoder runs it (one program per shape, where eager
+    ops would compile one by one)."""
+    return model(tokens_bt, positions_bt, cache, fresh=fresh)
 
 
 def _chunks(model, tokens_bt, sizes):
-    """Feeds tokens in chunks of the given sizes through the KV cache (jitted: one program
-    per chunk size, as the decoder runs it)."""
+    """Feeds tokens in chunks of the given sizes through the KV cache."""
     b = tokens_bt.shape[0]
     cache, outs, taps, pos = model.init_cache(b), [], [], 0
     for n in sizes:
@@ -39,7 +41,7 @@ def test_cached_decoding_equals_full_forward(n_registers, tie):
     cfg = dataclasses.replace(CFG, n_registers=n_registers, tie_embeddings=tie, taps=(0, 1))
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (3, 20), 0, cfg.vocab_size)
-    full, taps, _ = model(tokens)
+    full, taps, _ = _call(model, tokens)
     # a prefill, then steps of 1 to k+1 tokens
     for sizes in ([20], [8, 1, 1, 5, 3, 2], [1] * 20):
         lo, ta = _chunks(model, tokens, sizes)
@@ -55,15 +57,15 @@ def test_a_fresh_prefill_reads_only_the_registers_and_decodes_on_the_same(n_regi
     cfg = dataclasses.replace(CFG, n_registers=n_registers, taps=(0, 1))
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, cfg.vocab_size)
-    full, _, _ = model(tokens)
+    full, _, _ = _call(model, tokens)
     pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
-    plain = model(tokens[:, :12], pos, model.init_cache(2))
-    fresh = model(tokens[:, :12], pos, model.init_cache(2), fresh=True)
+    plain = _call(model, tokens[:, :12], pos, model.init_cache(2))
+    fresh = _call(model, tokens[:, :12], pos, model.init_cache(2), fresh=True)
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(fresh), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(fresh[0], full[:, :12], atol=1e-4)
     nxt = jnp.broadcast_to(jnp.arange(12, 16), (2, 4))
-    lo, _, _ = model(tokens[:, 12:], nxt, fresh[2])
+    lo, _, _ = _call(model, tokens[:, 12:], nxt, fresh[2])
     np.testing.assert_allclose(lo, full[:, 12:], atol=1e-4)
 
 
@@ -80,7 +82,7 @@ def test_rows_at_different_positions_and_stale_slots_are_ignored(n_registers):
     # junk_bt differs from true_bt everywhere: a rejected draft, or prompt padding
     shift_bt = jax.random.randint(key_j, true_bt.shape, 1, cfg.vocab_size)
     junk_bt = (true_bt + shift_bt) % cfg.vocab_size
-    full_btv, full_taps, _ = model(true_bt)
+    full_btv, full_taps, _ = _call(model, true_bt)
     plen_b = np.array([3, 9, 6])
     kept_pb = np.array([[0, 3, 1], [3, 0, 2], [1, 2, 0], [2, 1, 3], [0, 0, 1]])  # tokens kept - 1
     w, cols = 4, np.arange(cfg.max_len)
@@ -101,12 +103,12 @@ def test_rows_at_different_positions_and_stale_slots_are_ignored(n_registers):
     # the prefill: right-padded prompts, junk past each prompt's end
     zeros_b = np.zeros(3, int)
     feed_bw, pos_bw = fed(zeros_b, plen_b, 10)
-    lo, ta, cache = model(feed_bw, pos_bw, model.init_cache(3))
+    lo, ta, cache = _call(model, feed_bw, pos_bw, model.init_cache(3))
     check(lo, ta, zeros_b, plen_b)
     pos_b = plen_b
     for kept_b in kept_pb:  # pass: y0 and 3 drafts fed, y0 and kept_b drafts kept
         feed_bw, pos_bw = fed(pos_b, kept_b + 1, w)
-        lo, ta, cache = model(feed_bw, pos_bw, cache)
+        lo, ta, cache = _call(model, feed_bw, pos_bw, cache)
         check(lo, ta, pos_b, kept_b + 1)
         pos_b = pos_b + kept_b + 1
     assert len(set(pos_b.tolist())) == 3  # still ragged after the passes
