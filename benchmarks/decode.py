@@ -31,6 +31,10 @@ keeps XLA:CPU from handing small matrix products to YNNPACK: on the 1M-parameter
 tiny model that was slightly faster (2026-11-23), but on SmolLM2-135M it makes a
 5-token verification pass cost 2.98x a 1-token pass instead of 1.29x
 (benchmarks/pass_cost.py, 2026-12-02, idle; docs/benchmarks.md).
+
+`--matmul_precision=float32` runs every call with float32 matrix products. JAX's default
+rounds float32 products to TensorFloat32 on recent NVIDIA GPUs (bfloat16 on TPUs), and
+there greedy speculative rows can differ from slow's (an H200, 2026-12-04).
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ def make_mode(mode: str | Mode) -> Mode:
 
 __all__ = [
     "MODES",
-    "make_mode",
     "Adaptive",
     "Fast",
     "Mode",
@@ -35,4 +34,5 @@ __all__ = [
     "Slow",
     "Speculative",
     "Think",
+    "make_mode",
 ]
