@@ -51,7 +51,7 @@ import time
 
 import numpy as np
 from decode_table import plot, print_table
-from peers import PEERS, best_total, peer_runner
+from peers import PEERS, best_total, peer_files, peer_runner
 
 PROMPTS = [
     "def main(",
@@ -147,29 +147,6 @@ def _system(args):
     return system, tokenizer_of(run), run.model, args.workdir, run.model.init_from
 
 
-def _peer_files(system, tok, init_from, out_dir, peers):
-    """The checkpoint's main model as the peers read it: {'hf': DIR} and, for llama.cpp,
-    {'f32': GGUF, 'f16': GGUF} with the tokenizer of the GGUF it was loaded from (plus the
-    tokens mtp added: thinking, pause)."""
-    from mtp.config.sources import local_source
-    from mtp.model.convert import export_gguf, export_hf
-
-    files = {"hf": os.path.join(out_dir, "hf")}
-    export_hf(system.main, files["hf"])
-    if any(p.startswith("llamacpp") for p in peers):
-        kind, _, src = local_source(init_from).partition(":") if init_from else ("", "", "")
-        if kind != "gguf":
-            raise SystemExit(
-                "--peers=llamacpp_*: the main model must come from a GGUF file (its "
-                "tokenizer is copied into the files llama.cpp reads)"
-            )
-        added = [tok.token(i) for i in range(tok.base_vocab_size, system.main.cfg.vocab_size)]
-        for dtype in ("f32", "f16"):
-            files[dtype] = os.path.join(out_dir, f"main.{dtype}.gguf")
-            export_gguf(system.main, files[dtype], "float" + dtype[1:], src, added)
-    return files
-
-
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     """Bytes per second this machine reads: the best of `repeats` jitted sums over `gib` GiB
     of float32 (all cores), the figure a weight-bandwidth bound divides by."""
@@ -250,7 +227,7 @@ def _benchmark(args, argv, xla_flags):
         raise SystemExit(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; allowed: {PEERS}")
     json_path = args.json or os.path.join(args.workdir or ".", "decode_benchmark.json")
     peer_dir = os.path.join(os.path.dirname(json_path) or ".", "peer_weights")
-    files = _peer_files(system, tok, init_from, peer_dir, peers) if peers else {}
+    files = peer_files(system, tok, init_from, peer_dir, peers) if peers else {}
     weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(system.main)))
     bandwidth = read_bandwidth(args.bandwidth_gib)
     sampling = Sampling(temperature=args.temperature)

@@ -88,6 +88,29 @@ def llamacpp_runner(gguf_path, eos_id, max_new, n_ctx):
     return run
 
 
+def peer_files(system, tok, init_from, out_dir, peers):
+    """The checkpoint's main model as the peers read it: {'hf': DIR} and, for llama.cpp,
+    {'f32': GGUF, 'f16': GGUF} with the tokenizer of the GGUF it was loaded from (plus the
+    tokens mtp added: thinking, pause)."""
+    from mtp.config.sources import local_source
+    from mtp.model.convert import export_gguf, export_hf
+
+    files = {"hf": os.path.join(out_dir, "hf")}
+    export_hf(system.main, files["hf"])
+    if any(p.startswith("llamacpp") for p in peers):
+        kind, _, src = local_source(init_from).partition(":") if init_from else ("", "", "")
+        if kind != "gguf":
+            raise SystemExit(
+                "--peers=llamacpp_*: the main model must come from a GGUF file (its "
+                "tokenizer is copied into the files llama.cpp reads)"
+            )
+        added = [tok.token(i) for i in range(tok.base_vocab_size, system.main.cfg.vocab_size)]
+        for dtype in ("f32", "f16"):
+            files[dtype] = os.path.join(out_dir, f"main.{dtype}.gguf")
+            export_gguf(system.main, files[dtype], "float" + dtype[1:], src, added)
+    return files
+
+
 def peer_runner(name, files, batch, *, eos_id, pad_id, max_new, n_ctx):
     """run(prompts) -> emitted ids per prompt, for peer `name` at `batch` rows per call, or
     None where the peer does not run at that batch size. files: {'hf': DIR, 'f32': GGUF,

@@ -73,7 +73,7 @@ def test_the_decode_benchmark_times_peers_in_the_same_rounds_as_mtp(tmp_path, mo
 
     monkeypatch.setattr(Decoder, "generate", logged)
     monkeypatch.setattr(decode, "peer_runner", stand_in)
-    monkeypatch.setattr(decode, "_peer_files", lambda *a: {})
+    monkeypatch.setattr(decode, "peer_files", lambda *a: {})
     argv = "--random --modes=slow --batches=1,2 --prompts=2 --repeats=3 --peer_repeats=2"
     out = decode.main([*argv.split(), "--max_new_tokens=4", "--bandwidth_gib=0.01",
                        "--peers=llamacpp_f32", "--matmul_precision=float32",
