@@ -2,50 +2,46 @@
 
 Every kind provides two views of the same function:
 
-- `__call__(taps_btld, inputs_btk) -> x_btkd`, teacher-forced (training):
-  `inputs_btk[..., j]` is the token emitted at draft step j (y_0 is the main
-  token) and the hidden state `x_btkd[..., j, :]`, scored by `logits`, scores
-  y_{j+1}. Step j sees only `inputs[..., :j+1]` (causal over draft steps) and the
-  tap at t (causal over positions), so teacher forcing over a whole sequence
-  needs no Python loop over positions. The hidden states, not the logits, come
-  back so that a loss can score one offset at a time (U-way logits for all k
-  offsets at once would be (B, T, K, U)).
-- `start(taps_bld) -> state` and `step(state, y_b, j) -> (state, x_bd)`,
-  incremental (decoding): step j reads y_j and returns the hidden state that
-  scores y_{j+1}, from cached state, so drafting k tokens costs k step
-  evaluations, not k^2. `j` may be traced. `draft` runs the steps in one
-  `fori_loop` for every kind and scores them with the head.
+- `__call__(taps_btld, inputs_btk) -> x_btkd`, teacher-forced (training): `inputs_btk`
+  holds at [..., j] the token emitted at draft step j (y_0 is the main token), and
+  `x_btkd[..., j, :]`, scored by `logits`, scores y_{j+1}. Step j sees only tokens up to
+  y_j (causal over draft steps) and the tap at t (causal over positions): no Python loop
+  over positions. Hidden states, not logits, come back, so that a loss can score one
+  offset at a time (U-way logits for all k offsets at once would be (B, T, K, U)).
+- `start(taps_bld) -> state` and `step(state, y_b, j) -> (state, x_bd)`, incremental
+  (decoding): step j reads y_j and returns the hidden state that scores y_{j+1}, from
+  cached state, so drafting k tokens costs k step evaluations, not k^2. `j` may be traced.
+  `draft` runs the steps in one `fori_loop` for every kind and scores them with the head.
 
-The output head scores U tokens: the whole vocabulary (U = V) or a trimmed draft
-vocabulary (`drafter.draft_vocab`, EAGLE-3), whose full-vocabulary ids the caller
-holds and passes to `draft` (`ids_u`); input tokens are always full ids. With
-`drafter.head` 'shared' or 'shared_frozen' the drafter has no embedding or head
-of its own: every method takes the main model's as a call argument (`Tables`),
-so the drafter never holds a second reference to the main model's variables.
+The output head scores U tokens: the whole vocabulary (U = V) or a trimmed draft vocabulary
+(`drafter.draft_vocab`, EAGLE-3), whose full-vocabulary ids the caller holds and passes to
+`draft` (`ids_u`); input tokens are always full ids. With `drafter.head` 'shared' or
+'shared_frozen' the drafter has no embedding or head of its own: every method takes the
+main model's as a call argument (`Tables`), so the drafter never holds a second reference
+to the main model's variables.
 
-With `drafter.emission` the drafter also has a keep head: from the hidden
-state that scores y_{j+1} and an urgency input u in [0, 1] it gives the logit
-of emitting y_{j+1} rather than ending the pass before it (learned emission,
-trained by the RL objective; `mtp.decode.modes.Adaptive`).
+With `drafter.emission` the drafter also has a keep head: from the hidden state that scores
+y_{j+1} and an urgency input u in [0, 1] it gives the logit of emitting y_{j+1} rather than
+ending the pass before it (learned emission, trained by the RL objective;
+`mtp.decode.modes.Adaptive`).
 
 Kinds, registered by name in `DRAFTERS` (the names `DrafterConfig` accepts are
 `DRAFTER_KINDS`; both must list the same kinds):
 
-- `transformer` (EAGLE-style, default): small causal transformer over the k
-  draft steps; step j's input is the fused tap, the embedding of y_j and a
-  learned embedding of j. (RoPE alone cannot tell steps apart when tokens
-  repeat: equal inputs give equal values, so "=1" and "=11" would draft alike.)
-  Incremental: one new position per step, with a k-slot KV cache per block.
-  With `drafter.copy_layers` its blocks are main layers' copies (`copy_main_layers`).
-  With `drafter.context` its blocks also attend over the fused taps of every
-  position up to t (EAGLE's drafter reads the whole past; this one otherwise
-  sees the tap at t alone): decoding keeps their keys and values in a context
-  cache that every main pass writes (`write_context`, slot = position) and the
-  steps continue after the root (`context_block` is the teacher-forced form).
-- `medusa`: k independent residual-MLP heads on the tap (Cai et al. 2024).
-  Incremental: all k heads at `start` (they ignore the drafted tokens).
-- `rnn`: a GRU over draft steps started from the tap (ReDrafter-style,
-  Cheng et al. 2024). Incremental: one GRU step per draft step.
+- `transformer` (EAGLE-style, default): small causal transformer over the k draft steps;
+  step j's input is the fused tap, the embedding of y_j and a learned embedding of j. (RoPE
+  alone cannot tell steps apart when tokens repeat: equal inputs give equal values, so "=1"
+  and "=11" would draft alike.) Incremental: one new position per step, with a k-slot KV
+  cache per block. With `drafter.copy_layers` its blocks are main layers' copies
+  (`copy_main_layers`). With `drafter.context` its blocks also attend over the fused taps
+  of every position up to t (EAGLE's drafter reads the whole past; this one otherwise sees
+  the tap at t alone): decoding keeps their keys and values in a context cache that every
+  main pass writes (`write_context`, slot = position) and the steps continue after the
+  root (`context_block` is the teacher-forced form).
+- `medusa`: k independent residual-MLP heads on the tap (Cai et al. 2024). Incremental:
+  all k heads at `start` (they ignore the drafted tokens).
+- `rnn`: a GRU over draft steps started from the tap (ReDrafter-style, Cheng et al. 2024).
+  Incremental: one GRU step per draft step.
 """
 
 from __future__ import annotations
@@ -260,19 +256,23 @@ class TransformerDrafter(DrafterBase):
         self.context = cfg.context
         self.max_len = main.max_len
 
-    def step_inputs(self, h_xd, tokens_x, steps_x, tables=None):
-        """Block input of draft steps: fused tap h (..., d), token y_j (...), step j (...)."""
+    def tap_inputs(self, h_xd):
+        """The fused tap's share h W_h (..., d) of `in_proj` [h; e]: equal at every step of a
+        draft, so `start` computes it once, not each of the k steps."""
+        return h_xd @ self.in_proj.kernel[: self.d]
+
+    def step_inputs(self, hw_xd, tokens_x, steps_x, tables=None):
+        """Block input of draft steps: tap share hw (..., d), token y_j (...), step j (...)."""
         e_xd = self.embed_tokens(tokens_x, tables)
-        x_xd = self.in_proj(jnp.concatenate([h_xd, e_xd], axis=-1))
-        return x_xd + self.step_embed(steps_x)
+        return hw_xd + e_xd @ self.in_proj.kernel[self.d :] + self.step_embed(steps_x)
 
     def __call__(self, taps_btld, inputs_btk, tables=None, past: Past | None = None):
         """`past`: the taps before the row, read with `drafter.context` (`Past`)."""
         b, t, k = inputs_btk.shape
         h_btd = self.fuse(taps_btld)
-        h_btkd = jnp.broadcast_to(h_btd[:, :, None], (b, t, k, self.d))
+        hw_btkd = jnp.broadcast_to(self.tap_inputs(h_btd)[:, :, None], (b, t, k, self.d))
         steps_btk = jnp.broadcast_to(jnp.arange(k), (b, t, k))
-        x_btkd = self.step_inputs(h_btkd, inputs_btk, steps_btk, tables)
+        x_btkd = self.step_inputs(hw_btkd, inputs_btk, steps_btk, tables)
         if self.context:
             past_m_bpd = None if past is None else self.fuse(past.taps_bpld)
             valid_bp = None if past is None else past.valid_bp
@@ -307,25 +307,25 @@ class TransformerDrafter(DrafterBase):
         )
 
     def start(self, taps_bld, tables=None, context: Cache = (), root_b=None):
-        """The fused tap (B, 1, d), the blocks' caches and the root's slot (B,). Step j writes
-        and reads slot root + 1 + j: after the context cache's slots up to the root (context),
-        or in an empty k-slot cache, the root at -1."""
+        """The tap's share of every step's input (B, 1, d) (`tap_inputs`), the blocks' caches
+        and the root's slot (B,). Step j writes and reads slot root + 1 + j: after the context
+        cache's slots up to the root (context), or in an empty k-slot cache, the root at -1."""
         b = taps_bld.shape[0]
         if not self.context:
             context, root_b = self._empty_cache(b, self.k), jnp.full((b,), -1, jnp.int32)
         elif root_b is None or not context:
             raise ValueError("a drafter that reads the context drafts from its cache and root")
-        return self.fuse(taps_bld[:, None]), context, root_b
+        return self.tap_inputs(self.fuse(taps_bld[:, None])), context, root_b
 
     def step(self, state, y_b, j, tables=None):
-        h_b1d, caches, root_b = state
+        hw_b1d, caches, root_b = state
         slot_b1 = (root_b + 1 + j)[:, None]
-        x_b1d = self.step_inputs(h_b1d, y_b[:, None], jnp.full_like(slot_b1, j), tables)
+        x_b1d = self.step_inputs(hw_b1d, y_b[:, None], jnp.full_like(slot_b1, j), tables)
         new = []
         for block, cache in zip(self.blocks, caches, strict=True):
             x_b1d, cache = block(x_b1d, slot_b1, cache)
             new.append(cache)
-        return (h_b1d, tuple(new), root_b), x_b1d[:, 0]
+        return (hw_b1d, tuple(new), root_b), x_b1d[:, 0]
 
 
 @register("medusa")
