@@ -2,6 +2,7 @@
 
     WORKDIR/config.json      the resolved config (written once, checked on resume)
     WORKDIR/checkpoints/N/   Orbax: `state` (model + optimizer), `data` (iterator state)
+    WORKDIR/drafter.safetensors   the drafter alone (`export_drafter`), on request
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and
 renames on commit), so a run killed at any moment resumes from the last
@@ -30,6 +31,7 @@ from jax.experimental import multihost_utils
 from mtp.config import Run, resolve
 from mtp.data.tokenizer import tokenizer_of
 from mtp.errors import CheckpointError, ConfigError, DamagedCheckpoint
+from mtp.model.convert.drafter_file import save_drafter
 from mtp.train.steps import init_train_state
 
 # Sections whose values fix the shapes of the saved arrays.
@@ -312,3 +314,19 @@ def load_system(workdir, step: int | None = None):
         mngr.close()
     system, _ = nnx.merge(graphdef, restored)
     return system, run
+
+
+def export_drafter(workdir) -> tuple[Path, Run]:
+    """Writes the drafter of a run directory's latest step, alone, to WORKDIR/drafter.safetensors
+    (`mtp.model.convert.drafter_file`); returns the file and the run. Only a drafter trained on
+    a frozen pretrained main model can start another run's drafter: any other main model's
+    weights live in this run's checkpoint alone."""
+    run = read_run(workdir)
+    if not run.model.init_from or run.train.main_lr_scale:
+        raise CheckpointError(
+            f"{workdir}: its main model was trained there, so its drafter reads weights no other "
+            "run has; a drafter file is for a frozen pretrained main model (model.init_from "
+            "set, train.main_lr_scale=0)"
+        )
+    system, _ = load_system(workdir)
+    return save_drafter(system, Path(workdir) / "drafter.safetensors"), run

@@ -9,6 +9,7 @@ r"""Thin entry point; all logic is importable (notebooks call the same functions
     python -m mtp.run --config=experiments/sweep_k.py --workdir=runs/sweep_k   # a sweep over k
     python -m mtp.run --config=experiments/pause.py --workdir=runs/pause   # pause tokens
     python -m mtp.run --workdir=runs/sweep_k --mode=report   # its table and plots
+    python -m mtp.run --workdir=runs/smol --mode=export_drafter   # runs/smol/drafter.safetensors
 
 Running the same train command again resumes. Bad input (config, data, run
 directory) prints one line naming what is wrong and exits with status 2.
@@ -28,7 +29,9 @@ from mtp.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "decode", "report"], "What to do.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "decode", "report", "export_drafter"], "What to do."
+)
 _PROMPT = flags.DEFINE_string("prompt", "", "Prompt text for --mode=decode.")
 _DECODE_MODES = flags.DEFINE_list(
     "decode_modes", "slow,speculative,fast", "Decoding modes for --mode=decode."
@@ -125,6 +128,17 @@ def _decode():
     )
 
 
+def _export_drafter():
+    from mtp.checkpoint import export_drafter
+
+    path, run = export_drafter(_WORKDIR.value)
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB): the drafter alone, for the main "
+        f"model {run.model.init_from}; start a drafter from it with "
+        f"--config.drafter.init_from={path}"
+    )
+
+
 def _report():
     from mtp.metrics import compare_runs
     from mtp.programs.sweep import collect, runner
@@ -148,7 +162,13 @@ def main(argv):
         for workdir in _WORKDIR.value.split(","):
             if Path(workdir).exists() and not Path(workdir).is_dir():
                 raise UserError(f"--workdir={workdir} is a file; give a run directory")
-        {"train": _train, "decode": _decode, "report": _report}[_MODE.value]()
+        modes = {
+            "train": _train,
+            "decode": _decode,
+            "report": _report,
+            "export_drafter": _export_drafter,
+        }
+        modes[_MODE.value]()
     except UserError as e:
         _fail(str(e))
 

@@ -232,6 +232,14 @@ def test_frozen_recipe_trains_the_drafter_on_the_main_models_own_text(tmp_path):
     counts = np.bincount(rows[mask > 0], minlength=system.vocab_size)
     assert counts[ids].sum() == np.sort(counts)[::-1][:64].sum()
 
+    # the drafter alone (`--mode=export_drafter`) starts another run's drafter as trained
+    path, _ = ckpt.export_drafter(workdir)
+    c = _config(hf)
+    c.drafter.update(init_from=str(path))
+    _, _, other = _shaped_system(c)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(other.drafter), nnx.state(system.drafter))
+    np.testing.assert_array_equal(other.ids(), ids)
+
 
 def _update(run, tok, batch):
     """Parameters before and after one train step of a fresh system."""

@@ -167,6 +167,9 @@ class DrafterConfig:
     # whose weights start the drafter's blocks, which then take the main model's block shape;
     # its out norm starts as the main model's final norm. () = random blocks.
     copy_layers: tuple[int, ...] = ()
+    # A drafter file (`python -m mtp.run --mode=export_drafter` writes one) whose weights and
+    # draft vocabulary start the drafter; its drafter config and main model must match. "": none.
+    init_from: str = ""
 
     def __post_init__(self):
         check(self.kind in DRAFTER_KINDS, "drafter.kind", f"{self.kind!r} not in {DRAFTER_KINDS}")
@@ -183,6 +186,11 @@ class DrafterConfig:
             not self.context or self.kind == "transformer",
             "drafter.context",
             f"only the transformer drafter reads the context, got kind {self.kind!r}",
+        )
+        check(
+            not self.init_from or self.init_from.endswith(".safetensors"),
+            "drafter.init_from",
+            f"a drafter file (.safetensors) or '', got {self.init_from!r}",
         )
         object.__setattr__(self, "copy_layers", tuple(int(i) for i in self.copy_layers))
         if self.copy_layers:

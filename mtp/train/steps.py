@@ -17,6 +17,7 @@ from flax import nnx
 
 from mtp.config import Run
 from mtp.data.tokenizer import Tokenizer
+from mtp.model.convert.drafter_file import load_drafter
 from mtp.model.system import MTPSystem
 from mtp.model.taps import Past, with_noise
 from mtp.train.losses import accuracy_metrics, offset_weights, supervised_terms
@@ -63,9 +64,9 @@ def make_system(
     run: Run, tok: Tokenizer, seed: int | None = None, *, pretrained: bool = True, draft_ids=None
 ) -> MTPSystem:
     """The system of `run` (shapes already from `with_checkpoint_shapes`); with `pretrained`,
-    the main model's weights from `model.init_from` and the drafter's blocks copied from them
-    (`drafter.copy_layers`). `draft_ids` (N,): the trimmed draft
-    vocabulary (`drafter.draft_vocab`)."""
+    the main model's weights from `model.init_from`, the drafter's blocks copied from them
+    (`drafter.copy_layers`) and the drafter from a drafter file (`drafter.init_from`, its draft
+    vocabulary too). `draft_ids` (N,): the trimmed draft vocabulary (`drafter.draft_vocab`)."""
     seed = run.seed if seed is None else seed
     system = MTPSystem(
         run.model, run.drafter, pad_id=tok.specials.pad, draft_ids=draft_ids, rngs=nnx.Rngs(seed)
@@ -74,6 +75,8 @@ def make_system(
         load_pretrained(system.main, run)
     if pretrained:
         system.copy_main_layers()
+    if pretrained and run.drafter.init_from:
+        load_drafter(system, run.drafter.init_from)
     return system
 
 
