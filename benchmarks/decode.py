@@ -4,6 +4,8 @@ r"""Decoding speed on one checkpoint: slow vs speculative vs fast, in one run.
     python benchmarks/decode.py --random            # random tiny system, no checkpoint
     python benchmarks/decode.py --workdir=runs/smollm2 --chat_task=rg_gsm_symbolic \
         --peers=transformers,prompt_lookup,llamacpp_f32,llamacpp_f16
+    python benchmarks/decode.py --config=experiments/smollm2_drafter.py \
+        --drafter=runs/smollm2/drafter.safetensors --chat_task=rg_gsm_symbolic   # a drafter file
 
 With `--chat_task=SPEC` the prompts are held-out (eval split) problems of that task as
 user messages in the model's chat template, and rows stop at the end token (a
@@ -51,6 +53,7 @@ import time
 
 import numpy as np
 from decode_table import plot, print_table
+from pass_cost import add_source_args, system_from_args
 from peers import PEERS, best_total, peer_files, peer_runner
 
 PROMPTS = [
@@ -70,10 +73,8 @@ XLA_FLAGS = ""  # JAX's defaults (YNNPACK on): see the docstring
 
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="run directory; its latest (or --step) checkpoint")
+    src = add_source_args(p)
     src.add_argument("--random", action="store_true", help="random-weight tiny system")
-    p.add_argument("--step", type=int, default=None)
     p.add_argument(
         "--modes",
         default="slow,speculative,tree,fast",
@@ -129,7 +130,7 @@ def _args(argv):
 def _system(args):
     """(system, its tokenizer, its ModelConfig, where it came from, its init_from or ''");
     imports JAX."""
-    from mtp.data.tokenizer import ByteTokenizer, tokenizer_of
+    from mtp.data.tokenizer import ByteTokenizer
 
     if args.random:
         from flax import nnx
@@ -141,10 +142,9 @@ def _system(args):
         main = ModelConfig(vocab_size=264, d_model=128, n_layers=4, max_len=256)
         system = MTPSystem(main, DrafterConfig(k=4), pad_id=tok.specials.pad, rngs=nnx.Rngs(0))
         return system, tok, main, "random", ""
-    from mtp.checkpoint import load_system
-
-    system, run = load_system(args.workdir, step=args.step)
-    return system, tokenizer_of(run), run.model, args.workdir, run.model.init_from
+    system, tok = system_from_args(args)
+    source = args.workdir or " + ".join(filter(None, (args.config, args.drafter)))
+    return system, tok, system.main.cfg, source, system.main.cfg.init_from
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:

@@ -3,6 +3,8 @@ r"""Where a speculative pass's time goes: main pass, drafter, verification bookk
     python benchmarks/pass_cost.py --workdir=runs/smollm2
     python benchmarks/pass_cost.py --config=experiments/smollm2_drafter.py   # untrained, same cost
     python benchmarks/pass_cost.py --config=experiments/smollm2_drafter.py --dtype=bfloat16
+    python benchmarks/pass_cost.py --config=experiments/smollm2_drafter.py \
+        --drafter=runs/smollm2/drafter.safetensors   # a trained drafter, from its file alone
 
 Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
 - main, 1 token: slow mode's pass (the LM head at the one fed token);
@@ -42,14 +44,7 @@ XLA_FLAGS = ""  # added to $XLA_FLAGS before JAX starts; as benchmarks/decode.py
 
 def _args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a trained run directory (its latest checkpoint)")
-    src.add_argument("--config", help="an experiment file[:variant]: its system, untrained")
-    p.add_argument(
-        "--dtype",
-        default="",
-        help="with --config: model.param_dtype and model.dtype (e.g. bfloat16)",
-    )
+    add_source_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--context", type=int, default=128, help="tokens already in the cache")
     p.add_argument("--new_tokens", type=int, default=64, help="per row, for the loop figures")
@@ -61,9 +56,26 @@ def _args(argv):
     return p.parse_args(argv)
 
 
+def add_source_args(p: argparse.ArgumentParser):
+    """The system a benchmark times (`system_from_args`): a run directory, or an experiment
+    file with its main model's checkpoint and, optionally, a drafter file. Returns the
+    mutually exclusive group, for a script's other sources."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--workdir", help="a trained run directory (its latest or --step checkpoint)")
+    src.add_argument("--config", help="an experiment file[:variant]: its system, drafter untrained")
+    p.add_argument("--step", type=int, default=None, help="with --workdir: this checkpoint")
+    p.add_argument(
+        "--drafter", default="", help="with --config: the drafter from this drafter file"
+    )
+    p.add_argument(
+        "--dtype", default="", help="with --config: model.param_dtype and model.dtype (bfloat16)"
+    )
+    return src
+
+
 def system_from_args(args):
-    """(system, tokenizer) of `--workdir` (trained) or `--config` (untrained drafter, the
-    main model's checkpoint loaded), `--dtype` applied to a config."""
+    """(system, tokenizer) of `--workdir` (trained) or `--config` (the main model's checkpoint
+    loaded; the drafter untrained, or `--drafter`'s), `--dtype` applied to a config."""
     from mtp.checkpoint import load_system
     from mtp.config import resolve
     from mtp.data.tokenizer import tokenizer_of
@@ -71,12 +83,16 @@ def system_from_args(args):
     from mtp.train.steps import make_system
 
     if args.workdir:
-        system, run = load_system(args.workdir)
+        if args.drafter or args.dtype:
+            raise SystemExit("--drafter and --dtype go with --config, not --workdir")
+        system, run = load_system(args.workdir, step=args.step)
         return system, tokenizer_of(run)
     path, _, arg = args.config.partition(":")
     config = runpy.run_path(path)["get_config"](arg or None)
     if args.dtype:
         config.model.update(param_dtype=args.dtype, dtype=args.dtype)
+    if args.drafter:
+        config.drafter.update(init_from=args.drafter)
     run = resolve(config)
     tok = tokenizer_of(run)
     return make_system(with_checkpoint_shapes(run, tok), tok), tok

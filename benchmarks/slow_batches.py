@@ -19,17 +19,14 @@ import sys
 import time
 
 import numpy as np
-from pass_cost import system_from_args
+from pass_cost import add_source_args, system_from_args
 
 from mtp.decode.engine import Decoder
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--workdir", help="a trained run directory (its latest checkpoint)")
-    src.add_argument("--config", help="an experiment file[:variant]; its main model decodes")
-    p.add_argument("--dtype", default="", help="with --config: model.param_dtype and dtype")
+    add_source_args(p)
     p.add_argument("--batches", default="1,8,16")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--cache_len", type=int, default=0, help="cache slots (0: model.max_len)")

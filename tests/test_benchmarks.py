@@ -5,7 +5,11 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from flax import nnx
+
+from mtp.model.convert.drafter_file import save_drafter
 
 HAS_AVX512 = Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()
 
@@ -130,3 +134,24 @@ def test_the_slow_batches_benchmark_times_every_batch(tmp_path, capsys):
     assert [r["batch"] for r in rows] == [1, 3]
     assert all(r["ms_per_pass"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert "command:" in capsys.readouterr().out
+
+
+def test_a_benchmark_reads_a_drafter_file_onto_its_experiments_main_model(tmp_path):
+    """`--config=EXP --drafter=FILE` (every benchmark's source arguments): the experiment's
+    system with the file's drafter, not a fresh one; `--drafter` with a run directory is
+    refused."""
+    exp = tmp_path / "tiny.py"
+    exp.write_text(TINY_EXPERIMENT)
+    system, _ = pass_cost.system_from_args(decode._args([f"--config={exp}"]))
+    rng = np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(nnx.state(system.drafter)):
+        var[...] = rng.normal(size=var.shape).astype(var.dtype)
+    path = save_drafter(system, tmp_path / "drafter.safetensors")
+    args = decode._args([f"--config={exp}", f"--drafter={path}", "--batches=1"])
+    loaded, _ = pass_cost.system_from_args(args)
+    want = nnx.to_flat_state(nnx.state(system.drafter))
+    got = dict(nnx.to_flat_state(nnx.state(loaded.drafter)))
+    for p, var in want:
+        np.testing.assert_array_equal(got[p][...], var[...], err_msg=str(p))
+    with pytest.raises(SystemExit, match="--drafter and --dtype go with --config"):
+        pass_cost.system_from_args(pass_cost._args(["--workdir=runs/x", f"--drafter={path}"]))
