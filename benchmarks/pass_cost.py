@@ -15,7 +15,9 @@ Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
 - main, k + 1 tokens: the verification pass of a chain (logits at every fed token); with
   `--widths` also other widths (a draft tree of N nodes feeds N + 1 tokens);
 - drafter, k steps: `MTPSystem.draft` after one main token, greedy, its tables (a shared
-  head's trimmed columns) computed beforehand, once, as a decoding call does;
+  head's trimmed columns) computed beforehand, once, as a decoding call does; with
+  `--tree_nodes=N` also `MTPSystem.draft_tree` (`--tree_beams` beams, depth k), the main
+  pass feeding N + 1 tokens, and the tree's loop and bookkeeping as below;
 - the whole loop per pass, from `Decoder.generate` (slow and speculative, 2 x `--new_tokens`
   per row, rows never stop; a call's wall time less its prefill's, per loop pass):
   for speculative, what is left after its main pass and drafter is the bookkeeping
@@ -51,6 +53,10 @@ def _args(argv):
     p.add_argument(
         "--widths", default="", help="also time main passes feeding these many tokens (e.g. 2,9,17)"
     )
+    p.add_argument(
+        "--tree_nodes", type=int, default=0, help="also a draft tree of N nodes: drafter, loop"
+    )
+    p.add_argument("--tree_beams", type=int, default=4, help="with --tree_nodes: beams per depth")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--xla_flags", default=XLA_FLAGS)
     return p.parse_args(argv)
@@ -158,6 +164,12 @@ def main(argv=None):
         pick = lambda logits_bu, j: choose(logits_bu, Sampling(), None)
         return s.draft(taps_bld, jnp.zeros((b,), jnp.int32), pick, cache, pos_b - 1, tables)[0]
 
+    @jax.jit
+    def tree_drafter(state, taps_bld, cache, tables):
+        s = nnx.merge(graph, state)
+        y0_b, m = jnp.zeros((b,), jnp.int32), args.tree_beams
+        return s.draft_tree(taps_bld, y0_b, m, k, cache, pos_b - 1, tables)[1]
+
     tables = jax.jit(lambda state: nnx.merge(graph, state).tables())(state)  # once, as a call
 
     embed = system.main.embed.embedding
@@ -189,11 +201,19 @@ def main(argv=None):
         f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache, k + 1), r),
         f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache, tables), r),
     }
-    for w in sorted({int(x) for x in args.widths.split(",") if x} - {1, k + 1}):
+    n, tree = args.tree_nodes, f"tree of {args.tree_nodes} nodes"
+    widths = {int(x) for x in args.widths.split(",") if x} | ({n + 1} if n else set())
+    for w in sorted(widths - {1, k + 1}):
         ms[f"main, {w} tokens"] = _best_ms(lambda w=w: main_wide(state, cache, w), r)
+    loops = [("slow", "slow"), ("speculative", Speculative(max_batch=0))]
+    if n:
+        ms[f"drafter, {tree} ({args.tree_beams} beams, depth {k})"] = _best_ms(
+            lambda: tree_drafter(state, taps_bld, cache, tables), r
+        )
+        loops.append((tree, Speculative(tree_nodes=n, tree_beams=args.tree_beams, max_batch=0)))
     dec = Decoder(system, tok.specials)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
-    for label, mode in (("slow", "slow"), ("speculative", Speculative(max_batch=0))):
+    for label, mode in loops:
         # a call's wall time less its prefill's, per loop pass (rows never stop)
         kw = dict(mode=mode, max_new_tokens=2 * args.new_tokens, stop_id=-1)
         call = dec.prepare(prompts, **kw)
@@ -203,10 +223,18 @@ def main(argv=None):
         wall_ms = 1e3 * np.min([x.wall_s for x in runs])
         prefill_ms = _best_ms(lambda p=prefill, c=call: p(dec.state, *c.prefill_args), r)
         ms[f"{label} loop, per pass"] = (wall_ms - prefill_ms) / (runs[0].batch_passes - 1)
-    spec_loop = ms["speculative loop, per pass"]
     ms["speculative bookkeeping (loop - main - drafter)"] = (
-        spec_loop - ms[f"main, {k + 1} tokens (verification)"] - ms[f"drafter, {k} steps"]
+        ms["speculative loop, per pass"]
+        - ms[f"main, {k + 1} tokens (verification)"]
+        - ms[f"drafter, {k} steps"]
     )
+    if n:
+        wide = ms[f"main, {k + 1} tokens (verification)" if n == k else f"main, {n + 1} tokens"]
+        ms[f"{tree} bookkeeping (loop - main - drafter)"] = (
+            ms[f"{tree} loop, per pass"]
+            - wide
+            - ms[f"drafter, {tree} ({args.tree_beams} beams, depth {k})"]
+        )
     base = ms["main, 1 token (slow's pass)"]
     cmd = "python benchmarks/pass_cost.py " + " ".join(shlex.quote(a) for a in argv)
     print(

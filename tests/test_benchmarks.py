@@ -99,12 +99,14 @@ def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
     exp = tmp_path / "tiny.py"
     exp.write_text(TINY_EXPERIMENT)
     argv = [f"--config={exp}", "--context=16", "--new_tokens=8", "--repeats=2", "--widths=3,5"]
-    ms = pass_cost.main(argv)
+    ms = pass_cost.main([*argv, "--tree_nodes=3", "--tree_beams=2"])
     assert set(ms) >= {
         "main, 1 token (slow's pass)", "main, 3 tokens (verification)", "main, 5 tokens",
         "drafter, 2 steps", "speculative loop, per pass",
         "main's weight products alone, one after the other",
         "main's weight products alone, independent",
+        "main, 4 tokens", "drafter, tree of 3 nodes (2 beams, depth 2)",
+        "tree of 3 nodes loop, per pass", "tree of 3 nodes bookkeeping (loop - main - drafter)",
     }  # fmt: skip
     assert "main, 3 tokens" not in ms  # the verification width is timed once
     assert all(v > 0 for n, v in ms.items() if "loop" not in n and "bookkeeping" not in n)
