@@ -70,10 +70,10 @@ def check_compatible(run: Run, workdir) -> None:
     """Raises CheckpointError if WORKDIR holds checkpoints of a differently shaped model."""
     if not config_path(workdir).exists():
         return
-    saved = read_config(workdir)
+    saved = read_run(workdir).to_dict()  # resolved: a field added since reads as its default
     new_run = run.to_dict()
     for section in SHAPE_SECTIONS:
-        old, new = saved[section].to_dict(), new_run[section]
+        old, new = saved[section], new_run[section]
         for key in sorted(set(old) | set(new)):
             a, b = old.get(key), new.get(key)
             if isinstance(a, list | tuple) and isinstance(b, list | tuple):

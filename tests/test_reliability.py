@@ -147,6 +147,19 @@ def test_a_run_directory_named_through_dot_dot_loads(tmp_path, trained):
     assert _finite(system)
 
 
+def test_a_run_directory_from_before_a_field_existed_still_resumes(tmp_path):
+    """A config.json without a field added since (here `drafter.init_from`) reads as that
+    field's default: its run resumes; a changed shape field is still refused."""
+    run = resolve(tiny_config())
+    ckpt.write_run(run, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["drafter"]["init_from"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    ckpt.check_compatible(run, tmp_path)
+    with pytest.raises(UserError, match=r"drafter.k=2, this config has 3"):
+        ckpt.check_compatible(resolve(tiny_config(**{"drafter.k": 3})), tmp_path)
+
+
 def test_training_resumes_from_the_newest_intact_step(tmp_path, trained, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(trained[0], workdir)
