@@ -32,9 +32,10 @@ def trained(tmp_path_factory):
 
 
 def test_a_drafter_file_starts_another_runs_drafter_exactly(trained):
+    """... and a run that trains it on jointly with the main model (Medusa-2) may start from it."""
     hf, path, system = trained
     c = _config(hf)
-    c.drafter.update(init_from=str(path))
+    c.drafter.update(init_from=str(path), head="shared", detach=False)
     _, _, loaded = _shaped_system(c)
     _, _, fresh = _shaped_system(_config(hf))
     want, got = _leaves(system.drafter), _leaves(loaded.drafter)
@@ -52,6 +53,7 @@ def test_a_drafter_file_starts_another_runs_drafter_exactly(trained):
     [
         ({"drafter.k": 3}, "drafter.k=2 (this config: 3)"),
         ({"drafter.n_heads": 4}, "drafter.n_heads=2 (this config: 4)"),
+        ({"drafter.head": "own"}, "drafter.head='shared' (this config: 'own')"),
         ({"model.taps": (0,)}, "main.taps=[-1] (this config: [0])"),
     ],
 )

@@ -26,12 +26,16 @@ FORMAT = "mtp-drafter-1"
 # What the drafter reads of its main model: the weights it was trained on (init_from), the
 # taps' layers and width, and the vocabulary its ids index.
 MAIN_FIELDS = ("init_from", "vocab_size", "d_model", "n_layers", "taps")
+# Drafter fields a file need not match: where the drafter starts and whether gradients reach
+# the main model (a drafter trained frozen may go on training jointly), not what it computes.
+FREE_FIELDS = ("init_from", "detach")
 
 
 def _describe(system) -> dict:
     """The metadata that must match between a file and the system it loads into (JSON form)."""
-    drafter = dataclasses.asdict(system.drafter_cfg)
-    drafter.pop("init_from")
+    cfg = system.drafter_cfg
+    drafter = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FREE_FIELDS}
+    drafter["head"] = "own" if cfg.head == "own" else "shared"  # frozen or not: the same tables
     main = {f: getattr(system.main.cfg, f) for f in MAIN_FIELDS}
     return json.loads(json.dumps({"drafter": drafter, "main": main}))
 
