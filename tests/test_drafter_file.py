@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mtp import checkpoint as ckpt
 from mtp.config import ConfigError, resolve
-from mtp.errors import ConvertError
+from mtp.errors import CheckpointError, ConvertError
 from mtp.model.convert.drafter_file import load_drafter, save_drafter
 from tests.test_pretrained import _checkpoint, _config, _shaped_system
+from tests.test_train import tiny_config
 
 
 def _leaves(module) -> dict:
@@ -80,3 +82,13 @@ def test_a_file_that_is_not_a_drafter_file_is_refused(trained, tmp_path):
     c.drafter.update(init_from="drafter.npz")
     with pytest.raises(ConfigError, match=r"drafter.init_from: a drafter file \(.safetensors\)"):
         resolve(c)
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["scratch", "joint"])
+def test_only_a_frozen_pretrained_main_models_drafter_is_exported(tmp_path, trained, joint):
+    """`--mode=export_drafter` on a run whose main model was trained there is one line: no
+    other run has the weights its drafter reads."""
+    hf, _, _ = trained
+    ckpt.write_run(resolve(_config(hf, main_lr_scale=0.1) if joint else tiny_config()), tmp_path)
+    with pytest.raises(CheckpointError, match="its main model was trained there"):
+        ckpt.export_drafter(tmp_path)
