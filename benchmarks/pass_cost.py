@@ -131,7 +131,10 @@ def main(argv=None):
 
     system, tok = system_from_args(args)
     b, k, ctx = args.batch, system.drafter_cfg.k, args.context
-    slots = cache_slots(ctx + 2 * args.new_tokens, system.max_len)
+    n, tree = args.tree_nodes, f"tree of {args.tree_nodes} nodes"
+    tree_mode = Speculative(tree_nodes=n, tree_beams=args.tree_beams, max_batch=0)
+    new = 2 * args.new_tokens
+    slots = cache_slots(ctx + new + tree_mode.extra_positions(new), system.max_len)
     system = system.with_max_len(slots)
     cfg = system.main.cfg
     graph, state = nnx.split(system)
@@ -201,7 +204,6 @@ def main(argv=None):
         f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache, k + 1), r),
         f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache, tables), r),
     }
-    n, tree = args.tree_nodes, f"tree of {args.tree_nodes} nodes"
     widths = {int(x) for x in args.widths.split(",") if x} | ({n + 1} if n else set())
     for w in sorted(widths - {1, k + 1}):
         ms[f"main, {w} tokens"] = _best_ms(lambda w=w: main_wide(state, cache, w), r)
@@ -210,12 +212,12 @@ def main(argv=None):
         ms[f"drafter, {tree} ({args.tree_beams} beams, depth {k})"] = _best_ms(
             lambda: tree_drafter(state, taps_bld, cache, tables), r
         )
-        loops.append((tree, Speculative(tree_nodes=n, tree_beams=args.tree_beams, max_batch=0)))
+        loops.append((tree, tree_mode))
     dec = Decoder(system, tok.specials)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
     for label, mode in loops:
         # a call's wall time less its prefill's, per loop pass (rows never stop)
-        kw = dict(mode=mode, max_new_tokens=2 * args.new_tokens, stop_id=-1)
+        kw = dict(mode=mode, max_new_tokens=new, stop_id=-1)
         call = dec.prepare(prompts, **kw)
         prefill = dec.jits(call.slots)[0]
         dec.generate(prompts, **kw)

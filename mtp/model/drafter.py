@@ -256,23 +256,19 @@ class TransformerDrafter(DrafterBase):
         self.context = cfg.context
         self.max_len = main.max_len
 
-    def tap_inputs(self, h_xd):
-        """The fused tap's share h W_h (..., d) of `in_proj` [h; e]: equal at every step of a
-        draft, so `start` computes it once, not each of the k steps."""
-        return h_xd @ self.in_proj.kernel[: self.d]
-
-    def step_inputs(self, hw_xd, tokens_x, steps_x, tables=None):
-        """Block input of draft steps: tap share hw (..., d), token y_j (...), step j (...)."""
+    def step_inputs(self, h_xd, tokens_x, steps_x, tables=None):
+        """Block input of draft steps: fused tap h (..., d), token y_j (...), step j (...)."""
         e_xd = self.embed_tokens(tokens_x, tables)
-        return hw_xd + e_xd @ self.in_proj.kernel[self.d :] + self.step_embed(steps_x)
+        x_xd = self.in_proj(jnp.concatenate([h_xd, e_xd], axis=-1))
+        return x_xd + self.step_embed(steps_x)
 
     def __call__(self, taps_btld, inputs_btk, tables=None, past: Past | None = None):
         """`past`: the taps before the row, read with `drafter.context` (`Past`)."""
         b, t, k = inputs_btk.shape
         h_btd = self.fuse(taps_btld)
-        hw_btkd = jnp.broadcast_to(self.tap_inputs(h_btd)[:, :, None], (b, t, k, self.d))
+        h_btkd = jnp.broadcast_to(h_btd[:, :, None], (b, t, k, self.d))
         steps_btk = jnp.broadcast_to(jnp.arange(k), (b, t, k))
-        x_btkd = self.step_inputs(hw_btkd, inputs_btk, steps_btk, tables)
+        x_btkd = self.step_inputs(h_btkd, inputs_btk, steps_btk, tables)
         if self.context:
             past_m_bpd = None if past is None else self.fuse(past.taps_bpld)
             valid_bp = None if past is None else past.valid_bp
@@ -307,25 +303,25 @@ class TransformerDrafter(DrafterBase):
         )
 
     def start(self, taps_bld, tables=None, context: Cache = (), root_b=None):
-        """The tap's share of every step's input (B, 1, d) (`tap_inputs`), the blocks' caches
-        and the root's slot (B,). Step j writes and reads slot root + 1 + j: after the context
-        cache's slots up to the root (context), or in an empty k-slot cache, the root at -1."""
+        """The fused tap (B, 1, d), the blocks' caches and the root's slot (B,). Step j writes
+        and reads slot root + 1 + j: after the context cache's slots up to the root (context),
+        or in an empty k-slot cache, the root at -1."""
         b = taps_bld.shape[0]
         if not self.context:
             context, root_b = self._empty_cache(b, self.k), jnp.full((b,), -1, jnp.int32)
         elif root_b is None or not context:
             raise ValueError("a drafter that reads the context drafts from its cache and root")
-        return self.tap_inputs(self.fuse(taps_bld[:, None])), context, root_b
+        return self.fuse(taps_bld[:, None]), context, root_b
 
     def step(self, state, y_b, j, tables=None):
-        hw_b1d, caches, root_b = state
+        h_b1d, caches, root_b = state
         slot_b1 = (root_b + 1 + j)[:, None]
-        x_b1d = self.step_inputs(hw_b1d, y_b[:, None], jnp.full_like(slot_b1, j), tables)
+        x_b1d = self.step_inputs(h_b1d, y_b[:, None], jnp.full_like(slot_b1, j), tables)
         new = []
         for block, cache in zip(self.blocks, caches, strict=True):
             x_b1d, cache = block(x_b1d, slot_b1, cache)
             new.append(cache)
-        return (hw_b1d, tuple(new), root_b), x_b1d[:, 0]
+        return (h_b1d, tuple(new), root_b), x_b1d[:, 0]
 
 
 @register("medusa")
