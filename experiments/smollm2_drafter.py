@@ -34,6 +34,11 @@ pass costs about a tenth of generating, per token); there the targets are its ow
 greedy choices. Held out it fell behind (0.71 / 0.85 at steps 200 / 400 against 0.90 /
 1.13; stopped there, 2026-12-03, windows at their widest, 156): the worked solutions
 are not the main model's own text, and they took 82% of the rows.
+`:long` doubles the answers (2,400) and the steps (1,600): 88 min on 2 CPU cores
+(2026-12-04, the cores shared at times); training evaluation 2.16 against 1.96; decoding
+the 8 held-out prompts of `docs/benchmarks.md`'s side by side, the chain accepts 1.98
+drafts per pass against 1.81, and on all 35 whole 1.74 against 1.53 (1.53x slow; a
+16-node tree 2.53 against 2.34).
 `:gpu` is the same recipe at full size for one GPU (20,000 prompts, bfloat16
 compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
@@ -89,7 +94,7 @@ def get_config(arg=None):
             teacher_forced="rg_gsm_symbolic:n=1280", window_len=112,
         )  # fmt: skip
         c.train.update(steps=720)
-    if arg == "long":  # twice the answers and twice the steps: about 90 minutes
+    if arg == "long":  # twice the answers and twice the steps
         c.data.update(corpus="distill:rg_gsm_symbolic:n=2400", eval_fraction=35 / 2400)
         c.train.update(steps=1600, eval_every=400)
     if arg == "joint":
