@@ -128,8 +128,7 @@ def _args(argv):
 
 
 def _system(args):
-    """(system, its tokenizer, its ModelConfig, where it came from, its init_from or ''");
-    imports JAX."""
+    """(system, its tokenizer, where it came from); imports JAX."""
     from mtp.data.tokenizer import ByteTokenizer
 
     if args.random:
@@ -141,10 +140,10 @@ def _system(args):
         tok = ByteTokenizer()
         main = ModelConfig(vocab_size=264, d_model=128, n_layers=4, max_len=256)
         system = MTPSystem(main, DrafterConfig(k=4), pad_id=tok.specials.pad, rngs=nnx.Rngs(0))
-        return system, tok, main, "random", ""
+        return system, tok, "random"
     system, tok = system_from_args(args)
     source = args.workdir or " + ".join(filter(None, (args.config, args.drafter)))
-    return system, tok, system.main.cfg, source, system.main.cfg.init_from
+    return system, tok, source
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -218,7 +217,8 @@ def _benchmark(args, argv, xla_flags):
 
     labels = args.modes.split(",")
     _check_modes([m for m in labels if m != "tree"] or ["slow"])
-    system, tok, cfg, source, init_from = _system(args)
+    system, tok, source = _system(args)
+    cfg = system.main.cfg
     if args.cache_len:  # the same weights, another cache limit (`MTPSystem.with_max_len`)
         system = system.with_max_len(args.cache_len)
     cache_len = system.max_len
@@ -227,7 +227,7 @@ def _benchmark(args, argv, xla_flags):
         raise SystemExit(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; allowed: {PEERS}")
     json_path = args.json or os.path.join(args.workdir or ".", "decode_benchmark.json")
     peer_dir = os.path.join(os.path.dirname(json_path) or ".", "peer_weights")
-    files = peer_files(system, tok, init_from, peer_dir, peers) if peers else {}
+    files = peer_files(system, tok, peer_dir, peers) if peers else {}
     weight_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(nnx.state(system.main)))
     bandwidth = read_bandwidth(args.bandwidth_gib)
     sampling = Sampling(temperature=args.temperature)

@@ -134,7 +134,11 @@ def main(argv=None):
     n, tree = args.tree_nodes, f"tree of {args.tree_nodes} nodes"
     tree_mode = Speculative(tree_nodes=n, tree_beams=args.tree_beams, max_batch=0)
     new = 2 * args.new_tokens
-    slots = cache_slots(ctx + new + tree_mode.extra_positions(new), system.max_len)
+    slots = cache_slots(ctx + new, system.max_len)  # the passes' cache: a chain call's
+    # the loops' calls size their own caches; a tree's needs room for its slots too
+    loops_system = system.with_max_len(
+        cache_slots(ctx + new + tree_mode.extra_positions(new), system.max_len)
+    )
     system = system.with_max_len(slots)
     cfg = system.main.cfg
     graph, state = nnx.split(system)
@@ -213,7 +217,7 @@ def main(argv=None):
             lambda: tree_drafter(state, taps_bld, cache, tables), r
         )
         loops.append((tree, tree_mode))
-    dec = Decoder(system, tok.specials)
+    dec = Decoder(loops_system, tok.specials)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
     for label, mode in loops:
         # a call's wall time less its prefill's, per loop pass (rows never stop)

@@ -88,10 +88,11 @@ def llamacpp_runner(gguf_path, eos_id, max_new, n_ctx):
     return run
 
 
-def peer_files(system, tok, init_from, out_dir, peers):
+def peer_files(system, tok, out_dir, peers):
     """The checkpoint's main model as the peers read it: {'hf': DIR} and, for llama.cpp,
-    {'f32': GGUF, 'f16': GGUF} with the tokenizer of the GGUF it was loaded from (plus the
-    tokens mtp added: thinking, pause)."""
+    {'f32': GGUF, 'f16': GGUF} with the tokenizer of the GGUF it was loaded from
+    (`model.init_from`, plus the tokens mtp added: thinking, pause)."""
+    init_from = system.main.cfg.init_from
     from mtp.config.sources import local_source
     from mtp.model.convert import export_gguf, export_hf
 
