@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from mtp.config import Run, resolve
 from mtp.data.tokenizer import tokenizer_of
 from mtp.errors import CheckpointError, ConfigError, DamagedCheckpoint
+from mtp.files import atomic_write_text
 from mtp.model.convert.drafter_file import save_drafter
 from mtp.train.steps import init_train_state
 
@@ -87,11 +88,7 @@ def check_compatible(run: Run, workdir) -> None:
 
 def write_run(run: Run, workdir) -> None:
     """Writes the resolved run as WORKDIR/config.json, atomically."""
-    path = config_path(workdir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True))
-    tmp.rename(path)  # atomic
+    atomic_write_text(config_path(workdir), json.dumps(run.to_dict(), indent=2, sort_keys=True))
 
 
 def manager(workdir, keep: int = 3) -> ocp.CheckpointManager:

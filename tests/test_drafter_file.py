@@ -11,6 +11,7 @@ from mtp import checkpoint as ckpt
 from mtp.config import ConfigError, resolve
 from mtp.errors import CheckpointError, ConvertError
 from mtp.model.convert.drafter_file import load_drafter, save_drafter
+from tests.test_files import Killed, killed_at_rename  # noqa: F401 (a fixture)
 from tests.test_pretrained import _checkpoint, _config, _shaped_system
 from tests.test_train import tiny_config
 
@@ -47,7 +48,18 @@ def test_a_drafter_file_starts_another_runs_drafter_exactly(trained):
     np.testing.assert_array_equal(loaded.ids(), system.ids())
     jax.tree.map(np.testing.assert_array_equal, _leaves(loaded.main), _leaves(fresh.main))
     assert path.stat().st_size < 4 * sum(a.size for a in want.values()) + 10_000  # no main
-    assert not list(path.parent.glob("*.tmp"))
+
+
+@pytest.mark.usefixtures("killed_at_rename")
+def test_a_drafter_export_killed_before_its_rename_leaves_the_old_file(trained, tmp_path):
+    _, path, system = trained
+    old = tmp_path / "drafter.safetensors"
+    old.write_bytes(path.read_bytes())
+    with pytest.raises(Killed):
+        save_drafter(system, old)
+    assert old.read_bytes() == path.read_bytes() and [p.name for p in tmp_path.iterdir()] == [
+        old.name
+    ]
 
 
 @pytest.mark.parametrize(

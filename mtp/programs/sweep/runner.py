@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 from mtp.checkpoint import load_system
 from mtp.config import Run, SweepConfig
 from mtp.data.tokenizer import Tokenizer
+from mtp.files import atomic_write_text
 from mtp.metrics import is_main_process
 from mtp.programs.sweep.speedup import held_out_prompts, measure_speedup
 from mtp.programs.sweep.summary import collect
@@ -77,10 +77,7 @@ def write_manifest(run: Run, workdir: Path, sweep_config: SweepConfig) -> None:
         "members": old + [m for m in new if m["name"] not in names],
         "config": run.to_dict(),
     }
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / f"{MANIFEST}.tmp{time.time_ns()}"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    tmp.rename(workdir / MANIFEST)  # atomic, so hosts launched together do not clash
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def measure(
