@@ -163,6 +163,19 @@ def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.nbytes / best
 
 
+def bench_prompts(tok, chat_task: str, n: int):
+    """(prompts, stop_id): `chat_task`'s first n held-out (eval) problems as chat, rows stopping
+    at the end token (what a chat user waits for), or the first n code prompts, rows never
+    stopping (every mode emits the same number of tokens)."""
+    from mtp.data.format import encode_question
+    from mtp.data.task_data import parse_task_spec
+
+    if chat_task:
+        task, _ = parse_task_spec(chat_task)
+        return [encode_question(tok, ex.prompt) for ex in task.examples("eval", n, start=0)], None
+    return [encode_question(tok, p, chat=False) for p in PROMPTS[:n]], -1
+
+
 def _mtp_call(dec, mode, kw, prompts):
     """(DecodeResult, its wall s) of one mtp call."""
     res = dec.generate(prompts, mode=mode, **kw)
@@ -208,8 +221,6 @@ def _benchmark(args, argv, xla_flags):
     import jax
     from flax import nnx
 
-    from mtp.data.format import encode_question
-    from mtp.data.task_data import parse_task_spec
     from mtp.decode.engine import Decoder
     from mtp.decode.modes import Speculative
     from mtp.decode.report import _check_modes
@@ -239,14 +250,7 @@ def _benchmark(args, argv, xla_flags):
     chain = Speculative(max_batch=off)
     modes = {m: {"tree": tree, "speculative": chain}.get(m, m) for m in labels if m.strip()}
     verified_modes = ("speculative", "tree")
-    if args.chat_task:
-        task, _ = parse_task_spec(args.chat_task)
-        examples = task.examples("eval", args.prompts, start=0)
-        prompts = [encode_question(tok, ex.prompt) for ex in examples]
-        stop_id = None  # rows stop at the end token: what a chat user waits for
-    else:
-        prompts = [encode_question(tok, p, chat=False) for p in PROMPTS[: args.prompts]]
-        stop_id = -1  # no row stops early, so every mode emits the same number of tokens
+    prompts, stop_id = bench_prompts(tok, args.chat_task, args.prompts)
     stop = tok.specials.eos if stop_id is None else stop_id  # the peers stop alike
     kw = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_id=stop_id)
     peer_kw = dict(

@@ -61,7 +61,7 @@ from the main model's top layer (`drafter.copy_layers=(-1,)`: level).
 
 from mtp.config import default_config
 
-VARIANTS = ("smoke", "joint", "gpu", "context", "forced", "long")
+VARIANTS = ("smoke", "joint", "gpu", "context", "forced", "long", "k8")
 
 
 def get_config(arg=None):
@@ -94,9 +94,12 @@ def get_config(arg=None):
             teacher_forced="rg_gsm_symbolic:n=1280", window_len=112,
         )  # fmt: skip
         c.train.update(steps=720)
-    if arg == "long":  # twice the answers and twice the steps
+    if arg in ("long", "k8"):  # twice the answers and twice the steps
         c.data.update(corpus="distill:rg_gsm_symbolic:n=2400", eval_fraction=35 / 2400)
         c.train.update(steps=1600, eval_every=400)
+    if arg == "k8":  # eight drafts a pass: a chain as wide as an 8-node tree
+        c.drafter.update(k=8)
+        c.train.update(steps=800)
     if arg == "joint":
         c.drafter.update(detach=False, head="shared")
         c.data.update(cache_taps=False, window_len=0, pack_windows=False)  # no cached taps

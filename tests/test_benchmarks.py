@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mtp.config import DrafterConfig, ModelConfig
+from mtp.data.tokenizer import ByteTokenizer
+from mtp.decode.engine import Decoder
 from mtp.model.convert.drafter_file import save_drafter
+from mtp.model.system import MTPSystem
 
 HAS_AVX512 = Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()
 
@@ -18,6 +22,7 @@ import decode  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import handwritten_products  # noqa: E402
 import pass_cost  # noqa: E402
 import slow_batches  # noqa: E402
+import tree_width  # noqa: E402
 
 TINY_EXPERIMENT = """
 from mtp.config import default_config
@@ -157,3 +162,27 @@ def test_a_benchmark_reads_a_drafter_file_onto_its_experiments_main_model(tmp_pa
         np.testing.assert_array_equal(got[p][...], var[...], err_msg=str(p))
     with pytest.raises(SystemExit, match="--drafter and --dtype go with --config"):
         pass_cost.system_from_args(pass_cost._args(["--workdir=runs/x", f"--drafter={path}"]))
+
+
+def test_the_tree_width_benchmark_sets_a_chain_and_a_tree_of_one_width_side_by_side(capsys):
+    """Its chain at width k + 1 is the speculative mode's chain (same accepted lengths), no
+    path is deeper than the width allows, and the rows equal slow's (checked inside); on a
+    small vocabulary a random drafter is accepted often enough to compare."""
+    specials = ByteTokenizer().specials
+    main = ModelConfig(vocab_size=7, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_len=40)
+    drafter = DrafterConfig(kind="transformer", k=3, n_heads=4)
+    dec = Decoder(MTPSystem(main, drafter, pad_id=specials.pad, rngs=nnx.Rngs(3)), specials)
+    prompts = [np.array([1, 3]), np.array([4, 0, 2, 5]), np.array([6, 6])]
+    kw = dict(max_new_tokens=20, stop_id=-1)
+    rows = tree_width.compare(dec, prompts, kw, widths=(2, 4), beams=3, depth=3)
+    assert [r["width"] for r in rows] == [2, 4]
+    chain = [dec.generate([p], mode="speculative", **kw).accept_hist for p in prompts]
+    hist = sum(chain)
+    want = float((np.arange(len(hist)) * hist).sum() / hist.sum())
+    assert rows[1]["chain"]["mean_accepted"] == pytest.approx(want) and want > 0.3
+    for r in rows:
+        for kind in ("chain", "tree"):
+            assert all(x == 0 for x in r[kind]["by_depth"][r["width"] - 1 :]), (r, kind)
+        assert r["tree"]["mean_accepted"] > 0 and r["chain"]["mean_accepted"] > 0
+    with pytest.raises(AssertionError, match="a row differs from slow"):
+        tree_width.accepted(dec, prompts[:1], "speculative", kw, [np.array([0, 1])])
