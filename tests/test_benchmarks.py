@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import decode  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import handwritten_products  # noqa: E402
 import pass_cost  # noqa: E402
+import pass_profile  # noqa: E402
 import slow_batches  # noqa: E402
 import tree_width  # noqa: E402
 
@@ -186,3 +187,28 @@ def test_the_tree_width_benchmark_sets_a_chain_and_a_tree_of_one_width_side_by_s
         assert r["tree"]["mean_accepted"] > 0 and r["chain"]["mean_accepted"] > 0
     with pytest.raises(AssertionError, match="a row differs from slow"):
         tree_width.accepted(dec, prompts[:1], "speculative", kw, [np.array([0, 1])])
+
+
+def test_the_pass_profile_splits_each_pass_into_its_ops(tmp_path, capsys):
+    """Per width: every traced run is one pass (the script raises otherwise); busy time is the
+    union of the ops' intervals, so it is at most the span and at most the ops' summed time."""
+    exp = tmp_path / "tiny.py"
+    exp.write_text(TINY_EXPERIMENT)
+    argv = [f"--config={exp}", "--widths=1,3", "--context=8", "--slots=32", "--repeats=3"]
+    out = pass_profile.main(argv)
+    assert set(out) == {1, 3}
+    for p in out.values():
+        summed = sum(ms for ms, _ in p["kinds"].values())
+        assert 0 < p["busy"] <= p["span"] + 1e-9 and p["busy"] <= summed + 1e-9
+        assert p["idle"] == pytest.approx(p["span"] - p["busy"])
+        assert p["ops"] >= 10 and any("dot" in k or "fusion" in k for k in p["kinds"])
+    assert "reproduce: python benchmarks/pass_profile.py" in capsys.readouterr().out
+
+
+def test_the_pass_profile_measures_busy_time_as_the_union_of_op_intervals():
+    ev = lambda ts, dur, op: {"ts": ts, "dur": dur, "args": {"hlo_op": op}}
+    ops = [ev(0, 10, "dot.1"), ev(2, 2, "copy.4"), ev(6, 6, "fusion.2"), ev(30, 5, "dot.3.1")]
+    got = pass_profile.split(ops)
+    assert (got["span"], got["busy"], got["idle"]) == (35, 17, 18)
+    assert got["kinds"] == {"dot": 15, "copy": 2, "fusion": 6}
+    assert got["counts"] == {"dot": 2, "copy": 1, "fusion": 1}
