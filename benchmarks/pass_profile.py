@@ -8,10 +8,10 @@ verification) at `--batch` rows with `--context` tokens in a cache of `--slots` 
 jitted as the decoding loop compiles it (the cache donated and written in place), is run
 `--repeats` times under `jax.profiler.trace`. The trace's events of each run (its `run_id`)
 are the ops XLA ran: grouped by kind (`dot`, `ynn_fusion`, `copy`, ...; the HLO name without
-its number), each kind's count and time per pass, and per pass the span from its first op's
-start to its last op's end, the time some op was running (busy) and the rest (idle gaps:
-dispatch between ops). Ops that run at once on several threads add up past the span. Prints
-a markdown table per width and the command that reproduces it.
+its number), each kind's mean count and time per pass, and the median pass's span from its
+first op's start to its last op's end, the time some op was running (busy) and the rest
+(idle gaps: dispatch between ops). Ops that run at once on several threads add up past
+the span. Prints a markdown table per width and the command that reproduces it.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def split(ops: list[dict]) -> dict:
 
 
 def profile(system, width: int, batch: int, context: int, repeats: int) -> dict:
-    """`split` of `repeats` passes feeding `width` tokens, averaged per pass (ms)."""
+    """`split` of `repeats` passes feeding `width` tokens (ms): the median pass's span, busy
+    and idle time (one slow pass does not move them), the op kinds' mean time and count."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -107,14 +108,14 @@ def profile(system, width: int, batch: int, context: int, repeats: int) -> dict:
         runs = [split(ops) for ops in op_events(trace_dir).values()]
     if len(runs) != repeats:
         raise RuntimeError(f"the trace holds {len(runs)} runs of the pass, not {repeats}")
-    mean = lambda key: float(np.mean([r[key] for r in runs])) / 1e3
+    median = lambda key: float(np.median([r[key] for r in runs])) / 1e3
     kinds = collections.Counter()
     counts = collections.Counter()
     for r in runs:
         kinds.update(r["kinds"])
         counts.update(r["counts"])
     return dict(
-        span=mean("span"), busy=mean("busy"), idle=mean("idle"),
+        span=median("span"), busy=median("busy"), idle=median("idle"),
         ops=sum(counts.values()) / repeats,
         kinds={k: (v / repeats / 1e3, counts[k] / repeats) for k, v in kinds.most_common()},
     )  # fmt: skip
@@ -134,7 +135,7 @@ def main(argv=None) -> dict[int, dict]:
         f"# pass profile: {args.workdir or args.config}: d_model {cfg.d_model}, "
         f"{cfg.n_layers} layers; batch {args.batch}, {args.context} tokens in a cache of "
         f"{args.slots} slots; {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-        f"means of {args.repeats} passes"
+        f"{args.repeats} passes: span, busy and idle of the median pass, op kinds' means"
     )
     for w in (int(x) for x in args.widths.split(",")):
         p = out[w] = profile(system, w, args.batch, args.context, args.repeats)
