@@ -27,7 +27,6 @@ import shlex
 import sys
 import tempfile
 
-import numpy as np
 from pass_cost import add_source_args, system_from_args
 
 
@@ -74,8 +73,9 @@ def split(ops: list[dict]) -> dict:
 
 
 def profile(system, width: int, batch: int, context: int, repeats: int) -> dict:
-    """`split` of `repeats` passes feeding `width` tokens (ms): the median pass's span, busy
-    and idle time (one slow pass does not move them), the op kinds' mean time and count."""
+    """`repeats` passes feeding `width` tokens: the span, busy and idle time of the median
+    pass by span (ms; one slow pass does not move them), the op kinds' mean time (ms) and
+    count per pass, and every pass's `split` (us)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -108,16 +108,17 @@ def profile(system, width: int, batch: int, context: int, repeats: int) -> dict:
         runs = [split(ops) for ops in op_events(trace_dir).values()]
     if len(runs) != repeats:
         raise RuntimeError(f"the trace holds {len(runs)} runs of the pass, not {repeats}")
-    median = lambda key: float(np.median([r[key] for r in runs])) / 1e3
+    mid = sorted(runs, key=lambda r: r["span"])[len(runs) // 2]  # the median pass
     kinds = collections.Counter()
     counts = collections.Counter()
     for r in runs:
         kinds.update(r["kinds"])
         counts.update(r["counts"])
     return dict(
-        span=median("span"), busy=median("busy"), idle=median("idle"),
+        span=mid["span"] / 1e3, busy=mid["busy"] / 1e3, idle=mid["idle"] / 1e3,
         ops=sum(counts.values()) / repeats,
         kinds={k: (v / repeats / 1e3, counts[k] / repeats) for k, v in kinds.most_common()},
+        runs=runs,
     )  # fmt: skip
 
 
