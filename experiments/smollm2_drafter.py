@@ -39,6 +39,10 @@ are not the main model's own text, and they took 82% of the rows.
 the 8 held-out prompts of `docs/benchmarks.md`'s side by side, the chain accepts 1.98
 drafts per pass against 1.81, and on all 35 whole 1.74 against 1.53 (1.53x slow; a
 16-node tree 2.53 against 2.34).
+`:k8` is `:long`'s data at k = 8 and 800 steps (57 min on `runs/n2400`'s answers and taps,
+its `distill/` copied into the run directory): a chain of 8 beside an 8-node tree, both
+9 wide. On the 8 held-out prompts the tree accepts 2.32 drafts per pass against the
+chain's 1.83 (1.27x; 1.20x at width 7, 1.10x at 5; `benchmarks/tree_width.py`, 2026-12-05).
 `:gpu` is the same recipe at full size for one GPU (20,000 prompts, bfloat16
 compute, 6,000 steps). `:joint` instead trains the main model too, at a tenth of
 the drafter's learning rate (Medusa-2), on the same rows (no tap cache: the
