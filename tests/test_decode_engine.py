@@ -412,7 +412,7 @@ def test_compiles_once_per_batch_mode_k_not_as_output_grows(mode):
     main = dataclasses.replace(MAIN, max_len=48)
     dec = Decoder(_system("rnn", 2, seed=5, main=main), S)
     prompts = _ids(["<bos>ab", "<bos>abcdef"])
-    key = (make_mode(mode).name, 2, 2)  # mode, k, batch
+    key = (make_mode(mode).name, 2, 2, 48)  # mode, k, batch, cache slots (all of max_len here)
     before = TRACES[key]
     for n_new in (3, 11, 30):
         res = dec.generate(prompts, mode=mode, max_new_tokens=n_new, stop_id=NO_STOP)

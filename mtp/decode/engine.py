@@ -47,7 +47,8 @@ from mtp.errors import DecodeError
 
 GREEDY = Sampling()
 
-# Traces per ("prefill", batch, prompt width) and per (mode, k, batch); a test reads it.
+# Traces per ("prefill", batch, prompt width, cache slots) and per (mode, k, batch, cache
+# slots): what each compile was for; a test reads it.
 TRACES: collections.Counter = collections.Counter()
 
 
@@ -66,8 +67,8 @@ class Plan:
 def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b, keep_taps=False):
     """Pass 0: the right-padded prompts in one forward -> cache, logits and taps at their ends,
     and with `keep_taps` the taps at every prompt position (B, W, L, D) (else None)."""
-    TRACES[("prefill", *prompt_bt.shape)] += 1
     system = nnx.merge(graphdef, state)
+    TRACES[("prefill", *prompt_bt.shape, system.max_len)] += 1
     b = prompt_bt.shape[0]
     cache = system.init_cache(b)
     start_b = jnp.zeros((b,), jnp.int32)
@@ -130,9 +131,9 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, prompt_taps, plen_b, thin
     `prompt_taps` (B, W, L, D) on)."""
     b, v = logits_bv.shape
     mode, k = plan.mode, plan.k
-    TRACES[(mode.name, k, b)] += 1
     system = nnx.merge(graphdef, state)
     n = system.max_len
+    TRACES[(mode.name, k, b, n)] += 1
     w = mode.width(k)
     w_out = w if mode.all_logits else 1
     pad = lambda x: jnp.concatenate(
