@@ -58,6 +58,12 @@ def _args(argv):
     )
     p.add_argument("--tree_beams", type=int, default=4, help="with --tree_nodes: beams per depth")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--products",
+        default="",
+        help="xla, packed or xla,packed: whose weight products "
+        "(default: both where the packed kernel is available)",
+    )
     p.add_argument("--xla_flags", default=XLA_FLAGS)
     return p.parse_args(argv)
 
@@ -122,17 +128,14 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), args.xla_flags)))
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from mtp.decode.engine import Decoder
     from mtp.decode.modes import Speculative
-    from mtp.decode.sampling import Sampling, choose
     from mtp.decode.shapes import cache_slots
+    from mtp.model.packed_products import available as packed_available
 
     system, tok = system_from_args(args)
     b, k, ctx = args.batch, system.drafter_cfg.k, args.context
-    n, tree = args.tree_nodes, f"tree of {args.tree_nodes} nodes"
-    tree_mode = Speculative(tree_nodes=n, tree_beams=args.tree_beams, max_batch=0)
+    tree_mode = Speculative(tree_nodes=args.tree_nodes, tree_beams=args.tree_beams, max_batch=0)
     new = 2 * args.new_tokens
     slots = cache_slots(ctx + new, system.max_len)  # the passes' cache: a chain call's
     # the loops' calls size their own caches; a tree's needs room for its slots too
@@ -141,9 +144,63 @@ def main(argv=None):
     )
     system = system.with_max_len(slots)
     cfg = system.main.cfg
-    graph, state = nnx.split(system)
     rng = np.random.default_rng(0)
     prompt_bt = jnp.asarray(rng.integers(0, tok.vocab_size, (b, ctx)), jnp.int32)
+    runs = {}
+    for products in (args.products or ("xla,packed" if packed_available() else "xla")).split(","):
+        if products not in ("xla", "packed"):
+            raise SystemExit(f"--products: xla or packed, not {products!r}")
+        packed = products == "packed"
+        if packed and not packed_available():
+            raise SystemExit("--products=packed: needs one x86-64 CPU with AVX-512 and g++")
+        runs[products] = _measure(system, loops_system, tok, prompt_bt, args, packed)
+    cmd = "python benchmarks/pass_cost.py " + " ".join(shlex.quote(a) for a in argv)
+    print(
+        f"# pass cost: {args.workdir or args.config}: main d_model {cfg.d_model}, "
+        f"{cfg.n_layers} layers, vocab {cfg.vocab_size}; drafter {system.drafter_cfg.kind}, "
+        f"k={k}, draft vocab {system.drafter_cfg.draft_vocab or cfg.vocab_size}; batch {b}, "
+        f"{ctx} tokens in a cache of {slots} slots; {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs, "
+        f"jax {jax.__version__}; weights {cfg.param_dtype}, compute {cfg.dtype}\n"
+    )
+    names = list(runs)
+    head = " | ".join(f"{p} ms | / {p} main 1-token pass" for p in names)
+    ratio = len(names) == 2
+    print(f"| component | {head} |" + (" packed / xla |" if ratio else ""))
+    print("|---" * (1 + 2 * len(names) + ratio) + "|")
+    for name in runs[names[0]]:
+        cells = []
+        for p in names:
+            v, base = runs[p].get(name), runs[p]["main, 1 token (slow's pass)"]
+            cells.append("- | -" if v is None else f"{v:.2f} | {v / base:.2f}")
+        row = f"| {name} | " + " | ".join(cells) + " |"
+        if ratio and runs["packed"].get(name) is not None:
+            row += f" {runs['packed'][name] / runs['xla'][name]:.2f} |"
+        elif ratio:
+            row += " - |"
+        print(row)
+    print(f"\nreproduce: {cmd}")
+    return runs
+
+
+def _measure(system, loops_system, tok, prompt_bt, args, packed: bool) -> dict[str, float]:
+    """The components' best times (ms) with XLA's products or, `packed`, the packed kernel's
+    (the single passes on weights packed once beforehand, the loops packing in their call)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mtp.decode.engine import Decoder
+    from mtp.decode.modes import Speculative
+    from mtp.decode.sampling import Sampling, choose
+    from mtp.model.packed_products import pack, pack_all, pack_rows, product
+
+    b, k, ctx, n = args.batch, system.drafter_cfg.k, args.context, args.tree_nodes
+    tree = f"tree of {n} nodes"
+    tree_mode = Speculative(tree_nodes=n, tree_beams=args.tree_beams, max_batch=0)
+    new = 2 * args.new_tokens
+    cfg = system.main.cfg
+    graph, state = nnx.split(pack_all(nnx.clone(system)) if packed else system)
 
     @jax.jit
     def prefill(state):
@@ -179,31 +236,39 @@ def main(argv=None):
 
     tables = jax.jit(lambda state: nnx.merge(graph, state).tables())(state)  # once, as a call
 
-    embed = system.main.embed.embedding
+    embed = system.main.embed.embedding[...]
     flat = nnx.to_flat_state(nnx.state(system.main, nnx.Param))
     kernels = [v[...] for path, v in flat if path[-1] == "kernel"]  # (in, out)
+    widths = [w.shape[1] for w in kernels] + [embed.shape[0]]  # N of each product, the head's
+    if packed:  # packed once, as a decoding call does before its loop
+        kernels, embed = [pack(w) for w in kernels], pack_rows(embed)
+    mm = (lambda x, w, n: product(x, w, n)) if packed else (lambda x, w, n: x @ w)
+    in_dim = (lambda w: w.shape[1]) if packed else (lambda w: w.shape[0])
 
     @functools.partial(jax.jit, static_argnums=2)
-    def products(kernels, embed_vd, chained: bool):
+    def products(kernels, embed, chained: bool):
         """Each 2-D weight of the main model times B vectors (the embedding as the tied head
         reads it), nothing else: one after the other (each input depends on the previous
         product, as in a pass) or independent (XLA may then merge or overlap them)."""
-        x_bi = jnp.ones((b, max(w.shape[0] for w in kernels)), embed_vd.dtype)
+        x_bi = jnp.ones((b, max(in_dim(w) for w in kernels)), jnp.float32)
         out = jnp.zeros((), x_bi.dtype)
-        for w in kernels:
-            y = (x_bi[:, : w.shape[0]] * (1 + out if chained else 1) @ w).sum() * 1e-9
+        for w, n in zip(kernels, widths, strict=False):
+            y = mm(x_bi[:, : in_dim(w)] * (1 + out if chained else 1), w, n).sum() * 1e-9
             out = y if chained else out + y
+        if not cfg.tie_embeddings:
+            return out
         x_bd = x_bi[:, : cfg.d_model] * (1 + out if chained else 1)
-        return out + jnp.einsum("bd,vd->bv", x_bd, embed_vd).sum() if cfg.tie_embeddings else out
+        head = mm(x_bd, embed, widths[-1]) if packed else jnp.einsum("bd,vd->bv", x_bd, embed)
+        return out + head.sum()
 
     r = args.repeats
     ms = {
         "main, 1 token (slow's pass)": _best_ms(lambda: main_one(state, cache), r),
         "main's weight products alone, one after the other": _best_ms(
-            lambda: products(kernels, embed[...], True), r
+            lambda: products(kernels, embed, True), r
         ),
         "main's weight products alone, independent": _best_ms(
-            lambda: products(kernels, embed[...], False), r
+            lambda: products(kernels, embed, False), r
         ),
         f"main, {k + 1} tokens (verification)": _best_ms(lambda: main_wide(state, cache, k + 1), r),
         f"drafter, {k} steps": _best_ms(lambda: drafter(state, taps_bld, cache, tables), r),
@@ -217,7 +282,7 @@ def main(argv=None):
             lambda: tree_drafter(state, taps_bld, cache, tables), r
         )
         loops.append((tree, tree_mode))
-    dec = Decoder(loops_system, tok.specials)
+    dec = Decoder(loops_system, tok.specials, packed=packed)
     prompts = [np.asarray(row) for row in np.asarray(prompt_bt)]
     for label, mode in loops:
         # a call's wall time less its prefill's, per loop pass (rows never stop)
@@ -241,20 +306,6 @@ def main(argv=None):
             - wide
             - ms[f"drafter, {tree} ({args.tree_beams} beams, depth {k})"]
         )
-    base = ms["main, 1 token (slow's pass)"]
-    cmd = "python benchmarks/pass_cost.py " + " ".join(shlex.quote(a) for a in argv)
-    print(
-        f"# pass cost: {args.workdir or args.config}: main d_model {cfg.d_model}, "
-        f"{cfg.n_layers} layers, vocab {cfg.vocab_size}; drafter {system.drafter_cfg.kind}, "
-        f"k={k}, draft vocab {system.drafter_cfg.draft_vocab or cfg.vocab_size}; batch {b}, "
-        f"{ctx} tokens in a cache of {slots} slots; {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPUs, "
-        f"jax {jax.__version__}; weights {cfg.param_dtype}, compute {cfg.dtype}\n"
-    )
-    print("| component | ms | / main 1-token pass |\n|---|---|---|")
-    for name, v in ms.items():
-        print(f"| {name} | {v:.2f} | {v / base:.2f} |")
-    print(f"\nreproduce: {cmd}")
     return ms
 
 

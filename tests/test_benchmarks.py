@@ -13,6 +13,7 @@ from mtp.config import DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.engine import Decoder
 from mtp.model.convert.drafter_file import save_drafter
+from mtp.model.packed_products import available as packed_available
 from mtp.model.system import MTPSystem
 
 HAS_AVX512 = Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text()
@@ -105,7 +106,9 @@ def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
     exp = tmp_path / "tiny.py"
     exp.write_text(TINY_EXPERIMENT)
     argv = [f"--config={exp}", "--context=16", "--new_tokens=8", "--repeats=2", "--widths=3,5"]
-    ms = pass_cost.main([*argv, "--tree_nodes=3", "--tree_beams=2"])
+    runs = pass_cost.main([*argv, "--tree_nodes=3", "--tree_beams=2"])
+    assert set(runs) == ({"xla", "packed"} if packed_available() else {"xla"})
+    ms = runs["xla"]
     assert set(ms) >= {
         "main, 1 token (slow's pass)", "main, 3 tokens (verification)", "main, 5 tokens",
         "drafter, 2 steps", "speculative loop, per pass",
@@ -115,9 +118,13 @@ def test_the_pass_cost_benchmark_splits_a_speculative_pass(tmp_path, capsys):
         "tree of 3 nodes loop, per pass", "tree of 3 nodes bookkeeping (loop - main - drafter)",
     }  # fmt: skip
     assert "main, 3 tokens" not in ms  # the verification width is timed once
-    assert all(v > 0 for n, v in ms.items() if "loop" not in n and "bookkeeping" not in n)
+    for ms in runs.values():
+        assert set(ms) == set(runs["xla"])
+        assert all(v > 0 for n, v in ms.items() if "loop" not in n and "bookkeeping" not in n)
     # (the loop figures are differences of wall times: at this size, noise)
-    assert f"reproduce: python benchmarks/pass_cost.py --config={exp}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"reproduce: python benchmarks/pass_cost.py --config={exp}" in out
+    assert ("packed / xla |" in out) == packed_available()
 
 
 @pytest.mark.skipif(

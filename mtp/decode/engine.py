@@ -44,6 +44,8 @@ from mtp.decode.result import DecodeResult
 from mtp.decode.sampling import Sampling
 from mtp.decode.shapes import cache_slots, prompt_width
 from mtp.errors import DecodeError
+from mtp.model.packed_products import available as packed_available
+from mtp.model.packed_products import pack_all
 
 GREEDY = Sampling()
 
@@ -62,6 +64,7 @@ class Plan:
     specials: Specials
     stop_id: int
     keep_taps: bool = False
+    packed: bool = False  # the loop's products on packed weights (`mtp.model.packed_products`)
 
 
 def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b, keep_taps=False):
@@ -132,6 +135,8 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, prompt_taps, plen_b, thin
     b, v = logits_bv.shape
     mode, k = plan.mode, plan.k
     system = nnx.merge(graphdef, state)
+    if plan.packed:  # once per call, before the loop: every pass reads the packed copies
+        pack_all(system)
     n = system.max_len
     TRACES[(mode.name, k, b, n)] += 1
     w = mode.width(k)
@@ -235,12 +240,14 @@ class Decoder:
     >>> res.texts(tok), res.stats
     """
 
-    def __init__(self, system, specials: Specials):
+    def __init__(self, system, specials: Specials, packed: bool | None = None):
+        """packed: the loop's products on packed weights (default: where available)."""
+        if packed and not packed_available():
+            raise DecodeError("packed=True: packed products need one x86-64 CPU with AVX-512")
+        self.packed = packed_available() if packed is None else packed
         self.graphdef, self.state = nnx.split(system)
         self._graphdefs = {system.max_len: self.graphdef}  # by cache slots
-        self.k = int(system.k)
-        self.max_len = system.max_len
-        self.vocab_size = system.vocab_size
+        self.k, self.max_len, self.vocab_size = int(system.k), system.max_len, system.vocab_size
         self.specials = specials
 
     def set_weights(self, system) -> None:
@@ -317,7 +324,7 @@ class Decoder:
             urgency_b = jnp.broadcast_to(jnp.asarray(urgency_b, jnp.float32), (b,))
         key = jax.random.key(seed) if isinstance(seed, int | np.integer) else seed
         stop_id = self.specials.eos if stop_id is None else int(stop_id)
-        plan = Plan(mode, self.k, sampling, self.specials, stop_id, keep_taps)
+        plan = Plan(mode, self.k, sampling, self.specials, stop_id, keep_taps, self.packed)
         thinking_b = np.array([_thinking(r, self.specials) for r in rows])
         plen_b = jnp.asarray(plen)
         return Call(

@@ -56,6 +56,7 @@ from flax import nnx
 
 from mtp.config import ConfigError, DrafterConfig, ModelConfig
 from mtp.config.model import DRAFTER_KINDS
+from mtp.model.packed_products import Dense
 from mtp.model.taps import Past, TapFusion, context_block
 from mtp.model.transformer import Block, Cache, write_slots
 
@@ -243,7 +244,7 @@ class TransformerDrafter(DrafterBase):
         super().__init__(cfg, main, rngs=rngs)
         pdt = jnp.dtype(main.param_dtype)
         self.own_embed(main, rngs)
-        self.in_proj = nnx.Linear(2 * self.d, self.d, use_bias=False, param_dtype=pdt, rngs=rngs)
+        self.in_proj = Dense(2 * self.d, self.d, use_bias=False, param_dtype=pdt, rngs=rngs)
         self.step_embed = nnx.Embed(cfg.k, self.d, param_dtype=pdt, rngs=rngs)
         own_blocks = dict(  # a plain block, whatever the main model's family (else copied)
             n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, d_ff=0, d_head=0, qkv_bias=False,

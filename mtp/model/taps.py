@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp.config import ModelConfig
+from mtp.model.packed_products import Dense
 from mtp.model.transformer import Block, joint_softmax
 
 
@@ -33,7 +34,7 @@ class TapFusion(nnx.Module):
         pdt = jnp.dtype(main.param_dtype)
         self.norm = nnx.RMSNorm(main.d_model, epsilon=main.norm_eps, param_dtype=pdt, rngs=rngs)
         n_in = len(main.taps) * main.d_model
-        self.proj = nnx.Linear(n_in, d, use_bias=False, param_dtype=pdt, rngs=rngs)
+        self.proj = Dense(n_in, d, use_bias=False, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, taps_btld):
         b, t = taps_btld.shape[:2]

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp.config import ModelConfig
+from mtp.model.packed_products import Dense, Packed, Packs, fits, pack_rows, product
 
 Cache = tuple[dict[str, jax.Array], ...]
 
@@ -165,9 +166,9 @@ class Attention(nnx.Module):
         dt, d, h = jnp.dtype(cfg.dtype), cfg.d_model, cfg.head_dim
         kw = dict(dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
         self.cfg = cfg
-        self.q = nnx.Linear(d, cfg.n_heads * h, use_bias=cfg.qkv_bias, **kw)
-        self.kv = nnx.Linear(d, 2 * cfg.n_kv_heads * h, use_bias=cfg.qkv_bias, **kw)  # [k | v]
-        self.o = nnx.Linear(cfg.n_heads * h, d, use_bias=False, **kw)
+        self.q = Dense(d, cfg.n_heads * h, use_bias=cfg.qkv_bias, **kw)
+        self.kv = Dense(d, 2 * cfg.n_kv_heads * h, use_bias=cfg.qkv_bias, **kw)  # [k | v]
+        self.o = Dense(cfg.n_heads * h, d, use_bias=False, **kw)
 
     def project(self, x_btd, rope_bt):
         """Queries (B, T, N, H), keys and values (B, T, G, H) of inputs x (B, T, D) at RoPE
@@ -204,8 +205,8 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         kw = dict(use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt, rngs=rngs)
-        self.gate_up = nnx.Linear(cfg.d_model, 2 * cfg.ff_dim, **kw)  # [gate | up]
-        self.down = nnx.Linear(cfg.ff_dim, cfg.d_model, **kw)
+        self.gate_up = Dense(cfg.d_model, 2 * cfg.ff_dim, **kw)  # [gate | up]
+        self.down = Dense(cfg.ff_dim, cfg.d_model, **kw)
         self.gelu = cfg.mlp_act == "gelu_tanh"
 
     def __call__(self, x_btd):
@@ -251,8 +252,10 @@ class Block(nnx.Module):
         return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
 
 
-class Transformer(nnx.Module):
+class Transformer(nnx.Module, Packs):
     """Decoder-only LM returning `(logits_btv, taps_btld, cache)`."""
+
+    packed_head: Packed | None = None  # a tied head's packed copy (`Packs`)
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -261,7 +264,7 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = rms_norm(cfg, rngs)
         if not cfg.tie_embeddings:
-            self.head = nnx.Linear(
+            self.head = Dense(
                 cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs
             )
         if cfg.n_registers:
@@ -291,8 +294,15 @@ class Transformer(nnx.Module):
         taps_btld = jnp.stack([taps[t] for t in self.cfg.tap_layers], axis=2)
         return x_btd, taps_btld, (None if cache is None else tuple(new_cache))
 
+    def pack(self) -> None:
+        embed_vd = self.embed.embedding[...]
+        if self.cfg.tie_embeddings and embed_vd.dtype == jnp.float32:
+            self.packed_head = Packed(pack_rows(embed_vd))
+
     def logits(self, x_btd) -> jax.Array:
         x_btd = self.final_norm(x_btd)
+        if self.packed_head is not None and fits(x_btd):
+            return product(x_btd, self.packed_head[...], self.cfg.vocab_size)
         if self.cfg.tie_embeddings:  # contracted as stored: no transposed copy of the table
             embed_vd = self.embed.embedding[...].astype(x_btd.dtype)
             return jnp.einsum("btd,vd->btv", x_btd, embed_vd).astype(jnp.float32)

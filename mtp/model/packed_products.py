@@ -1,0 +1,152 @@
+"""Weight products of a few rows on the CPU, from weights packed once per decoding call.
+
+A decoding pass multiplies one row per sequence (slow) or k + 1 (a verification) by every
+weight. XLA:CPU runs a one-row product as a matrix-vector product near the weights' read
+bandwidth, but from two rows on it hands the product to a general matrix kernel that repacks
+the weights on every call: on SmolLM2-135M's shapes (2 cores) a chain of 5-row products cost
+1.5-1.7x a chain of 1-row ones. `packed_products.cc` reads weights packed ahead of time, in
+tiles of 64 columns each one contiguous stream, and computes a tile for every row before
+moving on: up to `MAX_ROWS` rows cost little more than one (docs/benchmarks.md, "Packed
+weight products"). The decoding loop packs the weights inside its jitted call, before its
+`while` (`pack_all`), so the packed copies always follow the current weights (an RL update,
+another checkpoint) and cost one pass over them per call.
+
+Each output sums its K products in order whatever the rows beside it, so a row's logits
+are bit-identical in a 1-token and a k + 1-token pass.
+
+The kernel is compiled on first use with the system's C++ compiler against jaxlib's FFI
+headers, into `$MTP_CACHE/packed_products/`. It runs on one CPU device with AVX-512 only;
+elsewhere, or with `MTP_PACKED_PRODUCTS=0`, `available()` is False and every product is
+XLA's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp.config.sources import cache_dir
+from mtp.files import atomic_write
+
+SOURCE = Path(__file__).with_name("packed_products.cc")
+TARGET = "mtp_packed_product"
+TILE = 64  # columns per packed tile
+MAX_ROWS = 32  # rows per product the kernel takes; more go to XLA's matrix kernels
+_CXX = os.environ.get("CXX", "g++")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def _build() -> Path:
+    """The kernel's shared library, compiled once per source, jaxlib and CPU."""
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + jax.__version__.encode() + " ".join(sorted(_cpu_flags())).encode()
+    ).hexdigest()[:16]
+    lib = cache_dir() / "packed_products" / key / "libmtp_packed_products.so"
+    if not lib.exists():
+        cmd = [_CXX, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+        cmd += [f"-I{jax.ffi.include_dir()}", str(SOURCE)]
+        atomic_write(lib, lambda tmp: subprocess.run([*cmd, "-o", str(tmp)], check=True,
+                                                     capture_output=True))  # fmt: skip
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Can products run on the packed kernel here (built and registered on first call)?"""
+    if os.environ.get("MTP_PACKED_PRODUCTS", "1") == "0":
+        return False
+    if jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return False
+    if platform.machine() != "x86_64" or "avx512f" not in _cpu_flags() or not shutil.which(_CXX):
+        return False
+    try:
+        handler = ctypes.cdll.LoadLibrary(str(_build())).MtpPackedProduct
+    except (OSError, subprocess.CalledProcessError) as e:
+        why = (getattr(e, "stderr", None) or str(e).encode())[-500:].decode(errors="replace")
+        warnings.warn(f"packed products unavailable (XLA's run instead): {why}", stacklevel=2)
+        return False
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    return True
+
+
+def pack(w_kn: jax.Array) -> jax.Array:
+    """(K, N) weights -> (ceil(N / 64), K, 64) tiles of 64 columns (the last one zero-padded)."""
+    k, n = w_kn.shape
+    w_kn = jnp.pad(w_kn, ((0, 0), (0, -n % TILE)))
+    return w_kn.reshape(k, -1, TILE).transpose(1, 0, 2)
+
+
+def pack_rows(w_nk: jax.Array) -> jax.Array:
+    """The tiles of w_nk.T (a tied head's (V, D) embedding) without transposing it first."""
+    n, k = w_nk.shape
+    w_nk = jnp.pad(w_nk, ((0, -n % TILE), (0, 0)))
+    return w_nk.reshape(-1, TILE, k).transpose(0, 2, 1)
+
+
+def fits(x_xk: jax.Array) -> bool:
+    """Does the packed kernel take x (..., K) (float32, at most MAX_ROWS rows)?"""
+    return x_xk.dtype == jnp.float32 and x_xk.size // x_xk.shape[-1] <= MAX_ROWS
+
+
+def product(x_xk: jax.Array, w_tkc: jax.Array, n: int) -> jax.Array:
+    """x (..., K) @ w (K, N) on the kernel, w packed by `pack` (T, K, 64); -> (..., N)."""
+    t, k, _ = w_tkc.shape
+    out = jax.ShapeDtypeStruct((*x_xk.shape[:-1], t * TILE), jnp.float32)
+    y_xn = jax.ffi.ffi_call(TARGET, out)(x_xk, w_tkc)
+    return y_xn if n == t * TILE else y_xn[..., :n]
+
+
+class Packed(nnx.Variable):
+    """A packed copy of a weight, made inside a decoding call (`pack_all`); never saved."""
+
+
+class Packs:
+    """A module with weights that `pack_all` may pack: `pack()` gives it their `Packed`
+    copies, which its products then use for inputs that `fits`."""
+
+    def pack(self) -> None:
+        raise NotImplementedError
+
+
+class Dense(nnx.Linear, Packs):
+    """`nnx.Linear`, same parameters, whose product runs on the packed kernel once packed."""
+
+    packed: Packed | None = None
+
+    def pack(self) -> None:
+        if self.kernel.dtype == jnp.float32:
+            self.packed = Packed(pack(self.kernel[...]))
+
+    def __call__(self, x_xk):
+        if self.packed is None or not fits(x_xk):
+            return super().__call__(x_xk)
+        y_xn = product(x_xk, self.packed[...], self.out_features)
+        return y_xn if self.bias is None else y_xn + self.bias[...]
+
+
+def pack_all(module: nnx.Module) -> nnx.Module:
+    """Packs the weights of every `Packs` module in `module` (in place; returns it). Inside a
+    jitted call: the packed copies live for that call only."""
+    for _, m in module.iter_modules():
+        if isinstance(m, Packs):
+            m.pack()
+    return module
