@@ -22,7 +22,9 @@ Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
   per row, rows never stop; a call's wall time less its prefill's, per loop pass):
   for speculative, what is left after its main pass and drafter is the bookkeeping
   (verification, emission, cache positions).
-Every pass runs on the cache those calls get (`shapes.cache_slots` of the context plus twice
+With `--products=xla,packed` (the default where `mtp.model.packed_products` is available)
+every figure is taken twice in one run, with XLA's products and on packed weights, side by
+side with their ratio. Every pass runs on the cache those calls get (`shapes.cache_slots` of the context plus twice
 `--new_tokens`).
 Every figure is the best of `--repeats` timed calls (other load only adds time), also
 as a fraction of the one-token main pass. Prints a markdown table and the command that
