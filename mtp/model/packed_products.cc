@@ -63,9 +63,9 @@ static void Tiles(const float* x, int64_t m, int64_t k, const float* w, float* y
 }
 
 // One product's tiles in parts that the calling thread and pool tasks claim in turn. The caller
-// claims parts too and waits only for parts being computed, so a product never waits on a pool
-// thread busy elsewhere (two products running side by side, each its caller spinning, would
-// otherwise each wait for the other's thread); a task that starts late finds nothing to claim.
+// claims parts too and waits only for parts being computed, so a product never waits for a
+// pool thread to come free; a task that starts late finds nothing to claim (it holds `Work`
+// by a shared pointer, so it may outlive the call).
 struct Work {
   const float *x, *w;
   float* y;
