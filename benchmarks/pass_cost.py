@@ -24,8 +24,8 @@ Times, jitted and warm, at `--batch` rows with `--context` tokens in the cache:
   (verification, emission, cache positions).
 With `--products=xla,packed` (the default where `mtp.model.packed_products` is available)
 every figure is taken twice in one run, with XLA's products and on packed weights, side by
-side with their ratio. Every pass runs on the cache those calls get (`shapes.cache_slots` of the context plus twice
-`--new_tokens`).
+side with their ratio. Every pass runs on the cache those calls get (`shapes.cache_slots` of
+the context plus twice `--new_tokens`).
 Every figure is the best of `--repeats` timed calls (other load only adds time), also
 as a fraction of the one-token main pass. Prints a markdown table and the command that
 reproduces it.

@@ -1,6 +1,6 @@
 """Weight products on packed weights: the kernel multiplies as XLA does, a row's result does
-not depend on the rows beside it, and the decoding loop runs its products on weights packed
-once per call, before the loop, with the same outputs as XLA's products."""
+not depend on the rows beside it, and the decoding loop runs its products on weights the
+Decoder packed once per weights (not in each call), with the same outputs as XLA's."""
 
 import re
 
@@ -86,19 +86,33 @@ def _loop_hlo(dec, mode):
 
 
 @pytest.mark.parametrize("mode", ["slow", "speculative"])
-def test_the_loop_multiplies_packed_weights_packed_once_before_it(mode):
+def test_the_loop_multiplies_weights_packed_once_per_weights_not_per_call(mode):
     system = _system()
-    hlo = _loop_hlo(Decoder(system, TOK.specials, packed=True), mode)
-    in_loops = _in_loops(hlo)
-    calls = re.findall(rf'custom_call_target="{pp.TARGET}"', in_loops)
+    dec = Decoder(system, TOK.specials, packed=True)
+    hlo = _loop_hlo(dec, mode)
+    calls = re.findall(rf'custom_call_target="{pp.TARGET}"', _in_loops(hlo))
     n_products = 2 * 5 + 1  # per pass: 2 layers of q, kv, o, gate_up, down, and the tied head
     assert len(calls) >= n_products, len(calls)
-    # packing: a (T, K, 64) copy of each weight reading d_model = 32 inputs, made outside the loop
+    # the packed copies (T, K, 64) of weights reading d_model = 32 inputs come in with the state
+    packed = [x for x in jax.tree.leaves(dec.state) if x.ndim == 3 and x.shape[1:] == (32, 64)]
+    assert len(packed) >= 2 * 3 + 1, "q, kv, gate_up of each layer and the head, packed"
     packs = r"= f32\[\d+,32,64\]\S* (?:transpose|copy|fusion)\("
-    assert re.findall(packs, hlo), "the weights are packed somewhere (else this reads nothing)"
-    assert not re.findall(packs, in_loops), "packing inside the loop: once per pass, not call"
+    assert not re.findall(packs, hlo), "the call packs weights: once per call, not per weights"
     xla = _loop_hlo(Decoder(system, TOK.specials, packed=False), mode)
     assert pp.TARGET not in xla
+
+
+def test_new_weights_are_packed_anew():
+    """`set_weights` (an RL update): packed decoding follows the new weights, not stale copies."""
+    dec_packed = Decoder(_system(), TOK.specials, packed=True)
+    new = _system()
+    new.main.embed.embedding[...] = jax.random.normal(jax.random.key(7), (262, 32))
+    dec_packed.set_weights(new)
+    prompts, kw = [np.arange(1, 9)], dict(mode="slow", max_new_tokens=16, stop_id=-1)
+    want = Decoder(new, TOK.specials, packed=False).generate(prompts, **kw).tokens
+    old = Decoder(_system(), TOK.specials, packed=False).generate(prompts, **kw).tokens
+    assert not np.array_equal(want, old), "new weights, new tokens (else this tests nothing)"
+    np.testing.assert_array_equal(dec_packed.generate(prompts, **kw).tokens, want)
 
 
 @pytest.mark.parametrize("mode", ["slow", "speculative", "fast"])

@@ -64,7 +64,6 @@ class Plan:
     specials: Specials
     stop_id: int
     keep_taps: bool = False
-    packed: bool = False  # the loop's products on packed weights (`mtp.model.packed_products`)
 
 
 def _prefill(graphdef, state, prompt_bt, plen_b, urgency_b, keep_taps=False):
@@ -135,8 +134,6 @@ def _loop(graphdef, state, cache, logits_bv, taps_bld, prompt_taps, plen_b, thin
     b, v = logits_bv.shape
     mode, k = plan.mode, plan.k
     system = nnx.merge(graphdef, state)
-    if plan.packed:  # once per call, before the loop: every pass reads the packed copies
-        pack_all(system)
     n = system.max_len
     TRACES[(mode.name, k, b, n)] += 1
     w = mode.width(k)
@@ -241,20 +238,24 @@ class Decoder:
     """
 
     def __init__(self, system, specials: Specials, packed: bool | None = None):
-        """packed: the loop's products on packed weights (default: where available)."""
+        """packed: products on packed copies of the weights (default: where available)."""
         if packed and not packed_available():
             raise DecodeError("packed=True: packed products need one x86-64 CPU with AVX-512")
         self.packed = packed_available() if packed is None else packed
-        self.graphdef, self.state = nnx.split(system)
+        self.graphdef, self.state = nnx.split(self._prepared(system))
         self._graphdefs = {system.max_len: self.graphdef}  # by cache slots
         self.k, self.max_len, self.vocab_size = int(system.k), system.max_len, system.vocab_size
         self.specials = specials
 
     def set_weights(self, system) -> None:
         """New weights of the same architecture; reuses every compiled decoder."""
-        graphdef, self.state = nnx.split(system)
+        graphdef, self.state = nnx.split(self._prepared(system))
         if graphdef != self.graphdef:
             raise DecodeError("set_weights: the new system's architecture differs; make a Decoder")
+
+    def _prepared(self, system):
+        """With `packed`, a copy sharing the weights and holding packed copies, made once."""
+        return pack_all(nnx.merge(*nnx.split(system))) if self.packed else system
 
     def jits(self, slots: int):
         """The jitted prefill and loop of this architecture with caches of `slots` slots."""
@@ -324,7 +325,7 @@ class Decoder:
             urgency_b = jnp.broadcast_to(jnp.asarray(urgency_b, jnp.float32), (b,))
         key = jax.random.key(seed) if isinstance(seed, int | np.integer) else seed
         stop_id = self.specials.eos if stop_id is None else int(stop_id)
-        plan = Plan(mode, self.k, sampling, self.specials, stop_id, keep_taps, self.packed)
+        plan = Plan(mode, self.k, sampling, self.specials, stop_id, keep_taps)
         thinking_b = np.array([_thinking(r, self.specials) for r in rows])
         plen_b = jnp.asarray(plen)
         return Call(

@@ -1,4 +1,4 @@
-"""Weight products of a few rows on the CPU, from weights packed once per decoding call.
+"""Weight products of a few rows on the CPU, from weights packed ahead of time.
 
 A decoding pass multiplies one row per sequence (slow) or k + 1 (a verification) by every
 weight. XLA:CPU runs a one-row product as a matrix-vector product near the weights' read
@@ -7,9 +7,9 @@ the weights on every call: on SmolLM2-135M's shapes (2 cores) a chain of 5-row p
 1.5-1.7x a chain of 1-row ones. `packed_products.cc` reads weights packed ahead of time, in
 tiles of 64 columns each one contiguous stream, and computes a tile for every row before
 moving on: up to `MAX_ROWS` rows cost little more than one (docs/benchmarks.md, "Packed
-weight products"). The decoding loop packs the weights inside its jitted call, before its
-`while` (`pack_all`), so the packed copies always follow the current weights (an RL update,
-another checkpoint) and cost one pass over them per call.
+weight products"). A `Decoder` packs its weights once, when it is made and at each
+`set_weights` (an RL update), into a copy of the system that shares the weights (`pack_all`):
+packing SmolLM2-135M takes about half a second, too long to repeat in every call.
 
 Each output sums its K products in order whatever the rows beside it, so a row's logits
 are bit-identical in a 1-token and a k + 1-token pass.
@@ -116,7 +116,7 @@ def product(x_xk: jax.Array, w_tkc: jax.Array, n: int) -> jax.Array:
 
 
 class Packed(nnx.Variable):
-    """A packed copy of a weight, made inside a decoding call (`pack_all`); never saved."""
+    """A packed copy of a weight, made for decoding (`pack_all`); never trained or saved."""
 
 
 class Packs:
@@ -144,8 +144,7 @@ class Dense(nnx.Linear, Packs):
 
 
 def pack_all(module: nnx.Module) -> nnx.Module:
-    """Packs the weights of every `Packs` module in `module` (in place; returns it). Inside a
-    jitted call: the packed copies live for that call only."""
+    """Packs the weights of every `Packs` module in `module` (in place; returns it)."""
     for _, m in module.iter_modules():
         if isinstance(m, Packs):
             m.pack()
