@@ -88,6 +88,12 @@ def _args(argv):
     )
     p.add_argument("--tree_beams", type=int, default=4, help="the tree's beams per depth")
     p.add_argument(
+        "--xla_modes",
+        default="",
+        help="also these of --modes with XLA's weight products, not packed ones (a Decoder "
+        "with packed=False; mtp.model.packed_products), in the same rounds",
+    )
+    p.add_argument(
         "--spec_max_batch",
         type=int,
         default=None,
@@ -243,12 +249,18 @@ def _benchmark(args, argv, xla_flags):
     bandwidth = read_bandwidth(args.bandwidth_gib)
     sampling = Sampling(temperature=args.temperature)
     dec = Decoder(system, tok.specials)
+    if not set(filter(None, args.xla_modes.split(","))) <= set(labels):
+        raise SystemExit(f"--xla_modes: a subset of --modes ({args.modes}), not {args.xla_modes}")
+    xla_dec = Decoder(system, tok.specials, packed=False) if args.xla_modes else None
     off = args.spec_max_batch
     tree = Speculative(
         tree_nodes=args.tree_nodes or dec.k, tree_beams=args.tree_beams, max_batch=off
     )
     chain = Speculative(max_batch=off)
     modes = {m: {"tree": tree, "speculative": chain}.get(m, m) for m in labels if m.strip()}
+    # every mtp row: its label -> (decoder, mode label)
+    engines = {m: (dec, m) for m in modes}
+    engines |= {f"{m} (XLA products)": (xla_dec, m) for m in args.xla_modes.split(",") if m}
     verified_modes = ("speculative", "tree")
     prompts, stop_id = bench_prompts(tok, args.chat_task, args.prompts)
     stop = tok.specials.eos if stop_id is None else stop_id  # the peers stop alike
@@ -266,9 +278,9 @@ def _benchmark(args, argv, xla_flags):
         peer_runs = {name: peer_runner(name, files, batch, **peer_kw) for name in peers}
         peer_runs = {name: run for name, run in peer_runs.items() if run is not None}
         # every engine: call(group) -> (output, wall s); timed in rounds of `rounds[name]`
-        calls = {m: functools.partial(_mtp_call, dec, modes[m], kw) for m in modes}
+        calls = {m: functools.partial(_mtp_call, d, modes[x], kw) for m, (d, x) in engines.items()}
         calls |= {name: functools.partial(_peer_call, run) for name, run in peer_runs.items()}
-        rounds = {m: args.repeats for m in modes} | {name: args.peer_repeats for name in peer_runs}
+        rounds = {m: args.repeats for m in engines} | {n: args.peer_repeats for n in peer_runs}
         for call in calls.values():  # compile mtp (a prefill per prompt width), warm peers
             for g in groups:
                 call(g)
@@ -282,16 +294,17 @@ def _benchmark(args, argv, xla_flags):
                     walls[name].append(walls_g)
                     last[name] = list(outs)
         base = best_total(walls["slow"]) if "slow" in walls else None
-        for m in modes:
+        for m, (d, mm) in engines.items():
             runs, wall = last[m], best_total(walls[m])
             assert not any(r.compiled for r in runs)
-            verifies = m in verified_modes and runs[0].mode == "speculative"
+            verifies = mm in verified_modes and runs[0].mode == "speculative"
             tokens = tokens_of(runs)
             hist = sum(r.accept_hist for r in runs)
             verified = max(int(hist.sum()), 1)
             row = dict(
                 batch=batch,
-                mode=m,
+                mode=mm,
+                packed_products=d.packed,
                 ran_as=runs[0].mode,  # speculation is off past max_batch rows: slow
                 calls=len(runs),
                 tokens=tokens,
@@ -307,7 +320,7 @@ def _benchmark(args, argv, xla_flags):
                 tokens_per_s=tokens / wall,
                 speedup_vs_slow=(base / wall) if base else None,
             )
-            if m in verified_modes and "slow" in last and sampling.greedy:
+            if mm in verified_modes and "slow" in last and sampling.greedy:
                 row["identical_to_slow"] = all(  # row by row: caches differ in size by mode
                     np.array_equal(a.row(i), b.row(i))
                     for a, b in zip(runs, last["slow"], strict=True)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def label(r, figures) -> str:
+    """A row's engine: its mode, and "(XLA products)" beside packed rows of the same run."""
+    xla = r.get("packed_products") is False and any(x.get("packed_products") for x in figures)
+    return r["mode"] + (" (XLA products)" if xla else "")
+
+
 def print_table(figures) -> None:
     """One markdown row per figure (an mtp mode, a peer or the bandwidth bound)."""
     print(
@@ -22,7 +28,7 @@ def print_table(figures) -> None:
         tpp = f"{r['tokens_per_pass']:.2f}" if r["tokens_per_pass"] is not None else "-"
         wall = f"{1e3 * r['wall_s']:.1f}" if r["wall_s"] is not None else "-"
         print(
-            f"| {r['batch']} | {r['mode']}{same or ''} | {r['tokens_per_s']:.0f} | {speed} "
+            f"| {r['batch']} | {label(r, figures)}{same or ''} | {r['tokens_per_s']:.0f} | {speed} "
             f"| {tpp} | {mean_acc} | {acc} | {wall} |"
         )
 
@@ -35,8 +41,8 @@ def plot(figures, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for mode in dict.fromkeys(r["mode"] for r in figures):
-        pts = [(r["batch"], r["speedup_vs_slow"]) for r in figures if r["mode"] == mode]
+    for mode in dict.fromkeys(label(r, figures) for r in figures):
+        pts = [(r["batch"], r["speedup_vs_slow"]) for r in figures if label(r, figures) == mode]
         pts = [p for p in pts if p[1] is not None]
         if pts:
             style = ":" if mode == "bandwidth bound" else "-"

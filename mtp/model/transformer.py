@@ -34,7 +34,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtp.config import ModelConfig
-from mtp.model.packed_products import Dense, Packed, Packs, fits, pack_rows, product
+from mtp.model.packed_products import (
+    Dense,
+    Packed,
+    Packs,
+    fits,
+    pack_rows,
+    product,
+    worth_packing,
+)
 
 Cache = tuple[dict[str, jax.Array], ...]
 
@@ -296,7 +304,7 @@ class Transformer(nnx.Module, Packs):
 
     def pack(self) -> None:
         embed_vd = self.embed.embedding[...]
-        if self.cfg.tie_embeddings and embed_vd.dtype == jnp.float32:
+        if self.cfg.tie_embeddings and worth_packing(embed_vd):
             self.packed_head = Packed(pack_rows(embed_vd))
 
     def logits(self, x_btd) -> jax.Array:
