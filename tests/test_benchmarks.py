@@ -12,6 +12,7 @@ from flax import nnx
 from mtp.config import DrafterConfig, ModelConfig
 from mtp.data.tokenizer import ByteTokenizer
 from mtp.decode.engine import Decoder
+from mtp.model import packed_products
 from mtp.model.convert.drafter_file import save_drafter
 from mtp.model.packed_products import available as packed_available
 from mtp.model.system import MTPSystem
@@ -58,6 +59,21 @@ def test_the_decode_benchmark_writes_its_rows_json_and_plot(tmp_path, capsys):
     )
     assert path.with_suffix(".png").stat().st_size > 1000
     assert "reproduce: python benchmarks/decode.py --random" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not packed_available(), reason="needs the packed kernel")
+def test_the_decode_benchmark_sets_xla_products_beside_packed_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(packed_products, "MIN_BYTES", 0)  # the random system's weights: packed
+    argv = "--random --modes=slow,speculative --xla_modes=speculative --batches=1 --repeats=1"
+    out = decode.main([*argv.split(), "--prompts=2", "--max_new_tokens=8",
+                       "--bandwidth_gib=0.01", f"--json={tmp_path / 'b.json'}"])  # fmt: skip
+    rows = [(r["mode"], r.get("packed_products")) for r in out["results"]]
+    assert rows == [("slow", True), ("speculative", True), ("speculative", False),
+                    ("bandwidth bound", None)]  # fmt: skip
+    assert all(r["identical_to_slow"] for r in out["results"] if r["mode"] == "speculative")
+    assert "| 1 | speculative (XLA products) (= slow) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--xla_modes: a subset of --modes"):
+        decode.main([*argv.split(), "--modes=slow"])
 
 
 def test_the_decode_benchmark_times_peers_in_the_same_rounds_as_mtp(tmp_path, monkeypatch):
