@@ -1,12 +1,12 @@
 """Weight products of a few rows on the CPU, from weights packed ahead of time.
 
 A decoding pass multiplies one row per sequence (slow) or k + 1 (a verification) by every
-weight. XLA:CPU runs a one-row product as a matrix-vector product near the weights' read
-bandwidth, but from two rows on it hands the product to a general matrix kernel that repacks
-the weights on every call: on SmolLM2-135M's shapes (2 cores) a chain of 5-row products cost
-1.5-1.7x a chain of 1-row ones. `packed_products.cc` reads weights packed ahead of time, in
-tiles of 64 columns each one contiguous stream, and computes a tile for every row before
-moving on: up to `MAX_ROWS` rows cost little more than one (docs/benchmarks.md, "Packed
+weight. XLA:CPU runs a one-row product as a matrix-vector product, but from two rows on it
+runs general matrix kernels whose cost grows with the rows: on SmolLM2-135M (2 cores) a
+5-token pass cost 1.5-1.7x a 1-token one. `packed_products.cc` reads weights packed ahead
+of time, in tiles of 64 columns each one contiguous stream, and computes a tile for every
+row before moving on, so the weights are read once whatever the rows: there a 5-token pass
+costs 1.26x a 1-token one, and the 1-token pass 0.77x XLA's (docs/benchmarks.md, "Packed
 weight products"). A `Decoder` packs its weights once, when it is made and at each
 `set_weights` (an RL update), into a copy of the system that shares the weights (`pack_all`):
 packing SmolLM2-135M takes about half a second, too long to repeat in every call.
@@ -44,7 +44,7 @@ TARGET = "mtp_packed_product"
 TILE = 64  # columns per packed tile
 MAX_ROWS = 32  # rows per product the kernel takes; more go to XLA's matrix kernels
 # weights packed from this size on: smaller ones sit in cache, where XLA's products cost less
-# than the kernel's call (on a 3 MB model packed decoding ran at 0.65x XLA's)
+# than a kernel call (a random 3 MB model decoded slower packed than with XLA's products)
 MIN_BYTES = 1 << 18
 _CXX = os.environ.get("CXX", "g++")
 
