@@ -117,7 +117,7 @@ def fits(x_xk: jax.Array) -> bool:
 
 def product(x_xk: jax.Array, w_tkc: jax.Array, n: int) -> jax.Array:
     """x (..., K) @ w (K, N) on the kernel, w packed by `pack` (T, K, 64); -> (..., N)."""
-    t, k, _ = w_tkc.shape
+    t = w_tkc.shape[0]
     out = jax.ShapeDtypeStruct((*x_xk.shape[:-1], t * TILE), jnp.float32)
     y_xn = jax.ffi.ffi_call(TARGET, out)(x_xk, w_tkc)
     return y_xn if n == t * TILE else y_xn[..., :n]
