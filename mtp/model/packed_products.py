@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -127,15 +128,15 @@ class Packed(nnx.Variable):
     """A packed copy of a weight, made for decoding (`pack_all`); never trained or saved."""
 
 
-class Packs:
+@runtime_checkable
+class Packs(Protocol):
     """A module with weights that `pack_all` may pack: `pack()` gives it their `Packed`
     copies, which its products then use for inputs that `fits`."""
 
-    def pack(self) -> None:
-        raise NotImplementedError
+    def pack(self) -> None: ...
 
 
-class Dense(nnx.Linear, Packs):
+class Dense(nnx.Linear):
     """`nnx.Linear`, same parameters, whose product runs on the packed kernel once packed."""
 
     packed: Packed | None = None

@@ -37,7 +37,6 @@ from mtp.config import ModelConfig
 from mtp.model.packed_products import (
     Dense,
     Packed,
-    Packs,
     fits,
     pack_rows,
     product,
@@ -260,10 +259,10 @@ class Block(nnx.Module):
         return x_btd + self.mlp(self.mlp_norm(x_btd)), cache
 
 
-class Transformer(nnx.Module, Packs):
+class Transformer(nnx.Module):
     """Decoder-only LM returning `(logits_btv, taps_btld, cache)`."""
 
-    packed_head: Packed | None = None  # a tied head's packed copy (`Packs`)
+    packed_head: Packed | None = None  # a tied head's packed copy (`pack`)
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
